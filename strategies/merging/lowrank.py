@@ -1,0 +1,36 @@
+"""Rank-r factors of a sum of low-rank products, by truncated SVD (FlexLoRA's factorisation)."""
+
+from __future__ import annotations
+
+import torch
+
+from strategies.merging.method import PairMerge
+
+
+def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> PairMerge:
+    """Best rank-``rank`` factors of left @ right (d_out x K times K x d_in, K = T * r).
+
+    The product is never formed: QR of both sides reduces the SVD to a K x K core, so the cost
+    is O((d_out + d_in) K^2), not O(d_out d_in min(d_out, d_in)). Returns B = U sqrt(S) and
+    A = sqrt(S) V^T with the relative Frobenius error of B @ A against the full product.
+    """
+    q_left, r_left = torch.linalg.qr(left.to(torch.float64))
+    q_right, r_right = torch.linalg.qr(right.to(torch.float64).T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    kept = min(rank, s.shape[0])
+    root = s[:kept].sqrt()
+    b = torch.zeros(left.shape[0], rank, dtype=torch.float64, device=left.device)
+    a = torch.zeros(rank, right.shape[1], dtype=torch.float64, device=right.device)
+    b[:, :kept] = (q_left @ u[:, :kept]) * root
+    a[:kept] = root[:, None] * (vh[:kept] @ q_right.T)
+    energy = s.square()
+    total = float(energy.sum())
+    dropped = float(energy[kept:].sum())
+    error = (dropped / total) ** 0.5 if total > 0.0 else 0.0
+    return PairMerge(
+        a=a.to(torch.float32),
+        b=b.to(torch.float32),
+        relative_error=error,
+        truncated_energy=dropped,
+        total_energy=total,
+    )

@@ -1,0 +1,40 @@
+"""The registry of merge methods: one name, one factory; duplicate names are refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from strategies.merging.method import MergeMethod
+
+MethodFactory = Callable[..., MergeMethod]
+
+_REGISTRY: dict[str, MethodFactory] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Class decorator that files a merge method under ``name``."""
+
+    def decorate(factory: MethodFactory) -> MethodFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names of every registered merge method, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def create_method(name: str, **hyperparameters: Any) -> MergeMethod:
+    """Build the method called ``name`` with validated hyperparameters."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; known methods: {', '.join(available_methods())}"
+        ) from None
+    return factory(**hyperparameters)

@@ -1,0 +1,127 @@
+"""Checks that a set of adapters can be merged, with errors that say where and what."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from strategies.merging.errors import MergeInputError
+from strategies.merging.lora_keys import AdapterLayout, parse_layout
+
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_adapters(
+    adapters: Sequence[Mapping[str, torch.Tensor]],
+    labels: Sequence[int | str] | None = None,
+) -> AdapterLayout:
+    """Check keys, dtypes, shapes, ranks, A/B pairing and finiteness; return the shared layout.
+
+    The first adapter is the reference; every other one must carry the same keys with the same
+    shapes. ``labels`` name the adapters in errors (default: their index).
+    """
+    if len(adapters) == 0:
+        raise MergeInputError("nothing to merge: zero adapters were given")
+    names: Sequence[int | str] = labels if labels is not None else range(len(adapters))
+    reference = adapters[0]
+    if len(reference) == 0:
+        raise MergeInputError("adapter holds no tensors", adapter=names[0])
+    layout = parse_layout(reference.keys(), adapter=names[0])
+    for module in layout.modules:
+        a, b = reference[module.a_key], reference[module.b_key]
+        check_tensor(a, adapter=names[0], key=module.a_key)
+        check_tensor(b, adapter=names[0], key=module.b_key)
+        if a.dim() < 2 or b.dim() < 2 or math.prod(b.shape[2:]) != 1:
+            raise MergeInputError(
+                f"LoRA factors must be A (r x ...) and B (d_out x r); got A {tuple(a.shape)}, "
+                f"B {tuple(b.shape)}",
+                adapter=names[0],
+                key=module.a_key,
+            )
+        if a.shape[0] != b.shape[1]:
+            raise MergeInputError(
+                f"rank mismatch inside the adapter: A has rank {a.shape[0]} but "
+                f"{module.b_key!r} has rank {b.shape[1]}",
+                adapter=names[0],
+                key=module.a_key,
+            )
+    for key in layout.other_keys:
+        check_tensor(reference[key], adapter=names[0], key=key)
+    expected = set(reference)
+    for index in range(1, len(adapters)):
+        adapter = adapters[index]
+        name = names[index]
+        missing = sorted(expected - set(adapter))
+        extra = sorted(set(adapter) - expected)
+        if missing:
+            raise MergeInputError(
+                f"missing key (present in adapter {names[0]}); {len(missing)} missing in all",
+                adapter=name,
+                key=missing[0],
+            )
+        if extra:
+            raise MergeInputError(
+                f"unexpected key (absent from adapter {names[0]}); {len(extra)} extra in all",
+                adapter=name,
+                key=extra[0],
+            )
+        for key, ref_tensor in reference.items():
+            tensor = adapter[key]
+            check_tensor(tensor, adapter=name, key=key)
+            if tensor.shape != ref_tensor.shape:
+                raise MergeInputError(
+                    f"shape {tuple(tensor.shape)} does not match {tuple(ref_tensor.shape)} "
+                    f"of adapter {names[0]}{_rank_hint(key, tensor, ref_tensor)}",
+                    adapter=name,
+                    key=key,
+                )
+    return layout
+
+
+def check_tensor(value: object, *, adapter: int | str, key: str) -> torch.Tensor:
+    """A floating-point torch tensor with only finite values, or a MergeInputError."""
+    if not isinstance(value, torch.Tensor):
+        raise MergeInputError(
+            f"expected a torch.Tensor, got {type(value).__name__}", adapter=adapter, key=key
+        )
+    if value.dtype not in ACCEPTED_DTYPES:
+        raise MergeInputError(
+            f"dtype {value.dtype} is not accepted; use float16, bfloat16, float32 or float64",
+            adapter=adapter,
+            key=key,
+        )
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise MergeInputError(
+            f"{bad} non-finite value(s) (NaN or Inf) of {value.numel()}", adapter=adapter, key=key
+        )
+    return value
+
+
+def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> list[float] | None:
+    """Per-adapter weights: finite, non-negative, one per adapter, not all zero."""
+    if weights is None:
+        return None
+    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if len(values) != count:
+        raise MergeInputError(f"weights has {len(values)} entries for {count} adapters")
+    for index, value in enumerate(values):
+        if not math.isfinite(value) or value < 0:
+            raise MergeInputError(
+                f"weight must be a finite number >= 0, got {value!r}", adapter=index
+            )
+    if sum(values) <= 0:
+        raise MergeInputError("weights sum to zero: at least one adapter needs a positive weight")
+    return values
+
+
+def _rank_hint(key: str, tensor: torch.Tensor, reference: torch.Tensor) -> str:
+    if ".lora_A" in key or ".lora_embedding_A" in key:
+        if tensor.shape[0] != reference.shape[0]:
+            return f" (rank {tensor.shape[0]}, expected rank {reference.shape[0]})"
+    if (".lora_B" in key or ".lora_embedding_B" in key) and tensor.dim() > 1:
+        if tensor.shape[1] != reference.shape[1]:
+            return f" (rank {tensor.shape[1]}, expected rank {reference.shape[1]})"
+    return ""
