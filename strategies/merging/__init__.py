@@ -13,7 +13,12 @@ from strategies.merging.api import (
 )
 from strategies.merging.errors import MergeInputError
 from strategies.merging.lora_keys import AdapterLayout, LoraModule, is_lora_key, parse_layout
-from strategies.merging.registry import available_methods, create_method, register_method
+from strategies.merging.registry import (
+    accepted_hyperparameters,
+    available_methods,
+    create_method,
+    register_method,
+)
 
 __all__ = [
     "AdapterLayout",
@@ -21,6 +26,7 @@ __all__ = [
     "MergeInputError",
     "MergeReport",
     "MergeResult",
+    "accepted_hyperparameters",
     "available_methods",
     "create_method",
     "is_lora_key",

@@ -61,7 +61,11 @@ def merge_lora_with_report(
     count = len(adapters)
     checked = check_weights(weights, count)
     target = resolve_device(device)
-    raw = torch.ones(count, dtype=torch.float64) if checked is None else torch.tensor(checked, dtype=torch.float64)
+    raw = (
+        torch.ones(count, dtype=torch.float64)
+        if checked is None
+        else torch.tensor(checked, dtype=torch.float64)
+    )
     normalised = (raw / raw.sum()).to(dtype=torch.float32, device=target)
     report = MergeReport(method=merger.describe(), num_adapters=count, device=str(target))
     started = time.perf_counter()
@@ -118,4 +122,6 @@ def merge_lora(
 def _stack(
     adapters: Sequence[Mapping[str, torch.Tensor]], key: str, device: torch.device
 ) -> torch.Tensor:
-    return torch.stack([adapter[key].to(device=device, dtype=torch.float32) for adapter in adapters])
+    return torch.stack(
+        [adapter[key].to(device=device, dtype=torch.float32) for adapter in adapters]
+    )

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from strategies.merging.errors import MergeInputError
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<factor>[AB])(?P<tail>(\.[^.]+)*)$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<factor>[AB])(?P<tail>(\.[^.]+)*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,11 @@ def parse_layout(keys: Iterable[str], *, adapter: int | str | None = None) -> Ad
                 key=key,
             )
     modules = tuple(
-        LoraModule(name=ident[0] + (".embedding" if ident[1] else "") + ident[2], a_key=a, b_key=b_keys[ident])
+        LoraModule(
+            name=ident[0] + (".embedding" if ident[1] else "") + ident[2],
+            a_key=a,
+            b_key=b_keys[ident],
+        )
         for ident, a in sorted(a_keys.items(), key=lambda item: item[1])
     )
     return AdapterLayout(modules=modules, other_keys=tuple(sorted(other)))

@@ -45,16 +45,15 @@ class MergeMethod(ABC):
 
     def merge_other(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Non-LoRA trainable tensors (spec step 5): the (weighted) mean over adapters."""
-        return torch.tensordot(weights, stack, dims=1)
+        merged: torch.Tensor = torch.tensordot(weights, stack, dims=1)
+        return merged
 
     def describe(self) -> dict[str, object]:
         """The method's name and hyperparameters, for logs and merge reports."""
         return {}
 
 
-def check_unit_interval(
-    name: str, value: float, *, low_open: bool, high_open: bool
-) -> float:
+def check_unit_interval(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
     """Reject a ratio outside its interval, naming it and the allowed range."""
     number = float(value)
     low_ok = number > 0.0 if low_open else number >= 0.0
@@ -77,7 +76,9 @@ def check_fuse_weight(value: float | Sequence[float]) -> float | tuple[float, ..
     return values
 
 
-def task_coefficients(fuse_weight: float | tuple[float, ...], weights: torch.Tensor) -> torch.Tensor:
+def task_coefficients(
+    fuse_weight: float | tuple[float, ...], weights: torch.Tensor
+) -> torch.Tensor:
     """lambda_t = fuse_weight_t * T * p_t: equal weights give every task its fuse weight."""
     count = weights.shape[0]
     if isinstance(fuse_weight, tuple):

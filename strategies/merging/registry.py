@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,3 +39,14 @@ def create_method(name: str, **hyperparameters: Any) -> MergeMethod:
             f"unknown merge method {name!r}; known methods: {', '.join(available_methods())}"
         ) from None
     return factory(**hyperparameters)
+
+
+def accepted_hyperparameters(name: str) -> tuple[str, ...]:
+    """The keyword hyperparameters the method called ``name`` takes (its constructor's)."""
+    create_method(name)
+    factory = _REGISTRY[name]
+    return tuple(
+        parameter
+        for parameter in inspect.signature(factory).parameters
+        if parameter not in ("self", "args", "kwargs")
+    )

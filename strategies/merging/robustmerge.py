@@ -77,7 +77,9 @@ class RobustMerge(MergeMethod):
         mode: str = "paper-exact",
         scale_floor: bool | None = None,
     ) -> None:
-        self.keep_ratio = check_unit_interval("keep_ratio", keep_ratio, low_open=True, high_open=False)
+        self.keep_ratio = check_unit_interval(
+            "keep_ratio", keep_ratio, low_open=True, high_open=False
+        )
         self.scale_quantile = check_unit_interval(
             "scale_quantile", scale_quantile, low_open=False, high_open=True
         )
@@ -109,7 +111,9 @@ class RobustMerge(MergeMethod):
             return PairMerge(a=a_merged, b=numerator / scale.sum(dim=0))
         share = lambdas[:, None] * scale / scale.sum(dim=0)
         count, rank, _ = a_stack.shape
-        left = (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(b_stack.shape[1], count * rank)
+        left = (
+            (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(b_stack.shape[1], count * rank)
+        )
         right = a_pruned.reshape(count * rank, a_stack.shape[2])
         return truncate_product(left, right, rank)
 

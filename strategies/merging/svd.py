@@ -27,7 +27,11 @@ class SvdMerge(MergeMethod):
         module_index: int,
     ) -> PairMerge:
         count, rank, d_in = a_stack.shape
-        left = (b_stack * weights[:, None, None]).permute(1, 0, 2).reshape(b_stack.shape[1], count * rank)
+        left = (
+            (b_stack * weights[:, None, None])
+            .permute(1, 0, 2)
+            .reshape(b_stack.shape[1], count * rank)
+        )
         return truncate_product(left, a_stack.reshape(count * rank, d_in), rank)
 
     def describe(self) -> dict[str, object]:

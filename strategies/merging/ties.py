@@ -46,10 +46,14 @@ class Ties(MergeMethod):
     """
 
     def __init__(self, keep_ratio: float = 0.2, fuse_weight: float = 1.0) -> None:
-        self.keep_ratio = check_unit_interval("keep_ratio", keep_ratio, low_open=True, high_open=False)
+        self.keep_ratio = check_unit_interval(
+            "keep_ratio", keep_ratio, low_open=True, high_open=False
+        )
         weight = check_fuse_weight(fuse_weight)
         if isinstance(weight, tuple):
-            raise ValueError("ties takes one shared fuse_weight; pass weights for per-adapter weighting")
+            raise ValueError(
+                "ties takes one shared fuse_weight; pass weights for per-adapter weighting"
+            )
         self.fuse_weight = weight
 
     def merge_pair(

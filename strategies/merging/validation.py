@@ -104,7 +104,9 @@ def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) ->
     """Per-adapter weights: finite, non-negative, one per adapter, not all zero."""
     if weights is None:
         return None
-    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    values = [
+        float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+    ]
     if len(values) != count:
         raise MergeInputError(f"weights has {len(values)} entries for {count} adapters")
     for index, value in enumerate(values):
@@ -118,10 +120,10 @@ def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) ->
 
 
 def _rank_hint(key: str, tensor: torch.Tensor, reference: torch.Tensor) -> str:
-    if ".lora_A" in key or ".lora_embedding_A" in key:
-        if tensor.shape[0] != reference.shape[0]:
-            return f" (rank {tensor.shape[0]}, expected rank {reference.shape[0]})"
-    if (".lora_B" in key or ".lora_embedding_B" in key) and tensor.dim() > 1:
-        if tensor.shape[1] != reference.shape[1]:
-            return f" (rank {tensor.shape[1]}, expected rank {reference.shape[1]})"
+    is_a = ".lora_A" in key or ".lora_embedding_A" in key
+    is_b = ".lora_B" in key or ".lora_embedding_B" in key
+    if is_a and tensor.shape[0] != reference.shape[0]:
+        return f" (rank {tensor.shape[0]}, expected rank {reference.shape[0]})"
+    if is_b and tensor.dim() > 1 and tensor.shape[1] != reference.shape[1]:
+        return f" (rank {tensor.shape[1]}, expected rank {reference.shape[1]})"
     return ""

@@ -1,0 +1,452 @@
+"""FedRobustMerge: Flower's FedAvg sampling and messaging, RobustMerge (or any registered method)
+as the aggregation, each reply judged on its own.
+
+Paper: Zeng et al., "RobustMerge: Parameter-Efficient Model Merging for MLLMs with Direction
+Robustness", NeurIPS 2025 (https://arxiv.org/abs/2502.17159).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from strategies.merging import (
+    accepted_hyperparameters,
+    available_methods,
+    merge_lora_with_report,
+    parse_layout,
+    resolve_device,
+)
+from strategies.merging.diagnostics import direction_score
+from strategies.reply_checks import (
+    DEFAULT_MAX_NUM_EXAMPLES,
+    AcceptedReply,
+    ReplyRejectedError,
+    check_train_reply,
+    state_dict_to_record,
+)
+
+MERGE_TARGETS = ("delta", "adapter")
+EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd"})
+
+
+@dataclass
+class RoundReport:
+    """What one training round did, kept for metrics.json and checkpoints."""
+
+    server_round: int
+    accepted_nodes: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    bytes_received: int = 0
+    merged_update_norm: float = 0.0
+    relative_error: float | None = None
+    direction_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    skipped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready copy (node ids as strings)."""
+        return {
+            "server-round": self.server_round,
+            "accepted-nodes": list(self.accepted_nodes),
+            "rejected": {str(node): reason for node, reason in self.rejected.items()},
+            "merge-seconds": self.merge_seconds,
+            "bytes-received": self.bytes_received,
+            "merged-update-norm": self.merged_update_norm,
+            "relative-error": self.relative_error,
+            "direction-scores": {str(n): s for n, s in self.direction_scores.items()},
+            "skipped": self.skipped,
+        }
+
+
+class FedRobustMerge(FedAvg):
+    """Federated LoRA with RobustMerge aggregation of the clients' updates.
+
+    The server keeps the global adapter it sent (FedOpt's pattern), takes each accepted client's
+    delta (trained minus global), merges the deltas with ``merge_method`` and applies
+    ``global <- global + server_lr * merged``. With ``merge_target="adapter"`` the clients' full
+    adapters are merged instead (round 1 is then the paper's one-shot merge) and
+    ``global <- global + server_lr * (merged - global)``.
+
+    Parameters
+    ----------
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+    min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As in ``flwr.serverapp.strategy.FedAvg``.
+    merge_method : str (default: "robustmerge")
+        Any registered merge method (``strategies.available_methods()``).
+    mode : str (default: "paper-exact")
+        RobustMerge's mode ("paper-exact" or "paper-equation").
+    keep_ratio : float (default: 0.2)
+    scale_quantile : float (default: 0.2)
+    fuse_weight : float (default: 2.0)
+        Passed to the method when it takes them.
+    merge_options : dict, optional
+        Further method hyperparameters (e.g. ``{"drop_rate": 0.3}`` for dare).
+    merge_target : str (default: "delta")
+        "delta" or "adapter", see above.
+    server_lr : float (default: 1.0)
+        eta in the server step.
+    weight_by_examples : bool (default: False)
+        Weight clients by num-examples in RobustMerge (lambda_t = lambda T n_t / sum n); fedavg and
+        svd always weight by examples.
+    device : str, optional
+        Merge device; None picks CUDA when available.
+    min_merge_replies : int (default: 1)
+        Fewer accepted replies than this skip the round; the global stays as it was.
+    max_update_norm : float, optional
+        Replies whose update (delta) Frobenius norm exceeds this are rejected.
+    max_num_examples : int (default: 1e9)
+        Upper bound on a reply's num-examples (it weights the merge).
+    diagnostics_modules : int (default: 8)
+        Modules sampled (evenly spaced) for the direction-robustness diagnostics; 0 disables.
+    seed : int (default: 0)
+        Seeds node sampling (round r samples with seed + r) so runs and resumes repeat.
+    """
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        merge_method: str = "robustmerge",
+        mode: str = "paper-exact",
+        keep_ratio: float = 0.2,
+        scale_quantile: float = 0.2,
+        fuse_weight: float = 2.0,
+        merge_options: Mapping[str, Any] | None = None,
+        merge_target: str = "delta",
+        server_lr: float = 1.0,
+        weight_by_examples: bool = False,
+        device: str | None = None,
+        min_merge_replies: int = 1,
+        max_update_norm: float | None = None,
+        max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+        diagnostics_modules: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if merge_method not in available_methods():
+            raise ValueError(
+                f"unknown merge method {merge_method!r}; known methods: "
+                f"{', '.join(available_methods())}"
+            )
+        if merge_target not in MERGE_TARGETS:
+            raise ValueError(f"merge_target must be one of {MERGE_TARGETS}, got {merge_target!r}")
+        if min_merge_replies < 1:
+            raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        self.merge_method = merge_method
+        offered = {
+            "mode": mode,
+            "keep_ratio": keep_ratio,
+            "scale_quantile": scale_quantile,
+            "fuse_weight": fuse_weight,
+            **(merge_options or {}),
+        }
+        accepted = accepted_hyperparameters(merge_method)
+        unknown = sorted(set(merge_options or {}) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"merge method {merge_method!r} does not take {', '.join(unknown)}; "
+                f"it takes: {', '.join(accepted) or 'no hyperparameters'}"
+            )
+        self.merge_hyperparameters = {k: v for k, v in offered.items() if k in accepted}
+        self.merge_target = merge_target
+        self.server_lr = float(server_lr)
+        self.weight_by_examples = weight_by_examples or merge_method in EXAMPLE_WEIGHTED_METHODS
+        self.device = str(resolve_device(device))
+        self.min_merge_replies = min_merge_replies
+        self.max_update_norm = max_update_norm
+        self.max_num_examples = max_num_examples
+        self.diagnostics_modules = diagnostics_modules
+        self.seed = seed
+        self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.current_global: dict[str, torch.Tensor] | None = None
+        self.last_round: RoundReport | None = None
+
+    def summary(self) -> None:
+        """Log the configuration, FedAvg's and the merge's."""
+        super().summary()
+        log(
+            INFO,
+            "\t└──> Merge: %s %s on %s",
+            self.merge_method,
+            self.merge_hyperparameters,
+            self.device,
+        )
+        log(
+            INFO,
+            "\t\t target=%s server_lr=%s weight_by_examples=%s min_merge_replies=%d",
+            self.merge_target,
+            self.server_lr,
+            self.weight_by_examples,
+            self.min_merge_replies,
+        )
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> list[int]:
+        """Seeded sampling, so a resumed run asks the same nodes as an uninterrupted one."""
+        nodes = sorted(grid.get_node_ids())
+        wanted = max(int(len(nodes) * fraction), minimum)
+        needed = max(self.min_available_nodes, wanted)
+        while len(nodes) < needed:
+            log(INFO, "Waiting for nodes to connect: %d connected (need %d).", len(nodes), needed)
+            time.sleep(1)
+            nodes = sorted(grid.get_node_ids())
+        return sorted(random.Random(self.seed * 1_000_003 + server_round).sample(nodes, wanted))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Snapshot the global adapter and send it to the sampled nodes."""
+        self.current_global = {
+            key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()
+        }
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
+        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global adapter to the sampled nodes for their local evaluation."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self._sample(
+            grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round + 500_009
+        )
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check each reply, merge the accepted ones, apply the server step."""
+        if self.current_global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        report = RoundReport(server_round=server_round)
+        self.last_round = report
+        accepted = self._accept(list(replies), report)
+        if len(accepted) < self.min_merge_replies:
+            report.skipped = True
+            log(
+                WARNING,
+                "round %d: %d usable replies (< min %d): round skipped, global unchanged",
+                server_round,
+                len(accepted),
+                self.min_merge_replies,
+            )
+            return None, self._round_metrics(report, [])
+        new_global = self._merge(accepted, report)
+        log(
+            INFO,
+            "round %d: merged %d replies (%d rejected) in %.3fs, |update| = %.4g",
+            server_round,
+            len(accepted),
+            len(report.rejected),
+            report.merge_seconds,
+            report.merged_update_norm,
+        )
+        return state_dict_to_record(new_global), self._round_metrics(report, accepted)
+
+    def _accept(self, replies: list[Message], report: RoundReport) -> list[AcceptedReply]:
+        assert self.current_global is not None
+        shapes = {key: tuple(value.shape) for key, value in self.current_global.items()}
+        senders = Counter(msg.metadata.src_node_id for msg in replies)
+        accepted: list[AcceptedReply] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            try:
+                if senders[node] > 1:
+                    raise ReplyRejectedError(f"node sent {senders[node]} replies in one round")
+                reply = check_train_reply(
+                    message,
+                    shapes,
+                    arrayrecord_key=self.arrayrecord_key,
+                    weighted_by_key=self.weighted_by_key,
+                    max_num_examples=self.max_num_examples,
+                )
+                self._check_update_norm(reply)
+            except ReplyRejectedError as rejection:
+                report.rejected[node] = rejection.reason
+                level = WARNING
+                prefix = "PRIVACY: " if rejection.privacy else ""
+                log(
+                    level,
+                    "%sround %d: rejected reply from node %d: %s",
+                    prefix,
+                    report.server_round,
+                    node,
+                    rejection.reason,
+                )
+                continue
+            report.bytes_received += reply.num_bytes
+            report.accepted_nodes.append(node)
+            accepted.append(reply)
+        return accepted
+
+    def _check_update_norm(self, reply: AcceptedReply) -> None:
+        if self.max_update_norm is None:
+            return
+        assert self.current_global is not None
+        squared = sum(
+            float((reply.tensors[key] - value).square().sum())
+            for key, value in self.current_global.items()
+        )
+        if squared**0.5 > self.max_update_norm:
+            raise ReplyRejectedError(
+                f"update norm {squared**0.5:.4g} exceeds max-update-norm {self.max_update_norm:.4g}"
+            )
+
+    def _merge(self, accepted: list[AcceptedReply], report: RoundReport) -> dict[str, torch.Tensor]:
+        assert self.current_global is not None
+        base = self.current_global
+        if self.merge_target == "delta":
+            inputs = [
+                {key: reply.tensors[key] - value for key, value in base.items()}
+                for reply in accepted
+            ]
+        else:
+            inputs = [reply.tensors for reply in accepted]
+        weights = (
+            [float(reply.num_examples) for reply in accepted] if self.weight_by_examples else None
+        )
+        result = merge_lora_with_report(
+            inputs,
+            self.merge_method,
+            weights,
+            self.device,
+            labels=[f"node {reply.node_id}" for reply in accepted],
+            **self.merge_hyperparameters,
+        )
+        report.merge_seconds = result.report.seconds
+        report.relative_error = result.report.relative_error
+        new_global: dict[str, torch.Tensor] = {}
+        squared = 0.0
+        for key, value in base.items():
+            merged = result.tensors[key]
+            step = merged if self.merge_target == "delta" else merged - value
+            update = self.server_lr * step
+            squared += float(update.square().sum())
+            new_global[key] = value + update
+        report.merged_update_norm = squared**0.5
+        self._score_directions(accepted, new_global, report)
+        return new_global
+
+    def _score_directions(
+        self,
+        accepted: list[AcceptedReply],
+        new_global: dict[str, torch.Tensor],
+        report: RoundReport,
+    ) -> None:
+        assert self.current_global is not None
+        if self.diagnostics_modules <= 0:
+            return
+        modules = parse_layout(self.current_global.keys()).modules
+        if not modules:
+            return
+        count = min(self.diagnostics_modules, len(modules))
+        picked = [modules[(i * len(modules)) // count] for i in range(count)]
+        base = self.current_global
+        for reply in accepted:
+            scores = [
+                direction_score(
+                    client=(reply.tensors[m.a_key], reply.tensors[m.b_key]),
+                    merged=(new_global[m.a_key], new_global[m.b_key]),
+                    reference=(base[m.a_key], base[m.b_key]),
+                )
+                for m in picked
+            ]
+            valid = [s for s in scores if s is not None]
+            if valid:
+                report.direction_scores[reply.node_id] = {
+                    "cosine": sum(s.cosine for s in valid) / len(valid),
+                    "retained": sum(s.retained for s in valid) / len(valid),
+                }
+
+    def _round_metrics(self, report: RoundReport, accepted: list[AcceptedReply]) -> MetricRecord:
+        if self.custom_train_metrics_aggr_fn is not None and accepted:
+            metrics = self.custom_train_metrics_aggr_fn(
+                [reply.content for reply in accepted], self.weighted_by_key
+            )
+        else:
+            metrics = MetricRecord(weighted_client_metrics(accepted))
+        metrics["clients-accepted"] = len(report.accepted_nodes)
+        metrics["clients-rejected"] = len(report.rejected)
+        metrics["round-skipped"] = int(report.skipped)
+        metrics["merge-seconds"] = report.merge_seconds
+        metrics["bytes-received"] = report.bytes_received
+        metrics["merged-update-norm"] = report.merged_update_norm
+        if report.relative_error is not None:
+            metrics["rank-truncation-error"] = report.relative_error
+        if report.direction_scores:
+            cosines = [s["cosine"] for s in report.direction_scores.values()]
+            retained = [s["retained"] for s in report.direction_scores.values()]
+            metrics["direction-cosine-mean"] = sum(cosines) / len(cosines)
+            metrics["direction-cosine-min"] = min(cosines)
+            metrics["singular-retained-mean"] = sum(retained) / len(retained)
+            metrics["singular-retained-min"] = min(retained)
+        return metrics
+
+
+def weighted_client_metrics(
+    accepted: list[AcceptedReply],
+) -> dict[str, int | float | list[int] | list[float]]:
+    """Example-weighted mean of each numeric client metric, over the replies that report it.
+
+    Unlike Flower's ``aggregate_metricrecords`` it tolerates clients reporting different keys,
+    since replies come from sites we do not control.
+    """
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for reply in accepted:
+        for record in reply.content.metric_records.values():
+            for key, value in record.items():
+                if key == "num-examples" or isinstance(value, (list, bool)):
+                    continue
+                number = float(value)
+                if number != number or number in (float("inf"), float("-inf")):
+                    continue
+                totals[key] = totals.get(key, 0.0) + number * reply.num_examples
+                weights[key] = weights.get(key, 0.0) + reply.num_examples
+    result: dict[str, int | float | list[int] | list[float]] = {
+        key: totals[key] / weights[key] for key in totals
+    }
+    return result

@@ -1,0 +1,65 @@
+"""Direction-robustness diagnostics: does the merged update keep each client's top directions?
+
+RobustMerge's claim is that LoRA's few large singular directions are task-specific and must
+survive the merge. For one module, a client's update is U_t = B_t A_t - B_g A_g (its trained
+product minus the global one) and the merged update is M = B_m A_m - B_g A_g. With U_t's top-k
+singular triplets (sigma_i, u_i, v_i):
+
+- cosine: cos(P(U_t), P(M)), P projecting onto span(u_1..u_k) x span(v_1..v_k), i.e. how well
+  the merged update points along the client's top directions;
+- retained: sum_i u_i^T M v_i / sum_i sigma_i, the fraction of the client's top singular values
+  that the merged update still carries along those directions (1 = all, 0 = none, < 0 = reversed).
+
+Both are computed from the low-rank factors (QR of [B_t, -B_g] and [A_t; A_g]), never forming
+a d_out x d_in matrix's SVD, so they stay cheap for 7B-sized modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DirectionScore:
+    """Cosine and retained fraction of one client's top-k directions in one module."""
+
+    cosine: float
+    retained: float
+
+
+def _low_rank_difference(
+    b_new: torch.Tensor, a_new: torch.Tensor, b_old: torch.Tensor, a_old: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (L, R) with L @ R = b_new @ a_new - b_old @ a_old."""
+    return torch.cat([b_new, -b_old], dim=1), torch.cat([a_new, a_old], dim=0)
+
+
+def direction_score(
+    client: tuple[torch.Tensor, torch.Tensor],
+    merged: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    top_k: int = 4,
+) -> DirectionScore | None:
+    """Score one client's module; pairs are (A, B). None when the client's update is zero."""
+    a_ref, b_ref = (t.to(torch.float64) for t in reference)
+    a_cli, b_cli = (t.to(torch.float64) for t in client)
+    a_mrg, b_mrg = (t.to(torch.float64) for t in merged)
+    left, right = _low_rank_difference(b_cli, a_cli, b_ref, a_ref)
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u_core, sigma, vh_core = torch.linalg.svd(r_left @ r_right.T)
+    k = min(top_k, int((sigma > sigma[0] * 1e-12).sum())) if sigma.numel() and sigma[0] > 0 else 0
+    if k == 0:
+        return None
+    u = q_left @ u_core[:, :k]
+    v = q_right @ vh_core[:k].T
+    m_left, m_right = _low_rank_difference(b_mrg, a_mrg, b_ref, a_ref)
+    projected = (u.T @ m_left) @ (m_right @ v)
+    top = sigma[:k]
+    along = torch.diagonal(projected)
+    norm = float(projected.norm())
+    cosine = float((top * along).sum()) / (float(top.norm()) * norm) if norm > 0 else 0.0
+    retained = float(along.sum() / top.sum())
+    return DirectionScore(cosine=cosine, retained=retained)

@@ -1,0 +1,134 @@
+"""Checks on one client's training reply, each failure a specific, loggable reason.
+
+Flower's own ``validate_message_reply_consistency`` raises on the first inconsistent reply and
+ends the ServerApp; a federation of untrusted sites needs each reply judged on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from strategies.merging import is_lora_key
+
+ACCEPTED_WIRE_DTYPES = frozenset({"float16", "float32", "float64"})
+DEFAULT_MAX_NUM_EXAMPLES = 1_000_000_000
+
+
+class ReplyRejectedError(ValueError):
+    """A reply that must not be merged; ``privacy`` marks replies carrying non-LoRA tensors."""
+
+    def __init__(self, reason: str, *, privacy: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.privacy = privacy
+
+
+@dataclass(frozen=True)
+class AcceptedReply:
+    """A reply that passed every check: its node, its tensors (fp32), its example count."""
+
+    node_id: int
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    num_bytes: int
+    content: RecordDict
+
+
+def check_train_reply(
+    message: Message,
+    global_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    arrayrecord_key: str = "arrays",
+    weighted_by_key: str = "num-examples",
+    max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+) -> AcceptedReply:
+    """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why."""
+    if message.has_error():
+        raise ReplyRejectedError(f"client reported an error: {message.error.reason}")
+    content = message.content
+    arrays = content.array_records.get(arrayrecord_key)
+    if arrays is None:
+        raise ReplyRejectedError(f"no ArrayRecord under {arrayrecord_key!r}")
+    if len(arrays) == 0:
+        raise ReplyRejectedError(f"ArrayRecord {arrayrecord_key!r} is empty")
+    num_examples = _check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
+    keys = set(arrays.keys())
+    expected = set(global_shapes)
+    non_lora = sorted(key for key in keys - expected if not is_lora_key(key))
+    if non_lora:
+        raise ReplyRejectedError(
+            f"carries {len(non_lora)} non-LoRA tensor(s), e.g. {non_lora[0]!r}: clients must send "
+            "LoRA tensors only (possible base-weight leak)",
+            privacy=True,
+        )
+    extra = sorted(keys - expected)
+    if extra:
+        raise ReplyRejectedError(f"unexpected LoRA key {extra[0]!r} (not in the global adapter)")
+    missing = sorted(expected - keys)
+    if missing:
+        raise ReplyRejectedError(f"missing key {missing[0]!r} ({len(missing)} missing in all)")
+    tensors: dict[str, torch.Tensor] = {}
+    for key in sorted(global_shapes):
+        values = _decode(arrays, key)
+        if values.dtype.name not in ACCEPTED_WIRE_DTYPES:
+            raise ReplyRejectedError(
+                f"key {key!r}: dtype {values.dtype.name} (expected float16 or float32)"
+            )
+        if tuple(values.shape) != tuple(global_shapes[key]):
+            raise ReplyRejectedError(
+                f"key {key!r}: shape {tuple(values.shape)} (expected {tuple(global_shapes[key])})"
+            )
+        tensor = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+        if not bool(torch.isfinite(tensor).all()):
+            raise ReplyRejectedError(f"key {key!r}: non-finite values (NaN or Inf)")
+        tensors[key] = tensor
+    return AcceptedReply(
+        node_id=message.metadata.src_node_id,
+        tensors=tensors,
+        num_examples=num_examples,
+        num_bytes=arrays.count_bytes(),
+        content=content,
+    )
+
+
+def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:
+    """The array's values as sent (the declared dtype and shape are not trusted)."""
+    try:
+        return np.asarray(arrays[key].numpy())
+    except (TypeError, ValueError, OSError) as error:
+        raise ReplyRejectedError(f"key {key!r}: undecodable array ({error})") from None
+
+
+def _check_num_examples(
+    metric_records: Mapping[str, MetricRecord], weighted_by_key: str, upper: int
+) -> int:
+    records = [record for record in metric_records.values() if weighted_by_key in record]
+    if len(records) != 1:
+        raise ReplyRejectedError(
+            f"expected one MetricRecord with {weighted_by_key!r}, found {len(records)}"
+        )
+    value = records[0][weighted_by_key]
+    if isinstance(value, (list, bool)):
+        raise ReplyRejectedError(f"{weighted_by_key} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ReplyRejectedError(f"{weighted_by_key} must be an integer, got {value!r}")
+    if not 0 < number <= upper:
+        raise ReplyRejectedError(f"{weighted_by_key} must be in [1, {upper}], got {value!r}")
+    return int(number)
+
+
+def state_dict_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An ArrayRecord of contiguous fp32 CPU copies (ArrayRecord refuses bf16)."""
+    return ArrayRecord(
+        {
+            key: value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            for key, value in tensors.items()
+        }
+    )
