@@ -7,6 +7,7 @@ Robustness", NeurIPS 2025 (https://arxiv.org/abs/2502.17159).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from strategies.reply_checks import (
     DEFAULT_MAX_NUM_EXAMPLES,
     AcceptedReply,
     ReplyRejectedError,
+    check_num_examples,
     check_train_reply,
     state_dict_to_record,
 )
@@ -255,6 +257,33 @@ class FedRobustMerge(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.EVALUATE)
 
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted client metrics; malformed replies are logged and left out."""
+        usable: list[tuple[int, RecordDict]] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            try:
+                if message.has_error():
+                    raise ReplyRejectedError(f"client reported an error: {message.error.reason}")
+                count = check_num_examples(
+                    message.content.metric_records, self.weighted_by_key, self.max_num_examples
+                )
+            except ReplyRejectedError as rejection:
+                log(
+                    WARNING,
+                    "round %d: evaluation reply of node %d ignored: %s",
+                    server_round,
+                    node,
+                    rejection.reason,
+                )
+                continue
+            usable.append((count, message.content))
+        if not usable:
+            return None
+        return MetricRecord(weighted_metrics(usable))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -407,7 +436,9 @@ class FedRobustMerge(FedAvg):
                 [reply.content for reply in accepted], self.weighted_by_key
             )
         else:
-            metrics = MetricRecord(weighted_client_metrics(accepted))
+            metrics = MetricRecord(
+                weighted_metrics([(reply.num_examples, reply.content) for reply in accepted])
+            )
         metrics["clients-accepted"] = len(report.accepted_nodes)
         metrics["clients-rejected"] = len(report.rejected)
         metrics["round-skipped"] = int(report.skipped)
@@ -426,27 +457,28 @@ class FedRobustMerge(FedAvg):
         return metrics
 
 
-def weighted_client_metrics(
-    accepted: list[AcceptedReply],
+def weighted_metrics(
+    replies: list[tuple[int, RecordDict]],
 ) -> dict[str, int | float | list[int] | list[float]]:
-    """Example-weighted mean of each numeric client metric, over the replies that report it.
+    """Example-weighted mean of each numeric metric, over the replies that report it.
 
     Unlike Flower's ``aggregate_metricrecords`` it tolerates clients reporting different keys,
-    since replies come from sites we do not control.
+    since replies come from sites we do not control. ``num-examples`` becomes the total.
     """
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
-    for reply in accepted:
-        for record in reply.content.metric_records.values():
+    for count, content in replies:
+        for record in content.metric_records.values():
             for key, value in record.items():
                 if key == "num-examples" or isinstance(value, (list, bool)):
                     continue
                 number = float(value)
-                if number != number or number in (float("inf"), float("-inf")):
+                if not math.isfinite(number):
                     continue
-                totals[key] = totals.get(key, 0.0) + number * reply.num_examples
-                weights[key] = weights.get(key, 0.0) + reply.num_examples
+                totals[key] = totals.get(key, 0.0) + number * count
+                weights[key] = weights.get(key, 0.0) + count
     result: dict[str, int | float | list[int] | list[float]] = {
         key: totals[key] / weights[key] for key in totals
     }
+    result["num-examples"] = sum(count for count, _ in replies)
     return result

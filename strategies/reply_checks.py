@@ -57,7 +57,7 @@ def check_train_reply(
         raise ReplyRejectedError(f"no ArrayRecord under {arrayrecord_key!r}")
     if len(arrays) == 0:
         raise ReplyRejectedError(f"ArrayRecord {arrayrecord_key!r} is empty")
-    num_examples = _check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
+    num_examples = check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
     keys = set(arrays.keys())
     expected = set(global_shapes)
     non_lora = sorted(key for key in keys - expected if not is_lora_key(key))
@@ -105,9 +105,10 @@ def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:
         raise ReplyRejectedError(f"key {key!r}: undecodable array ({error})") from None
 
 
-def _check_num_examples(
+def check_num_examples(
     metric_records: Mapping[str, MetricRecord], weighted_by_key: str, upper: int
 ) -> int:
+    """The reply's example count: one MetricRecord must carry it, as an integer in [1, upper]."""
     records = [record for record in metric_records.values() if weighted_by_key in record]
     if len(records) != 1:
         raise ReplyRejectedError(

@@ -1,0 +1,125 @@
+"""The ServerApp: run config -> FedRobustMerge -> resumable round loop with checkpoints."""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from logging import INFO
+from typing import Any
+
+import flwr
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from client.model import LoraSettings, initial_adapter, resolve_model_path
+from client.tasks import TASK_NAMES
+from client.training import TrainSettings
+from server.checkpoints import CheckpointStore
+from server.config import ConfigError, ServerSettings
+from server.run_loop import LoopSettings, run_federation
+from strategies.fed_robustmerge import FedRobustMerge
+from strategies.peft_files import adapter_config_for
+
+app = ServerApp()
+
+
+def build_strategy(settings: ServerSettings) -> FedRobustMerge:
+    """The strategy the run config describes."""
+    return FedRobustMerge(
+        fraction_train=settings.fraction_train,
+        min_train_nodes=settings.min_train_nodes,
+        min_available_nodes=settings.min_train_nodes,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_evaluate_nodes=settings.min_evaluate_nodes,
+        merge_method=settings.merge_method,
+        mode=settings.merge_mode,
+        keep_ratio=settings.keep_ratio,
+        scale_quantile=settings.scale_quantile,
+        fuse_weight=settings.fuse_weight,
+        merge_target=settings.merge_target,
+        server_lr=settings.server_lr,
+        weight_by_examples=settings.weight_by_examples,
+        device=settings.merge_device,
+        max_update_norm=settings.max_update_norm,
+        seed=settings.seed,
+    )
+
+
+def check_tasks(settings: ServerSettings) -> None:
+    """Seen and unseen tasks must be known and must not overlap."""
+    for key, names in (("seen-tasks", settings.seen_tasks), ("unseen-tasks", settings.unseen_tasks)):
+        for name in names:
+            if name not in TASK_NAMES:
+                raise ConfigError(
+                    f"run config {key!r} names unknown task {name!r}; known: {', '.join(TASK_NAMES)}"
+                )
+    overlap = sorted(set(settings.seen_tasks) & set(settings.unseen_tasks))
+    if overlap:
+        raise ConfigError(f"tasks {overlap} are both seen and unseen: unseen tasks are never trained on")
+
+
+def run_summary(context: Context, settings: ServerSettings, strategy: FedRobustMerge) -> dict[str, Any]:
+    """What metrics.json says about the run: config, versions, machine."""
+    return {
+        "run-config": dict(context.run_config),
+        "output-dir": str(settings.output_dir),
+        "merge-device": strategy.device,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, build the initial adapter from the model config, run the rounds."""
+    settings = ServerSettings.from_run_config(context.run_config)
+    lora = LoraSettings.from_run_config(context.run_config)
+    training = TrainSettings.from_run_config(context.run_config)
+    check_tasks(settings)
+    strategy = build_strategy(settings)
+    strategy.summary()
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    log(INFO, "Outputs: %s", settings.output_dir)
+    store = CheckpointStore(
+        settings.output_dir,
+        adapter_config_for(
+            resolve_model_path(lora.model), lora.r, lora.alpha, lora.target_modules
+        ),
+        keep=settings.keep_checkpoints,
+    )
+    evaluate = None
+    if settings.server_eval:
+        from server.evaluation import TaskEvaluator
+
+        evaluator = TaskEvaluator(
+            lora,
+            training,
+            settings.seen_tasks,
+            settings.unseen_tasks,
+            examples=settings.eval_examples,
+            seed=settings.seed,
+        )
+        evaluate = evaluator.evaluate
+    run_federation(
+        grid,
+        strategy,
+        LoopSettings(
+            num_rounds=settings.num_server_rounds,
+            round_timeout=settings.round_timeout,
+            run_dir=settings.output_dir,
+            resume=settings.resume,
+            seen_tasks=settings.seen_tasks,
+            unseen_tasks=settings.unseen_tasks,
+        ),
+        initial=initial_adapter(lora, seed=settings.seed),
+        store=store,
+        summary=run_summary(context, settings, strategy),
+        evaluate=evaluate,
+    )

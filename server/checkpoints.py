@@ -1,0 +1,142 @@
+"""Per-round checkpoints in PEFT's format, written atomically, verified on resume.
+
+Layout under the run's output folder::
+
+    checkpoints/round-0003/adapter_model.safetensors   the global adapter after round 3
+    checkpoints/round-0003/adapter_config.json          so PeftModel.from_pretrained loads it
+    checkpoints/round-0003/state.json                   round, content checksum, run state
+    final/                                              the last global adapter (same format)
+
+Each folder is written beside its target and renamed into place (see
+``strategies.peft_files.write_adapter_dir``), so a crash leaves either the old set or the new
+one. ``state.json`` carries a SHA-256 over the tensors' names, dtypes, shapes and bytes; a
+checkpoint that fails to load or to match it is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.supercore import log
+
+from strategies.peft_files import AdapterFileError, read_adapter_dir, write_adapter_dir
+
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: the round it closes, the global adapter, the saved run state."""
+
+    server_round: int
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    path: Path
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class CheckpointStore:
+    """Writes and finds the checkpoints of one run folder."""
+
+    def __init__(self, run_dir: Path, adapter_config: Mapping[str, Any], keep: int = 3) -> None:
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.adapter_config = dict(adapter_config)
+        self.keep = keep
+
+    def round_path(self, server_round: int) -> Path:
+        """Folder of the checkpoint that closes ``server_round``."""
+        return self.checkpoint_dir / f"round-{server_round:04d}"
+
+    def save(
+        self, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+    ) -> Path:
+        """Write the checkpoint of ``server_round`` atomically and prune old ones."""
+        payload = {
+            "format": STATE_FORMAT,
+            "server-round": server_round,
+            "tensors-sha256": tensors_checksum(tensors),
+            **state,
+        }
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = write_adapter_dir(
+            self.round_path(server_round),
+            dict(tensors),
+            self.adapter_config,
+            extra_files={STATE_FILE: json.dumps(payload, indent=1, sort_keys=True)},
+            overwrite=True,
+        )
+        self._prune()
+        return path
+
+    def save_final(self, tensors: Mapping[str, torch.Tensor], report: Mapping[str, Any]) -> Path:
+        """Write the final global adapter to ``final/`` with a small JSON about the run."""
+        return write_adapter_dir(
+            self.run_dir / "final",
+            dict(tensors),
+            self.adapter_config,
+            extra_files={"run_report.json": json.dumps(report, indent=1, sort_keys=True)},
+            overwrite=True,
+        )
+
+    def rounds(self) -> list[int]:
+        """Rounds that have a checkpoint folder, ascending (not yet verified)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for child in self.checkpoint_dir.iterdir():
+            name = child.name
+            if child.is_dir() and name.startswith("round-") and name[6:].isdigit():
+                found.append(int(name[6:]))
+        return sorted(found)
+
+    def load(self, server_round: int) -> Checkpoint:
+        """Read and verify one checkpoint; AdapterFileError says what is wrong with it."""
+        path = self.round_path(server_round)
+        folder = read_adapter_dir(path)
+        state_path = path / STATE_FILE
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError) as error:
+            raise AdapterFileError(f"{state_path}: unreadable checkpoint state ({error})") from None
+        if not isinstance(state, dict) or state.get("server-round") != server_round:
+            raise AdapterFileError(f"{state_path}: state does not describe round {server_round}")
+        if tensors_checksum(folder.tensors) != state.get("tensors-sha256"):
+            raise AdapterFileError(f"{path}: tensors do not match the checksum in {STATE_FILE}")
+        return Checkpoint(server_round, folder.tensors, state, path)
+
+    def latest_valid(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; corrupt ones are logged and skipped."""
+        for server_round in reversed(self.rounds()):
+            try:
+                return self.load(server_round)
+            except AdapterFileError as error:
+                log(
+                    WARNING,
+                    "checkpoint of round %d is unusable, trying the previous one: %s",
+                    server_round,
+                    error,
+                )
+        return None
+
+    def _prune(self) -> None:
+        for server_round in self.rounds()[: -self.keep]:
+            shutil.rmtree(self.round_path(server_round), ignore_errors=True)

@@ -1,0 +1,73 @@
+"""metrics.json and the accuracy plot of a run, rewritten atomically after every round."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "accuracy.png"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temp file beside ``path``, fsync it, rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=1, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(run_dir: Path, summary: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> Path:
+    """metrics.json: the run's settings and one entry per round (0 = before training)."""
+    path = run_dir / METRICS_FILE
+    write_json_atomic(path, {"run": summary, "rounds": list(rounds)})
+    return path
+
+
+def plot_accuracy(
+    run_dir: Path,
+    rounds: Sequence[dict[str, Any]],
+    seen: Sequence[str],
+    unseen: Sequence[str],
+) -> Path | None:
+    """PNG of server-side accuracy per task per round (solid: seen, dashed: unseen)."""
+    points = [(r["server-round"], r["server-eval"]) for r in rounds if r.get("server-eval")]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    xs = [x for x, _ in points]
+    for task in [*seen, *unseen]:
+        ys = [evaluation.get(f"{task}-accuracy") for _, evaluation in points]
+        if any(y is not None for y in ys):
+            axes.plot(xs, ys, marker="o", linestyle="-" if task in seen else "--", label=task)
+    for key, style in (("seen-accuracy", "k-"), ("unseen-accuracy", "k--")):
+        ys = [evaluation.get(key) for _, evaluation in points]
+        if any(y is not None for y in ys):
+            axes.plot(xs, ys, style, linewidth=3, label=key.replace("-accuracy", " average"))
+    axes.set_xlabel("round (0 = initial adapter)")
+    axes.set_ylabel("accuracy")
+    axes.set_title("Global adapter, server-side evaluation")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    path = run_dir / PLOT_FILE
+    temp = run_dir / f".{PLOT_FILE}.tmp.png"
+    figure.savefig(temp, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temp, path)
+    return path

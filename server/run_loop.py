@@ -1,0 +1,200 @@
+"""The round loop: train, merge, evaluate, checkpoint; resumable after a crash.
+
+Flower's ``Strategy.start`` has no start round, so the loop is ours: it drives the strategy's
+``configure_*`` / ``aggregate_*`` methods exactly as ``start`` does, and checkpoints the global
+adapter, the history and the strategy settings after every round.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from server.checkpoints import CheckpointStore
+from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
+from strategies.fed_robustmerge import FedRobustMerge
+from strategies.reply_checks import state_dict_to_record
+
+Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
+RUN_FILES = ("checkpoints", "final", METRICS_FILE, PLOT_FILE)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs beyond the strategy: rounds, timeout, where to write."""
+
+    num_rounds: int
+    round_timeout: float
+    run_dir: Path
+    resume: bool
+    seen_tasks: tuple[str, ...] = ()
+    unseen_tasks: tuple[str, ...] = ()
+
+
+def archive_previous_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's outputs to ``archive/<UTC time>/`` so a fresh start loses nothing."""
+    present = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = run_dir / "archive" / stamp
+    target.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+def run_federation(
+    grid: Grid,
+    strategy: FedRobustMerge,
+    settings: LoopSettings,
+    *,
+    initial: Mapping[str, torch.Tensor],
+    store: CheckpointStore,
+    summary: dict[str, Any],
+    evaluate: Evaluate | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run (or resume) the federation; returns the final global adapter."""
+    global_tensors = {key: value.to(torch.float32) for key, value in initial.items()}
+    history: list[dict[str, Any]] = []
+    start = 0
+    checkpoint = store.latest_valid() if settings.resume else None
+    if checkpoint is not None:
+        start = checkpoint.server_round
+        global_tensors = checkpoint.tensors
+        history = list(checkpoint.state.get("history", []))
+        log(INFO, "Resuming after round %d from %s", start, checkpoint.path)
+    else:
+        if settings.resume:
+            log(
+                INFO,
+                "resume=true but no usable checkpoint in %s: starting over",
+                store.checkpoint_dir,
+            )
+        archived = archive_previous_run(settings.run_dir)
+        if archived is not None:
+            log(INFO, "Earlier outputs moved to %s", archived)
+        if evaluate is not None:
+            history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
+            _log_eval(0, history[-1]["server-eval"])
+    for server_round in range(start + 1, settings.num_rounds + 1):
+        started = time.perf_counter()
+        log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
+        entry, merged = _train_round(
+            grid, strategy, server_round, global_tensors, settings.round_timeout
+        )
+        if merged is not None:
+            global_tensors = merged
+        client_eval = _evaluate_round(grid, strategy, server_round, global_tensors, settings)
+        if client_eval is not None:
+            entry["client-eval"] = client_eval
+        if evaluate is not None:
+            entry["server-eval"] = evaluate(global_tensors)
+            _log_eval(server_round, entry["server-eval"])
+        entry["seconds"] = time.perf_counter() - started
+        history.append(entry)
+        store.save(
+            server_round,
+            global_tensors,
+            {"history": history, "strategy": strategy_settings(strategy)},
+        )
+        write_metrics(settings.run_dir, summary, history)
+        plot_accuracy(settings.run_dir, history, settings.seen_tasks, settings.unseen_tasks)
+    write_metrics(settings.run_dir, summary, history)
+    plot_accuracy(settings.run_dir, history, settings.seen_tasks, settings.unseen_tasks)
+    final = store.save_final(global_tensors, {"run": summary, "rounds": len(history)})
+    log(INFO, "Final adapter: %s", final)
+    return global_tensors
+
+
+def strategy_settings(strategy: FedRobustMerge) -> dict[str, Any]:
+    """The strategy's merge settings, stored with each checkpoint to detect a changed config."""
+    return {
+        "merge-method": strategy.merge_method,
+        "merge-hyperparameters": {k: _plain(v) for k, v in strategy.merge_hyperparameters.items()},
+        "merge-target": strategy.merge_target,
+        "server-lr": strategy.server_lr,
+        "weight-by-examples": strategy.weight_by_examples,
+        "seed": strategy.seed,
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _train_round(
+    grid: Grid,
+    strategy: FedRobustMerge,
+    server_round: int,
+    global_tensors: Mapping[str, torch.Tensor],
+    timeout: float,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """One training round; returns its history entry and the new global (None: unchanged)."""
+    messages = list(
+        strategy.configure_train(
+            server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
+        )
+    )
+    replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    report = strategy.last_round
+    entry: dict[str, Any] = {
+        "server-round": server_round,
+        "clients-sampled": len(messages),
+        "clients-timed-out": max(len(messages) - len(replies), 0),
+        "train": dict(metrics) if metrics is not None else {},
+        "merge": report.to_json() if report is not None else {},
+    }
+    log(
+        INFO,
+        "round %d: %d sampled, %d replied, %d accepted, %d rejected%s",
+        server_round,
+        len(messages),
+        len(replies),
+        len(report.accepted_nodes) if report else 0,
+        len(report.rejected) if report else 0,
+        " (skipped: global unchanged)" if arrays is None else "",
+    )
+    if arrays is None:
+        return entry, None
+    return entry, {
+        key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()
+    }
+
+
+def _evaluate_round(
+    grid: Grid,
+    strategy: FedRobustMerge,
+    server_round: int,
+    global_tensors: Mapping[str, torch.Tensor],
+    settings: LoopSettings,
+) -> dict[str, Any] | None:
+    messages = list(
+        strategy.configure_evaluate(
+            server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
+        )
+    )
+    if not messages:
+        return None
+    replies = grid.send_and_receive(messages=messages, timeout=settings.round_timeout)
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    return dict(metrics) if metrics is not None else None
+
+
+def _log_eval(server_round: int, metrics: Mapping[str, float]) -> None:
+    averages = {
+        k: round(v, 4) for k, v in metrics.items() if k in ("seen-accuracy", "unseen-accuracy")
+    }
+    log(INFO, "round %d server-side evaluation: %s", server_round, averages)

@@ -1,0 +1,357 @@
+"""FedRobustMerge with mock replies: good, bad one by one, all bad, weighting, diagnostics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies import FedRobustMerge, merge_lora
+
+A0 = "base_model.model.layer.0.query.lora_A.weight"
+B0 = "base_model.model.layer.0.query.lora_B.weight"
+A1 = "base_model.model.layer.1.value.lora_A.weight"
+B1 = "base_model.model.layer.1.value.lora_B.weight"
+SHAPES = {A0: (4, 12), B0: (10, 4), A1: (4, 12), B1: (10, 4)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """Flower stamps instruction messages with the identity of the running ServerApp task."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def make_global(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {key: torch.randn(shape, generator=generator) for key, shape in SHAPES.items()}
+
+
+def trained(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: value + 0.1 * torch.randn(value.shape, generator=generator)
+        for key, value in base.items()
+    }
+
+
+def reply(
+    node: int,
+    tensors: dict[str, torch.Tensor] | None,
+    num_examples: object = 100,
+    *,
+    extra_metrics: dict[str, float] | None = None,
+) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="instruction",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict()
+    if tensors is not None:
+        content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+    metrics: dict[str, object] = {"train-loss": 1.0, **(extra_metrics or {})}
+    if num_examples is not None:
+        metrics["num-examples"] = num_examples
+    content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+    return Message(content, metadata=metadata)
+
+
+def error_reply(node: int) -> Message:
+    metadata = reply(node, None).metadata
+    return Message(Error(code=0, reason="out of memory"), metadata=metadata)
+
+
+class FakeGrid:
+    """The part of Grid the strategy uses for sampling."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def start_round(strategy: FedRobustMerge, base: dict[str, torch.Tensor], nodes: int = 3) -> None:
+    list(
+        strategy.configure_train(
+            1,
+            ArrayRecord(dict(base)),
+            ConfigRecord(),
+            FakeGrid(list(range(1, nodes + 1))),  # type: ignore[arg-type]
+        )
+    )
+
+
+def expected_global(
+    base: dict[str, torch.Tensor],
+    clients: list[dict[str, torch.Tensor]],
+    server_lr: float = 1.0,
+    **merge: object,
+) -> dict[str, torch.Tensor]:
+    deltas = [{k: c[k] - base[k] for k in base} for c in clients]
+    merged = merge_lora(deltas, device="cpu", **merge)  # type: ignore[arg-type]
+    return {k: base[k] + server_lr * merged[k] for k in base}
+
+
+def as_tensors(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+    assert record is not None
+    return dict(record.to_torch_state_dict())
+
+
+def test_good_replies_give_robustmerge_of_deltas_plus_server_step() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(server_lr=0.5, device="cpu")
+    start_round(strategy, base)
+    clients = [trained(base, seed) for seed in (1, 2, 3)]
+    arrays, metrics = strategy.aggregate_train(1, [reply(i + 1, c) for i, c in enumerate(clients)])
+    got = as_tensors(arrays)
+    want = expected_global(base, clients, server_lr=0.5)
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+    assert metrics is not None
+    assert metrics["clients-accepted"] == 3
+    assert metrics["clients-rejected"] == 0
+    assert metrics["bytes-received"] > 0
+    assert metrics["train-loss"] == pytest.approx(1.0)
+    assert -1.0 <= metrics["direction-cosine-min"] <= metrics["direction-cosine-mean"] <= 1.0
+    assert metrics["merged-update-norm"] > 0
+
+
+def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    return lambda t: {k: v for k, v in t.items() if k != key}
+
+
+def _set(
+    key: str, value: torch.Tensor
+) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    return lambda t: {**t, key: value}
+
+
+def _poison(value: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def apply(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        bad = t[A0].clone()
+        bad[0, 0] = value
+        return {**t, A0: bad}
+
+    return apply
+
+
+TENSOR_CASES = {
+    "missing key": (_drop(B1), "missing key"),
+    "extra LoRA key": (
+        _set("base_model.model.layer.9.query.lora_A.weight", torch.zeros(4, 12)),
+        "unexpected LoRA key",
+    ),
+    "non-LoRA key (base weight)": (
+        _set("base_model.model.layer.0.query.weight", torch.zeros(12, 12)),
+        "non-LoRA",
+    ),
+    "wrong shape": (_set(B0, torch.zeros(10, 5)), "shape"),
+    "wrong rank": (_set(A0, torch.zeros(2, 12)), "shape"),
+    "integer dtype": (_set(A0, torch.zeros(4, 12, dtype=torch.int32)), "dtype"),
+    "bool dtype": (_set(A0, torch.zeros(4, 12, dtype=torch.bool)), "dtype"),
+    "complex dtype": (_set(A0, torch.zeros(4, 12, dtype=torch.complex64)), "dtype"),
+    "NaN": (_poison(float("nan")), "non-finite"),
+    "+Inf": (_poison(float("inf")), "non-finite"),
+    "-Inf": (_poison(float("-inf")), "non-finite"),
+    "empty ArrayRecord": (lambda t: {}, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_CASES))
+def test_bad_reply_is_rejected_and_round_goes_on(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    corrupt, reason = TENSOR_CASES[case]
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu")
+    start_round(strategy, base)
+    good = [trained(base, 1), trained(base, 2)]
+    bad = corrupt(trained(base, 3))
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(1, good[0]), reply(7, bad), reply(2, good[1])]
+    )
+    want = expected_global(base, good)
+    got = as_tensors(arrays)
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+    assert metrics is not None and metrics["clients-rejected"] == 1
+    assert strategy.last_round is not None
+    assert reason in strategy.last_round.rejected[7]
+    if case.startswith("non-LoRA"):
+        assert "PRIVACY" in caplog.text or "non-LoRA" in strategy.last_round.rejected[7]
+
+
+NUM_EXAMPLE_CASES = {
+    "missing": None,
+    "zero": 0,
+    "negative": -5,
+    "non-integer": 2.5,
+    "absurd": 10**12,
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUM_EXAMPLE_CASES))
+def test_bad_num_examples_is_rejected(case: str) -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu", merge_method="fedavg")
+    start_round(strategy, base)
+    good = [trained(base, 1), trained(base, 2)]
+    replies = [
+        reply(1, good[0], 10),
+        reply(2, good[1], 30),
+        reply(3, trained(base, 3), NUM_EXAMPLE_CASES[case]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    want = expected_global(base, good, method="fedavg", weights=[10, 30])
+    got = as_tensors(arrays)
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+    assert metrics is not None and metrics["clients-rejected"] == 1
+    assert strategy.last_round is not None and "num-examples" in strategy.last_round.rejected[3]
+
+
+def test_error_reply_and_duplicate_node_are_rejected() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu")
+    start_round(strategy, base)
+    good = trained(base, 1)
+    replies = [
+        reply(1, good),
+        error_reply(2),
+        reply(3, trained(base, 3)),
+        reply(3, trained(base, 4)),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_round is not None
+    assert "out of memory" in strategy.last_round.rejected[2]
+    assert "2 replies" in strategy.last_round.rejected[3]
+    got = as_tensors(arrays)
+    want = expected_global(base, [good])
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def test_all_bad_keeps_global_and_counts_rejections() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu")
+    start_round(strategy, base)
+    arrays, metrics = strategy.aggregate_train(
+        1, [error_reply(1), reply(2, _poison(float("nan"))(trained(base, 2)))]
+    )
+    assert arrays is None
+    assert metrics is not None
+    assert metrics["round-skipped"] == 1 and metrics["clients-rejected"] == 2
+
+
+def test_min_merge_replies_skips_round() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu", min_merge_replies=3)
+    start_round(strategy, base)
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(1, trained(base, 1)), reply(2, trained(base, 2))]
+    )
+    assert arrays is None and metrics is not None and metrics["round-skipped"] == 1
+
+
+def test_max_update_norm_rejects_outlier() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu", max_update_norm=5.0)
+    start_round(strategy, base)
+    huge = {k: v + 100.0 for k, v in base.items()}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, trained(base, 1)), reply(2, huge)])
+    assert strategy.last_round is not None and "max-update-norm" in strategy.last_round.rejected[2]
+    want = expected_global(base, [trained(base, 1)])
+    torch.testing.assert_close(as_tensors(arrays)[A0], want[A0])
+
+
+def test_weight_by_examples_switch_reshapes_fuse_weights() -> None:
+    base = make_global()
+    clients = [trained(base, 1), trained(base, 2)]
+    strategy = FedRobustMerge(device="cpu", weight_by_examples=True)
+    start_round(strategy, base)
+    arrays, _ = strategy.aggregate_train(1, [reply(1, clients[0], 100), reply(2, clients[1], 300)])
+    want = expected_global(base, clients, weights=[100, 300])
+    torch.testing.assert_close(as_tensors(arrays)[B0], want[B0], rtol=1e-6, atol=1e-7)
+    unweighted = expected_global(base, clients)
+    assert not torch.allclose(want[B0], unweighted[B0])
+
+
+def test_adapter_target_merges_full_adapters() -> None:
+    base = make_global()
+    clients = [trained(base, 1), trained(base, 2)]
+    strategy = FedRobustMerge(device="cpu", merge_target="adapter", fuse_weight=0.5)
+    start_round(strategy, base)
+    arrays, _ = strategy.aggregate_train(1, [reply(1, clients[0]), reply(2, clients[1])])
+    want = merge_lora(clients, device="cpu", fuse_weight=0.5)
+    torch.testing.assert_close(as_tensors(arrays)[A1], want[A1], rtol=1e-6, atol=1e-7)
+
+
+def test_every_registered_method_runs_through_the_strategy() -> None:
+    from strategies import available_methods
+
+    base = make_global()
+    for method in available_methods():
+        strategy = FedRobustMerge(device="cpu", merge_method=method)
+        start_round(strategy, base)
+        arrays, metrics = strategy.aggregate_train(
+            1, [reply(1, trained(base, 1)), reply(2, trained(base, 2))]
+        )
+        assert arrays is not None and metrics is not None, method
+        assert metrics["clients-accepted"] == 2
+
+
+def test_unknown_method_and_foreign_option_are_refused() -> None:
+    with pytest.raises(ValueError, match="known methods"):
+        FedRobustMerge(merge_method="nope")
+    with pytest.raises(ValueError, match="does not take drop_rate"):
+        FedRobustMerge(merge_method="robustmerge", merge_options={"drop_rate": 0.1})
+
+
+def test_sampling_is_seeded_per_round() -> None:
+    base = make_global()
+    record = ArrayRecord(dict(base))
+    grid = FakeGrid(list(range(100, 120)))
+
+    def sampled(seed: int, server_round: int) -> list[int]:
+        strategy = FedRobustMerge(device="cpu", fraction_train=0.25, seed=seed)
+        messages = strategy.configure_train(server_round, record, ConfigRecord(), grid)  # type: ignore[arg-type]
+        return [m.metadata.dst_node_id for m in messages]
+
+    assert sampled(0, 1) == sampled(0, 1)
+    assert len(sampled(0, 1)) == 5
+    assert sampled(0, 1) != sampled(0, 2) or sampled(0, 1) != sampled(0, 3)
+
+
+def test_aggregate_evaluate_ignores_malformed_replies() -> None:
+    strategy = FedRobustMerge(device="cpu")
+    good = reply(1, None, 10, extra_metrics={"eval-accuracy": 0.5})
+    other = reply(2, None, 30, extra_metrics={"eval-accuracy": 0.9})
+    broken = reply(3, None, None, extra_metrics={"eval-accuracy": 0.0})
+    metrics = strategy.aggregate_evaluate(1, [good, other, broken, error_reply(4)])
+    assert metrics is not None
+    assert metrics["eval-accuracy"] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
+    assert metrics["num-examples"] == 40
