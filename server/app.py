@@ -49,18 +49,26 @@ def build_strategy(settings: ServerSettings) -> FedRobustMerge:
 
 def check_tasks(settings: ServerSettings) -> None:
     """Seen and unseen tasks must be known and must not overlap."""
-    for key, names in (("seen-tasks", settings.seen_tasks), ("unseen-tasks", settings.unseen_tasks)):
+    for key, names in (
+        ("seen-tasks", settings.seen_tasks),
+        ("unseen-tasks", settings.unseen_tasks),
+    ):
         for name in names:
             if name not in TASK_NAMES:
                 raise ConfigError(
-                    f"run config {key!r} names unknown task {name!r}; known: {', '.join(TASK_NAMES)}"
+                    f"run config {key!r} names unknown task {name!r}; "
+                    f"known: {', '.join(TASK_NAMES)}"
                 )
     overlap = sorted(set(settings.seen_tasks) & set(settings.unseen_tasks))
     if overlap:
-        raise ConfigError(f"tasks {overlap} are both seen and unseen: unseen tasks are never trained on")
+        raise ConfigError(
+            f"tasks {overlap} are both seen and unseen: unseen tasks are never trained on"
+        )
 
 
-def run_summary(context: Context, settings: ServerSettings, strategy: FedRobustMerge) -> dict[str, Any]:
+def run_summary(
+    context: Context, settings: ServerSettings, strategy: FedRobustMerge
+) -> dict[str, Any]:
     """What metrics.json says about the run: config, versions, machine."""
     return {
         "run-config": dict(context.run_config),
@@ -89,9 +97,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Outputs: %s", settings.output_dir)
     store = CheckpointStore(
         settings.output_dir,
-        adapter_config_for(
-            resolve_model_path(lora.model), lora.r, lora.alpha, lora.target_modules
-        ),
+        adapter_config_for(resolve_model_path(lora.model), lora.r, lora.alpha, lora.target_modules),
         keep=settings.keep_checkpoints,
     )
     evaluate = None

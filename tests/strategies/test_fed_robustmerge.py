@@ -17,7 +17,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies import FedRobustMerge, merge_lora
