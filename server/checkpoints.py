@@ -116,11 +116,15 @@ class CheckpointStore:
         try:
             state = json.loads(state_path.read_text())
         except (OSError, ValueError) as error:
-            raise AdapterFileError(f"{state_path}: unreadable checkpoint state ({error})") from None
+            raise AdapterFileError(
+                path, STATE_FILE, f"unreadable checkpoint state ({error})"
+            ) from None
         if not isinstance(state, dict) or state.get("server-round") != server_round:
-            raise AdapterFileError(f"{state_path}: state does not describe round {server_round}")
+            raise AdapterFileError(
+                path, STATE_FILE, f"state does not describe round {server_round}"
+            )
         if tensors_checksum(folder.tensors) != state.get("tensors-sha256"):
-            raise AdapterFileError(f"{path}: tensors do not match the checksum in {STATE_FILE}")
+            raise AdapterFileError(path, None, f"tensors do not match the checksum in {STATE_FILE}")
         return Checkpoint(server_round, folder.tensors, state, path)
 
     def latest_valid(self) -> Checkpoint | None:
