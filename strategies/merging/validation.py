@@ -24,6 +24,10 @@ def validate_adapters(
     """
     if len(adapters) == 0:
         raise MergeInputError("nothing to merge: zero adapters were given")
+    if labels is not None and len(labels) != len(adapters):
+        raise MergeInputError(
+            f"labels has {len(labels)} entries for {len(adapters)} adapters; give one per adapter"
+        )
     names: Sequence[int | str] = labels if labels is not None else range(len(adapters))
     reference = adapters[0]
     if len(reference) == 0:
