@@ -4,7 +4,8 @@
 #   bash scripts/run_simulation.sh [extra flwr run arguments, e.g. -c 'num-server-rounds=2']
 #
 # - FLWR_HOME is a private folder (.flwr-home/) holding a config.toml whose "local" SuperLink
-#   connection simulates NUM_SUPERNODES clients (default 4); ~/.flwr is never touched.
+#   connection starts a local simulation SuperLink; ~/.flwr is never touched. NUM_SUPERNODES
+#   clients are simulated (default 4), each with CLIENT_CPUS cores (default 1).
 # - FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1: the app runs in this venv (no `uv sync`,
 #   which would pull GBs of CUDA wheels).
 # - The local SuperLink that `flwr run` starts in the background is stopped by its pid on exit.
@@ -29,8 +30,6 @@ default = "local"
 
 [superlink.local]
 address = ":local:"
-options.num-supernodes = $NUM_SUPERNODES
-options.backend.client-resources.num-cpus = $CLIENT_CPUS
 TOML
 
 superlink_pids() {
@@ -52,4 +51,5 @@ stop_superlink() {
 stop_superlink
 trap stop_superlink EXIT
 
-flwr run . local --stream "$@"
+flwr run . local --stream \
+  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CLIENT_CPUS" "$@"
