@@ -1,0 +1,177 @@
+"""The ClientApp handlers, called directly with hand-built Messages: only LoRA tensors and
+metrics leave the client, in the wire format the server relies on."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from client.app import app, evaluate, train
+from client.model import LoraSettings, initial_adapter
+from client.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_model_dir: Path) -> dict[str, Any]:
+    return {
+        "model": str(tiny_model_dir),
+        "lora-r": 4,
+        "lora-alpha": 8,
+        "target-modules": "query,value",
+        "batch-size": 8,
+        "max-length": 32,
+        "learning-rate": 1e-3,
+        "train-examples": 16,
+        "eval-examples": 12,
+        "seen-tasks": "mcid,hwu64",
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def global_adapter(run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return initial_adapter(LoraSettings.from_run_config(run_config), seed=0)
+
+
+def context(run_config: dict[str, Any], **node_config: Any) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def instruction(
+    adapter: dict[str, torch.Tensor], message_type: str, config: dict[str, Any]
+) -> Message:
+    """An instruction as the SuperLink delivers it (with the ids it sets)."""
+    content = RecordDict({"arrays": ArrayRecord(adapter), "config": ConfigRecord(config)})
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"instruction-{message_type}",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    # `metadata=` is Flower's internal constructor path (not in the public overloads).
+    message: Message = Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+    return message
+
+
+def test_train_reply_holds_only_lora_tensors_and_metrics(
+    run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
+) -> None:
+    msg = instruction(global_adapter, "train", {"server-round": 1})
+    reply = train(msg, context(run_config, **{"partition-id": 1, "num-partitions": 2}))
+
+    assert not reply.has_error()
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert not content.config_records  # No place for texts, labels or paths.
+    arrays = content.array_records["arrays"]
+    assert list(arrays.keys()) == list(global_adapter)  # Same keys, same order.
+    received = arrays.to_torch_state_dict()
+    for key, tensor in received.items():
+        assert ".lora_A." in key or ".lora_B." in key, key
+        assert tensor.dtype == torch.float32, key
+        assert tensor.shape == global_adapter[key].shape, key
+    assert any(not torch.equal(received[k], global_adapter[k]) for k in received)  # It trained.
+
+    metrics = content.metric_records["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "train-loss"}
+    assert metrics["num-examples"] == 16
+    assert isinstance(metrics["train-loss"], float)
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.message_type == "train"
+
+    # Not a single string of the node's data is in the reply's records.
+    texts = load_task("hwu64", "train").texts[:2000]
+    flat = repr(content) + "".join(map(str, metrics.values()))
+    assert not [text for text in texts if len(text) > 12 and text in flat]
+
+
+def test_train_is_reproducible_and_takes_the_server_learning_rate(
+    run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
+) -> None:
+    node = context(run_config, **{"partition-id": 0})
+
+    def trained(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        reply = train(instruction(global_adapter, "train", config), node)
+        return reply.content.array_records["arrays"].to_torch_state_dict()
+
+    first = trained({"server-round": 2})
+    again = trained({"server-round": 2})
+    other_rate = trained({"server-round": 2, "learning-rate": 1e-2})
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other_rate[k]) for k in first)
+
+
+def test_train_on_a_site_data_file(
+    tmp_path: Path, run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "site.jsonl"
+    records = [{"text": f"secret record number {i}", "label": f"kind_{i % 3}"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    node = context(run_config, **{"data-path": str(path)})
+    reply = train(instruction(global_adapter, "train", {"server-round": 1}), node)
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert list(content.array_records["arrays"].keys()) == list(global_adapter)
+    assert content.metric_records["metrics"]["num-examples"] == 16  # train-examples of 27 kept
+    assert "secret" not in repr(content)
+    assert str(tmp_path) not in repr(content)
+
+    evaluation = evaluate(instruction(global_adapter, "evaluate", {}), node)
+    assert evaluation.content.metric_records["metrics"]["num-examples"] == 3  # 10 % held out
+
+
+def test_evaluate_replies_with_metrics_only(
+    run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
+) -> None:
+    msg = instruction(global_adapter, "evaluate", {"server-round": 1})
+    reply = app(msg, context(run_config, **{"partition-id": 0}))  # Routed by message type.
+    assert set(reply.content.keys()) == {"metrics"}
+    metrics: MetricRecord = reply.content.metric_records["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "eval-loss", "eval-accuracy"}
+    assert metrics["num-examples"] == 12
+    accuracy = metrics["eval-accuracy"]
+    assert isinstance(accuracy, float)
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_bad_instructions_fail_loudly(
+    run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
+) -> None:
+    node = context(run_config, **{"partition-id": 0})
+    with pytest.raises(ValueError, match="server-round"):
+        train(instruction(global_adapter, "train", {}), node)
+    partial = dict(list(global_adapter.items())[1:])
+    with pytest.raises(ValueError, match="lacks 1 of"):
+        train(instruction(partial, "train", {"server-round": 1}), node)
+    with pytest.raises(ValueError, match=r"neither 'data-path'.*nor 'partition-id'"):
+        train(instruction(global_adapter, "train", {"server-round": 1}), context(run_config))
+    with pytest.raises(ValueError, match=r"'seen-tasks' has unknown name\(s\) \['trec'\]"):
+        train(
+            instruction(global_adapter, "train", {"server-round": 1}),
+            context({**run_config, "seen-tasks": "trec"}, **{"partition-id": 0}),
+        )
+    with pytest.raises(ValueError, match=r"train config key 'learning-rate'"):
+        train(
+            instruction(global_adapter, "train", {"server-round": 1, "learning-rate": -1.0}), node
+        )

@@ -1,0 +1,45 @@
+"""A tiny BERT (2 layers, hidden 32) with the tokenizer of the embedded all-MiniLM-L6-v2.
+
+It keeps the training tests to seconds; sharing MiniLM's vocabulary keeps tokenisation real.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel
+
+from client.model import resolve_model_path
+
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def save_tiny_bert(folder: Path, *, weights: bool = True) -> Path:
+    """Write a tiny BERT (with MiniLM's tokenizer) to ``folder``; only its config if not
+    ``weights``."""
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            BertModel(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
+    source = Path(resolve_model_path(""))
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+    return folder
