@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -356,7 +356,7 @@ class FedRobustMerge(FedAvg):
             return
         assert self.current_global is not None
         squared = sum(
-            float((reply.tensors[key] - value).square().sum())
+            float((reply.tensor(key) - value).square().sum())
             for key, value in self.current_global.items()
         )
         if squared**0.5 > self.max_update_norm:
@@ -367,13 +367,8 @@ class FedRobustMerge(FedAvg):
     def _merge(self, accepted: list[AcceptedReply], report: RoundReport) -> dict[str, torch.Tensor]:
         assert self.current_global is not None
         base = self.current_global
-        if self.merge_target == "delta":
-            inputs = [
-                {key: reply.tensors[key] - value for key, value in base.items()}
-                for reply in accepted
-            ]
-        else:
-            inputs = [reply.tensors for reply in accepted]
+        delta_base = base if self.merge_target == "delta" else None
+        inputs = [ReplyView(reply, delta_base) for reply in accepted]
         weights = (
             [float(reply.num_examples) for reply in accepted] if self.weight_by_examples else None
         )
@@ -417,7 +412,7 @@ class FedRobustMerge(FedAvg):
         for reply in accepted:
             scores = [
                 direction_score(
-                    client=(reply.tensors[m.a_key], reply.tensors[m.b_key]),
+                    client=(reply.tensor(m.a_key), reply.tensor(m.b_key)),
                     merged=(new_global[m.a_key], new_global[m.b_key]),
                     reference=(base[m.a_key], base[m.b_key]),
                 )
@@ -455,6 +450,29 @@ class FedRobustMerge(FedAvg):
             metrics["singular-retained-mean"] = sum(retained) / len(retained)
             metrics["singular-retained-min"] = min(retained)
         return metrics
+
+
+class ReplyView(Mapping[str, torch.Tensor]):
+    """A reply's tensors (or its delta from ``base``), decoded key by key when the merge asks.
+
+    The merge engine works module by module, so it never holds more than one module of every
+    reply at once; materialising all deltas first would double the round's memory.
+    """
+
+    def __init__(self, reply: AcceptedReply, base: Mapping[str, torch.Tensor] | None) -> None:
+        self.reply = reply
+        self.base = base
+        self.keys_in_order = list(reply.arrays.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.reply.tensor(key)
+        return value if self.base is None else value.sub_(self.base[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_in_order)
+
+    def __len__(self) -> int:
+        return len(self.keys_in_order)
 
 
 def weighted_metrics(

@@ -31,13 +31,21 @@ class ReplyRejectedError(ValueError):
 
 @dataclass(frozen=True)
 class AcceptedReply:
-    """A reply that passed every check: its node, its tensors (fp32), its example count."""
+    """A reply that passed every check: its node, its arrays, its example count.
+
+    The arrays stay in their wire form; ``tensor(key)`` decodes one at a time, so merging T
+    replies holds about one module stacked over T in memory, not a decoded copy of every reply.
+    """
 
     node_id: int
-    tensors: dict[str, torch.Tensor]
+    arrays: ArrayRecord
     num_examples: int
     num_bytes: int
     content: RecordDict
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The array under ``key`` as a float32 CPU tensor (checked when the reply was accepted)."""
+        return decode_float32(self.arrays, key)
 
 
 def check_train_reply(
@@ -73,7 +81,6 @@ def check_train_reply(
     missing = sorted(expected - keys)
     if missing:
         raise ReplyRejectedError(f"missing key {missing[0]!r} ({len(missing)} missing in all)")
-    tensors: dict[str, torch.Tensor] = {}
     for key in sorted(global_shapes):
         values = _decode(arrays, key)
         if values.dtype.name not in ACCEPTED_WIRE_DTYPES:
@@ -84,17 +91,20 @@ def check_train_reply(
             raise ReplyRejectedError(
                 f"key {key!r}: shape {tuple(values.shape)} (expected {tuple(global_shapes[key])})"
             )
-        tensor = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
-        if not bool(torch.isfinite(tensor).all()):
+        if not bool(np.isfinite(values).all()):
             raise ReplyRejectedError(f"key {key!r}: non-finite values (NaN or Inf)")
-        tensors[key] = tensor
     return AcceptedReply(
         node_id=message.metadata.src_node_id,
-        tensors=tensors,
+        arrays=arrays,
         num_examples=num_examples,
         num_bytes=arrays.count_bytes(),
         content=content,
     )
+
+
+def decode_float32(arrays: ArrayRecord, key: str) -> torch.Tensor:
+    """One array of a record as a float32 CPU tensor."""
+    return torch.from_numpy(np.asarray(arrays[key].numpy(), dtype=np.float32).copy())
 
 
 def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:
