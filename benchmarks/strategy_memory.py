@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 
@@ -70,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        command = [sys.executable, "-m", "benchmarks.strategy_memory", *(argv or sys.argv[1:])]
+        os.execve(sys.executable, command, env)
     torch.set_num_threads(args.threads)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 

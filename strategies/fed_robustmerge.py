@@ -349,6 +349,9 @@ class FedRobustMerge(FedAvg):
             report.bytes_received += reply.num_bytes
             report.accepted_nodes.append(node)
             accepted.append(reply)
+        # Arrival order varies run to run; a content order makes the float sums, and so a
+        # resumed run, bit-identical to an uninterrupted one.
+        accepted.sort(key=lambda reply: (reply.arrays.object_id, reply.num_examples))
         return accepted
 
     def _check_update_norm(self, reply: AcceptedReply) -> None:
@@ -382,14 +385,15 @@ class FedRobustMerge(FedAvg):
         )
         report.merge_seconds = result.report.seconds
         report.relative_error = result.report.relative_error
-        new_global: dict[str, torch.Tensor] = {}
+        new_global = result.tensors  # updated in place, one key at a time: no extra adapter copy
         squared = 0.0
         for key, value in base.items():
-            merged = result.tensors[key]
-            step = merged if self.merge_target == "delta" else merged - value
-            update = self.server_lr * step
+            update = new_global[key]
+            if self.merge_target == "adapter":
+                update.sub_(value)
+            update.mul_(self.server_lr)
             squared += float(update.square().sum())
-            new_global[key] = value + update
+            new_global[key] = update.add_(value)
         report.merged_update_norm = squared**0.5
         self._score_directions(accepted, new_global, report)
         return new_global
