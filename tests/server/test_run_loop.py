@@ -1,0 +1,187 @@
+"""The round loop with clients that vanish or crash, driven by a grid that runs real ClientApp
+handlers in threads and waits for them only until the round timeout, as Flower's Grid does."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import train
+from client.model import LoraSettings, initial_adapter
+from server.checkpoints import CheckpointStore
+from server.run_loop import LoopSettings, run_federation
+from strategies import FedRobustMerge, merge_lora
+from strategies.peft_files import adapter_config_for, read_adapter_dir
+from tests.client.tiny_model import save_tiny_bert
+
+Handler = Callable[[Message, Context], Message]
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    model = save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    return {
+        "model": str(model),
+        "lora-r": 4,
+        "lora-alpha": 8,
+        "target-modules": "query,value",
+        "batch-size": 8,
+        "max-length": 32,
+        "learning-rate": 1e-3,
+        "train-examples": 16,
+        "eval-examples": 8,
+        "seen-tasks": "mcid,hwu64",
+        "seed": 0,
+    }
+
+
+def slow(handler: Handler) -> Handler:
+    def run(message: Message, context: Context) -> Message:
+        time.sleep(3.0)
+        return handler(message, context)
+
+    return run
+
+
+def crashing(message: Message, context: Context) -> Message:
+    raise RuntimeError("site disk full")
+
+
+class ThreadGrid:
+    """Runs each node's handler in a thread; replies not in by ``timeout`` are left out."""
+
+    def __init__(self, handlers: dict[int, Handler], run_config: dict[str, Any]) -> None:
+        self.handlers = handlers
+        self.run_config = run_config
+        self.replies: dict[tuple[int, int], Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.handlers)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+        inbox: list[Message] = []
+        lock = threading.Lock()
+        threads = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            delivered = Message(
+                content=message.content,
+                metadata=Metadata(
+                    run_id=1,
+                    message_id=f"m-{node}",
+                    src_node_id=0,
+                    dst_node_id=node,
+                    reply_to_message_id="",
+                    group_id="",
+                    created_at=time.time(),
+                    ttl=3600.0,
+                    message_type=message.metadata.message_type,
+                ),
+            )
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": len(self.handlers)},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+
+            def work(node: int = node, msg: Message = delivered, ctx: Context = context) -> None:
+                try:
+                    reply = self.handlers[node](msg, ctx)
+                except Exception as error:  # Flower turns a ClientApp exception into an error reply
+                    reply = Message(Error(code=0, reason=repr(error)), reply_to=msg)
+                with lock:
+                    inbox.append(reply)
+                    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+                    self.replies[(server_round, node)] = reply
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            threads.append(thread)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        with lock:
+            return list(inbox)
+
+
+def run(
+    tmp_path: Path, grid: ThreadGrid, rounds: int, run_config: dict[str, Any]
+) -> dict[str, Any]:
+    lora = LoraSettings.from_run_config(run_config)
+    strategy = FedRobustMerge(
+        device="cpu", min_train_nodes=len(grid.handlers), fraction_evaluate=0.0
+    )
+    store = CheckpointStore(
+        tmp_path, adapter_config_for(lora.model, lora.r, lora.alpha, lora.target_modules)
+    )
+    run_federation(
+        grid,  # type: ignore[arg-type]
+        strategy,
+        LoopSettings(num_rounds=rounds, round_timeout=2.0, run_dir=tmp_path, resume=False),
+        initial=initial_adapter(lora, seed=0),
+        store=store,
+        summary={},
+    )
+    result: dict[str, Any] = json.loads((tmp_path / "metrics.json").read_text())
+    return result
+
+
+def test_late_and_crashing_clients_are_left_out_and_the_round_merges_the_rest(
+    tmp_path: Path, run_config: dict[str, Any]
+) -> None:
+    grid = ThreadGrid({1: train, 2: train, 3: slow(train), 4: crashing}, run_config)
+    metrics = run(tmp_path, grid, 1, run_config)
+    (entry,) = metrics["rounds"]
+    assert entry["clients-sampled"] == 4
+    assert entry["clients-timed-out"] == 1
+    assert entry["train"]["clients-accepted"] == 2
+    assert entry["train"]["clients-rejected"] == 1
+    assert any("site disk full" in reason for reason in entry["merge"]["rejected"].values())
+
+    lora = LoraSettings.from_run_config(run_config)
+    start = initial_adapter(lora, seed=0)
+    good = [
+        grid.replies[(1, node)].content.array_records["arrays"].to_torch_state_dict()
+        for node in (1, 2)
+    ]
+    deltas = [{key: reply[key] - start[key] for key in start} for reply in good]
+    merged = merge_lora(deltas, device="cpu")
+    final = read_adapter_dir(tmp_path / "final").tensors
+    for key in start:
+        torch.testing.assert_close(final[key], start[key] + merged[key], rtol=1e-6, atol=1e-7)
+
+
+def test_round_with_no_usable_reply_keeps_the_global_and_the_run_goes_on(
+    tmp_path: Path, run_config: dict[str, Any]
+) -> None:
+    handlers: dict[int, Handler] = {1: crashing, 2: crashing}
+    grid = ThreadGrid(handlers, run_config)
+    metrics = run(tmp_path, grid, 2, run_config)
+    assert [entry["train"]["round-skipped"] for entry in metrics["rounds"]] == [1, 1]
+    lora = LoraSettings.from_run_config(run_config)
+    final = read_adapter_dir(tmp_path / "final").tensors
+    for key, value in initial_adapter(lora, seed=0).items():
+        assert torch.equal(final[key], value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "round-0001",
+        "round-0002",
+    ]
