@@ -122,6 +122,8 @@ def merge_lora(
 def _stack(
     adapters: Sequence[Mapping[str, torch.Tensor]], key: str, device: torch.device
 ) -> torch.Tensor:
+    # detach: live parameters (requires_grad) must not make the merge build an autograd graph,
+    # which would keep every module's stacked inputs alive and return tensors with grad_fn.
     return torch.stack(
-        [adapter[key].to(device=device, dtype=torch.float32) for adapter in adapters]
+        [adapter[key].detach().to(device=device, dtype=torch.float32) for adapter in adapters]
     )

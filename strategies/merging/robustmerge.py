@@ -107,7 +107,7 @@ class RobustMerge(MergeMethod):
         )
         if self.mode == "paper-exact":
             a_merged = torch.tensordot(lambdas, a_pruned, dims=1)
-            numerator = torch.einsum("t,ti,toi->oi", lambdas, scale, b_pruned)
+            numerator = (b_pruned * (lambdas[:, None] * scale)[:, None, :]).sum(dim=0)
             return PairMerge(a=a_merged, b=numerator / scale.sum(dim=0))
         share = lambdas[:, None] * scale / scale.sum(dim=0)
         count, rank, _ = a_stack.shape

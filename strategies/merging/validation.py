@@ -96,12 +96,26 @@ def check_tensor(value: object, *, adapter: int | str, key: str) -> torch.Tensor
             adapter=adapter,
             key=key,
         )
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise MergeInputError(
             f"{bad} non-finite value(s) (NaN or Inf) of {value.numel()}", adapter=adapter, key=key
         )
     return value
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Exact all-finite test; a float32 sum screens first, since NaN and Inf propagate into it.
+
+    A finite sum proves every entry finite; a non-finite one (also reached by overflow of a huge
+    but finite tensor) falls back to the entry-wise check.
+    """
+    if value.numel() == 0:
+        return True
+    total = value.sum(dtype=torch.float32 if value.dtype != torch.float64 else torch.float64)
+    if bool(torch.isfinite(total)):
+        return True
+    return bool(torch.isfinite(value).all())
 
 
 def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> list[float] | None:

@@ -1,0 +1,1 @@
+"""Benchmarks: our implementation against a reference, measured side by side in one run."""
