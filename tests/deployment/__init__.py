@@ -1,0 +1,1 @@
+"""Deployment tests: SuperLink, SuperExec and SuperNodes as real processes, plus docker/ checks."""

@@ -1,0 +1,526 @@
+"""Real-process harness for the deployment tests: TLS material, ports, Flower CLIs, cleanup.
+
+Why a module of its own: the end-to-end test starts exactly the commands built here, and
+`test_docs.py` checks that the README section (docs/parts/deploy.md) shows the same
+commands with the same flags. One source for both keeps the README and the test from
+drifting apart.
+
+Every process is started in its own session (process group) and `ProcessSet.stop_all`
+ends each group and every descendant found under it (the Flower CLIs spawn SuperExec and
+ServerApp/ClientApp processes, some in new sessions), so nothing outlives the test, on
+success or failure. Every wait is bounded by a `Deadline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GENERATE_SH = REPO_ROOT / "docker" / "certs" / "generate.sh"
+DEPLOY_DOC = REPO_ROOT / "docs" / "parts" / "deploy.md"
+
+# Flags that only change how a CLI prints, not what it does: the README may differ here.
+OUTPUT_ONLY_FLAGS = frozenset({"--format", "--stream"})
+
+
+class DeadlineExceededError(AssertionError):
+    """A bounded wait ran out; the message says what was awaited and shows the logs."""
+
+
+@dataclass
+class Deadline:
+    """A point in time shared by every wait of one test, so the whole test stays bounded.
+
+    Parameters
+    ----------
+    seconds : float
+        Budget from now.
+    """
+
+    seconds: float
+    start: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        """Seconds left (never negative)."""
+        return max(0.0, self.start + self.seconds - time.monotonic())
+
+    def elapsed(self) -> float:
+        """Seconds since the deadline was created."""
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        """Whether the budget is spent."""
+        return self.remaining() <= 0.0
+
+
+@dataclass(frozen=True)
+class Material:
+    """Paths of what `docker/certs/generate.sh all --out ROOT` writes.
+
+    The names are the ones the compose files and the README use.
+    """
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        """CA certificate: given to every SuperNode, SuperExec and flwr CLI."""
+        return self.root / "tls" / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        """SuperLink certificate (SAN: localhost, 127.0.0.1 and the --san list)."""
+        return self.root / "tls" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        """SuperLink private key."""
+        return self.root / "tls" / "server.key"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """Shared secret that the SuperLink's SuperExec signs Runtime API calls with."""
+        return self.root / "tls" / "superexec.secret"
+
+    def private_key(self, name: str) -> Path:
+        """SuperNode private key (stays on the site)."""
+        return self.root / "keys" / name
+
+    def public_key(self, name: str) -> Path:
+        """SuperNode public key (registered at the SuperLink)."""
+        return self.root / "keys" / f"{name}.pub"
+
+
+def make_material(out: Path, node_names: Sequence[str], san: str = "") -> Material:
+    """Run the project's certificate script, as a user would, into `out`.
+
+    Parameters
+    ----------
+    out : Path
+        Output directory (fresh).
+    node_names : Sequence[str]
+        One SuperNode key pair per name.
+    san : str (default: "")
+        Extra SANs for the server certificate, e.g. "DNS:superlink".
+    """
+    argv = ["bash", str(GENERATE_SH), "all", "--out", str(out), "--names", " ".join(node_names)]
+    if san:
+        argv += ["--san", san]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{shlex.join(argv)} failed with exit code {done.returncode}:\n"
+            f"{done.stdout}\n{done.stderr}"
+        )
+    return Material(out)
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports that were free on 127.0.0.1 a moment ago.
+
+    All sockets are held open until every port is picked, so no port is returned twice.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+# --- the commands: the README section shows these with the same flags -----------------
+
+
+def superlink_command(material: Material, *, host: str, port: int, database: Path) -> list[str]:
+    """SuperLink with TLS, SuperNode authentication and its own, authenticated SuperExec.
+
+    `--isolation process` plus `--superexec-auth-secret-file`: since Flower 1.41 the Runtime
+    API shares the one port with the Fleet and Control APIs, so on a reachable host only a
+    SuperExec that holds the secret may take ServerApp tasks.
+    """
+    return [
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(material.ca_cert),
+        "--ssl-certfile",
+        str(material.server_cert),
+        "--ssl-keyfile",
+        str(material.server_key),
+        "--enable-supernode-auth",
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(material.superexec_secret),
+        "--database",
+        str(database),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
+def superexec_command(material: Material, *, superlink_address: str) -> list[str]:
+    """The SuperExec that runs ServerApps for the SuperLink (TLS + shared secret)."""
+    return [
+        "flower-superexec",
+        "--runtime-api-address",
+        superlink_address,
+        "--root-certificates",
+        str(material.ca_cert),
+        "--superexec-auth-secret-file",
+        str(material.superexec_secret),
+    ]
+
+
+def supernode_command(
+    material: Material, name: str, *, superlink_address: str, port: int, node_config: str
+) -> list[str]:
+    """A site's SuperNode: verifies the SuperLink with the CA, signs in with its key.
+
+    `--port` is the SuperNode's local Runtime API port (127.0.0.1 only); it must differ
+    between SuperNodes that share a host.
+    """
+    return [
+        "flower-supernode",
+        "--superlink",
+        superlink_address,
+        "--root-certificates",
+        str(material.ca_cert),
+        "--auth-supernode-private-key",
+        str(material.private_key(name)),
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
+
+
+def register_command(public_key: Path, connection: str, name: str) -> list[str]:
+    """Register a site's public key at the SuperLink (run by the SuperLink operator)."""
+    return [
+        "flwr",
+        "supernode",
+        "register",
+        str(public_key),
+        connection,
+        "--name",
+        name,
+        "--format",
+        "json",
+    ]
+
+
+def run_command(app_dir: Path, connection: str, run_config: str) -> list[str]:
+    """Submit the app to the SuperLink named by `connection` in $FLWR_HOME/config.toml."""
+    return [
+        "flwr",
+        "run",
+        str(app_dir),
+        connection,
+        "--run-config",
+        run_config,
+        "--format",
+        "json",
+    ]
+
+
+def connection_toml(name: str, address: str, ca_cert: Path) -> str:
+    """The `[superlink.NAME]` entry of $FLWR_HOME/config.toml that the flwr CLI reads."""
+    return (
+        "[superlink]\n"
+        f'default = "{name}"\n\n'
+        f"[superlink.{name}]\n"
+        f'address = "{address}"\n'
+        f'root-certificates = "{ca_cert}"\n'
+    )
+
+
+def flags_of(argv: Sequence[str]) -> set[str]:
+    """The `--flag` names of a command line, without values or output-only flags."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")} - OUTPUT_ONLY_FLAGS
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def process_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Flower process of a test.
+
+    An isolated FLWR_HOME (never the user's ~/.flwr), no `uv sync` at run time (the app's
+    dependencies are already installed), no Hugging Face hub access, no telemetry or update
+    check (there is no network), and this interpreter's bin directory first on PATH so the
+    Flower CLIs spawn the matching `flower-superexec`/`flwr-clientapp`.
+    """
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
+    env.pop("VIRTUAL_ENV_PROMPT", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(
+    argv: Sequence[str], env: Mapping[str, str], deadline: Deadline, *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a short CLI call to completion within the deadline; raise with its output if it fails."""
+    timeout = max(1.0, min(120.0, deadline.remaining()))
+    try:
+        done = subprocess.run(
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise DeadlineExceededError(
+            f"{shlex.join(argv)} did not finish within {timeout:.0f} s"
+        ) from err
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{shlex.join(argv)} failed with exit code {done.returncode}\n"
+            f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        )
+    return done
+
+
+def _children_map() -> dict[int, list[int]]:
+    """Parent pid -> child pids, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (children, grandchildren, ...)."""
+    children = _children_map()
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def become_subreaper() -> bool:
+    """Make this process adopt orphaned descendants (Linux `PR_SET_CHILD_SUBREAPER`).
+
+    Why: a Flower process that dies first leaves its SuperExec to the machine's init, which
+    in a container may never reap it. As subreaper, this process adopts such orphans and
+    `ProcessSet.stop_all` can end and reap them, so the test leaves neither running nor
+    zombie processes behind. Returns False where the call is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # 36 = PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """(command name, parent pid, state) of `pid` from /proc, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    head, _, rest = raw.rpartition(")")
+    fields = rest.split()
+    return head.partition("(")[2], int(fields[1]), fields[0]
+
+
+def _adopted_flower_processes() -> list[int]:
+    """Children of this process that Flower started (adopted orphans), alive or zombie."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            name, ppid, _ = stat
+            if ppid == me and name.startswith(("flower-", "flwr-", "flwr")):
+                found.append(int(entry.name))
+    return found
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of `pid` if it is a finished child of this process."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] != "Z"
+
+
+@dataclass
+class Proc:
+    """One started process with its log file."""
+
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the process wrote so far (stdout and stderr together)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines of the log, for failure messages."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, deadline: Deadline, what: str = "") -> re.Match[str]:
+        """Poll the log until `pattern` (a regex) appears; fail if the process exits first."""
+        regex = re.compile(pattern)
+        while True:
+            if match := regex.search(self.log()):
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with code {self.popen.returncode} before "
+                    f"{what or pattern!r}\n--- {self.name} log\n{self.tail()}"
+                )
+            if deadline.expired():
+                raise DeadlineExceededError(
+                    f"{self.name}: no {what or pattern!r} within the deadline\n"
+                    f"--- {self.name} log\n{self.tail()}"
+                )
+            time.sleep(0.25)
+
+    def wait_exit(self, deadline: Deadline) -> int:
+        """Wait until the process exits; return its exit code."""
+        try:
+            return self.popen.wait(timeout=max(0.1, deadline.remaining()))
+        except subprocess.TimeoutExpired as err:
+            raise DeadlineExceededError(
+                f"{self.name} still runs at the deadline\n--- {self.name} log\n{self.tail()}"
+            ) from err
+
+
+class ProcessSet:
+    """Starts long-running processes and guarantees they are all ended (`stop_all`)."""
+
+    def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = dict(env)
+        self.procs: list[Proc] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+        become_subreaper()
+
+    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> Proc:
+        """Start `argv` in a new session, with stdout and stderr going to `<log_dir>/<name>.log`."""
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                env=self.env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = Proc(name=name, argv=list(argv), popen=popen, log_path=log_path)
+        self.procs.append(proc)
+        return proc
+
+    def logs(self, lines: int = 40) -> str:
+        """Tails of all logs, for a failure message."""
+        return "\n".join(
+            f"--- {p.name} ({shlex.join(p.argv)})\n{p.tail(lines)}" for p in self.procs
+        )
+
+    def _signal_all(self, targets: set[int], sig: signal.Signals) -> None:
+        """Send `sig` to every started process group and to every pid in `targets`."""
+        for proc in reversed(self.procs):
+            # A group stays addressable while any member lives, even after its leader exited.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, sig)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def stop_all(self, grace: float = 10.0) -> list[int]:
+        """End every started process, its process group and all descendants.
+
+        SIGTERM first (Flower shuts down cleanly on it), SIGKILL for whatever is left after
+        `grace` seconds, then the adopted orphans are reaped. Returns the pids still alive
+        afterwards (expected: none).
+        """
+        targets: set[int] = set(_adopted_flower_processes())
+        for proc in self.procs:
+            targets.add(proc.popen.pid)
+            targets.update(descendants(proc.popen.pid))
+        for pid in list(targets):
+            targets.update(descendants(pid))
+        self._signal_all(targets, signal.SIGTERM)
+        end = time.monotonic() + grace
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=max(0.1, end - time.monotonic()))
+        while time.monotonic() < end and any(_alive(pid) for pid in targets):
+            time.sleep(0.1)
+        self._signal_all({pid for pid in targets if _alive(pid)}, signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
+        popen_pids = {proc.popen.pid for proc in self.procs}
+        deadline = time.monotonic() + 5
+        while True:
+            for pid in (targets | set(_adopted_flower_processes())) - popen_pids:
+                _reap(pid)
+            leftover = sorted(pid for pid in targets if _alive(pid))
+            if not leftover or time.monotonic() > deadline:
+                return leftover
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def process_set(log_dir: Path, env: Mapping[str, str]) -> Iterator[ProcessSet]:
+    """`ProcessSet` as a context manager: processes end when the block ends, however it ends."""
+    procs = ProcessSet(log_dir, env)
+    failed = False
+    try:
+        yield procs
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        leftover = procs.stop_all()
+        if leftover and not failed:
+            raise AssertionError(f"processes {leftover} survived SIGKILL\n{procs.logs()}")
