@@ -43,6 +43,7 @@ def build_strategy(settings: ServerSettings) -> FedRobustMerge:
         weight_by_examples=settings.weight_by_examples,
         device=settings.merge_device,
         max_update_norm=settings.max_update_norm,
+        min_merge_replies=settings.min_merge_replies,
         seed=settings.seed,
     )
 

@@ -49,6 +49,7 @@ class ServerSettings:
     seen_tasks: tuple[str, ...]
     unseen_tasks: tuple[str, ...]
     max_update_norm: float | None
+    min_merge_replies: int
     keep_checkpoints: int
 
     @classmethod
@@ -81,6 +82,7 @@ class ServerSettings:
             seen_tasks=reader.names("seen-tasks", "banking77,stackoverflow,sentiment,hwu64"),
             unseen_tasks=reader.names("unseen-tasks", "clinc150,mcid", allow_empty=True),
             max_update_norm=max_norm if max_norm > 0 else None,
+            min_merge_replies=reader.integer("min-merge-replies", 1, low=1),
             keep_checkpoints=reader.integer("keep-checkpoints", 3, low=1),
         )
 

@@ -48,6 +48,7 @@ BAD_VALUES = [
     ("seen-tasks", 3, "comma-separated"),
     ("output-dir", "", "non-empty"),
     ("round-timeout", -1.0, "(0, inf)"),
+    ("min-merge-replies", 0, ">= 1"),
 ]
 
 

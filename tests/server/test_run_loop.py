@@ -71,6 +71,12 @@ class ThreadGrid:
         self.handlers = handlers
         self.run_config = run_config
         self.replies: dict[tuple[int, int], Message] = {}
+        self.threads: list[threading.Thread] = []
+
+    def join_all(self) -> None:
+        """Let late handlers finish, so no thread outlives the test."""
+        for thread in self.threads:
+            thread.join()
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.handlers)
@@ -116,6 +122,7 @@ class ThreadGrid:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             threads.append(thread)
+            self.threads.append(thread)
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
@@ -133,14 +140,17 @@ def run(
     store = CheckpointStore(
         tmp_path, adapter_config_for(lora.model, lora.r, lora.alpha, lora.target_modules)
     )
-    run_federation(
-        grid,  # type: ignore[arg-type]
-        strategy,
-        LoopSettings(num_rounds=rounds, round_timeout=2.0, run_dir=tmp_path, resume=False),
-        initial=initial_adapter(lora, seed=0),
-        store=store,
-        summary={},
-    )
+    try:
+        run_federation(
+            grid,  # type: ignore[arg-type]
+            strategy,
+            LoopSettings(num_rounds=rounds, round_timeout=2.0, run_dir=tmp_path, resume=False),
+            initial=initial_adapter(lora, seed=0),
+            store=store,
+            summary={},
+        )
+    finally:
+        grid.join_all()
     result: dict[str, Any] = json.loads((tmp_path / "metrics.json").read_text())
     return result
 
