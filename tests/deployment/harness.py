@@ -332,21 +332,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def become_subreaper() -> bool:
-    """Make this process adopt orphaned descendants (Linux `PR_SET_CHILD_SUBREAPER`).
+def set_subreaper(on: bool) -> bool | None:
+    """Switch Linux's `PR_SET_CHILD_SUBREAPER` for this process; return the previous setting.
 
     Why: a Flower process that dies first leaves its SuperExec to the machine's init, which
-    in a container may never reap it. As subreaper, this process adopts such orphans and
-    `ProcessSet.stop_all` can end and reap them, so the test leaves neither running nor
-    zombie processes behind. Returns False where the call is not available.
+    in a container may never reap it. While subreaper, this process adopts such orphans, so
+    `ProcessSet.stop_all` can end and reap them and the test leaves neither running nor zombie
+    processes behind. `ProcessSet` switches it on for its lifetime only and restores the
+    previous setting, so other tests see the usual orphan handling. Returns None where the
+    call is not available.
     """
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # 36 = PR_SET_CHILD_SUBREAPER
+        previous = ctypes.c_int(0)
+        if libc.prctl(37, ctypes.byref(previous), 0, 0, 0) != 0:  # PR_GET_CHILD_SUBREAPER
+            return None
+        if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+            return None
+        return bool(previous.value)
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def _stat(pid: int) -> tuple[str, int, str] | None:
@@ -360,15 +367,15 @@ def _stat(pid: int) -> tuple[str, int, str] | None:
     return head.partition("(")[2], int(fields[1]), fields[0]
 
 
-def _adopted_flower_processes() -> list[int]:
-    """Children of this process that Flower started (adopted orphans), alive or zombie."""
+def _flower_children() -> set[int]:
+    """Children of this process whose command is a Flower CLI, alive or zombie."""
     me = os.getpid()
-    found = []
+    found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
             name, ppid, _ = stat
-            if ppid == me and name.startswith(("flower-", "flwr-", "flwr")):
-                found.append(int(entry.name))
+            if ppid == me and name.startswith(("flower-", "flwr")):
+                found.add(int(entry.name))
     return found
 
 
@@ -440,7 +447,9 @@ class ProcessSet:
         self.env = dict(env)
         self.procs: list[Proc] = []
         log_dir.mkdir(parents=True, exist_ok=True)
-        become_subreaper()
+        self._was_subreaper = set_subreaper(True)
+        # Flower processes that other tests or fixtures started are not this set's to end.
+        self._foreign = _flower_children()
 
     def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> Proc:
         """Start `argv` in a new session, with stdout and stderr going to `<log_dir>/<name>.log`."""
@@ -465,6 +474,11 @@ class ProcessSet:
             f"--- {p.name} ({shlex.join(p.argv)})\n{p.tail(lines)}" for p in self.procs
         )
 
+    def _adopted(self) -> set[int]:
+        """Orphans of this set's processes that this (subreaper) process adopted."""
+        popen_pids = {proc.popen.pid for proc in self.procs}
+        return _flower_children() - self._foreign - popen_pids
+
     def _signal_all(self, targets: set[int], sig: signal.Signals) -> None:
         """Send `sig` to every started process group and to every pid in `targets`."""
         for proc in reversed(self.procs):
@@ -482,7 +496,7 @@ class ProcessSet:
         `grace` seconds, then the adopted orphans are reaped. Returns the pids still alive
         afterwards (expected: none).
         """
-        targets: set[int] = set(_adopted_flower_processes())
+        targets: set[int] = self._adopted()
         for proc in self.procs:
             targets.add(proc.popen.pid)
             targets.update(descendants(proc.popen.pid))
@@ -502,10 +516,12 @@ class ProcessSet:
         popen_pids = {proc.popen.pid for proc in self.procs}
         deadline = time.monotonic() + 5
         while True:
-            for pid in (targets | set(_adopted_flower_processes())) - popen_pids:
+            for pid in (targets | self._adopted()) - popen_pids:
                 _reap(pid)
             leftover = sorted(pid for pid in targets if _alive(pid))
             if not leftover or time.monotonic() > deadline:
+                if self._was_subreaper is not None:
+                    set_subreaper(self._was_subreaper)
                 return leftover
             time.sleep(0.1)
 

@@ -24,6 +24,8 @@ from strategies.peft_files import adapter_config_for, read_adapter_dir
 from tests.client.tiny_model import save_tiny_bert
 
 Handler = Callable[[Message, Context], Message]
+# Generous, so that punctual clients make it even on a loaded machine; late ones never do.
+ROUND_TIMEOUT = 20.0
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +54,14 @@ def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+RELEASE_LATE_CLIENTS = threading.Event()
+
+
 def slow(handler: Handler) -> Handler:
+    """A client that answers only after the round is over (released by ``join_all``)."""
+
     def run(message: Message, context: Context) -> Message:
-        time.sleep(3.0)
+        RELEASE_LATE_CLIENTS.wait(timeout=300)
         return handler(message, context)
 
     return run
@@ -75,6 +82,7 @@ class ThreadGrid:
 
     def join_all(self) -> None:
         """Let late handlers finish, so no thread outlives the test."""
+        RELEASE_LATE_CLIENTS.set()
         for thread in self.threads:
             thread.join()
 
@@ -133,6 +141,7 @@ class ThreadGrid:
 def run(
     tmp_path: Path, grid: ThreadGrid, rounds: int, run_config: dict[str, Any]
 ) -> dict[str, Any]:
+    RELEASE_LATE_CLIENTS.clear()
     lora = LoraSettings.from_run_config(run_config)
     strategy = FedRobustMerge(
         device="cpu", min_train_nodes=len(grid.handlers), fraction_evaluate=0.0
@@ -144,7 +153,9 @@ def run(
         run_federation(
             grid,  # type: ignore[arg-type]
             strategy,
-            LoopSettings(num_rounds=rounds, round_timeout=2.0, run_dir=tmp_path, resume=False),
+            LoopSettings(
+                num_rounds=rounds, round_timeout=ROUND_TIMEOUT, run_dir=tmp_path, resume=False
+            ),
             initial=initial_adapter(lora, seed=0),
             store=store,
             summary={},
