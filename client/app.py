@@ -16,6 +16,10 @@ Evaluate reply content:
 
 Nothing else leaves the client: no texts, labels, label names, base weights or file paths.
 
+With run-config ``task = "causal-lm"`` the same wire format carries a causal LM's LoRA tensors
+(``client.causal_lm``); the evaluate reply then holds ``{"num-examples", "eval-loss",
+"eval-perplexity"}``, the loss being over response tokens of the site's held-out examples.
+
 Local data
 ----------
 A real site sets node-config ``data-path`` (a JSONL or CSV file, see
@@ -44,6 +48,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from peft import PeftModel
 
+from client import causal_lm
 from client.config import read_float, read_int, read_names, read_str
 from client.model import LoraSettings, build_lora_model, get_lora_state, set_lora_state
 from client.tasks import (
@@ -156,6 +161,8 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train it on local data, reply with its LoRA tensors and metrics."""
     started = time.perf_counter()
     lora = LoraSettings.from_run_config(context.run_config)
+    if lora.task == "causal-lm":
+        return _train_causal_lm(msg, context, lora, started)
     training = TrainSettings.from_run_config(context.run_config)
     workload = WorkloadSettings.from_run_config(context.run_config)
     config = _message_config(msg)
@@ -195,6 +202,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Load the global adapter, score it on local held-out data, reply with metrics only."""
     lora = LoraSettings.from_run_config(context.run_config)
+    if lora.task == "causal-lm":
+        return _evaluate_causal_lm(msg, context, lora)
     training = TrainSettings.from_run_config(context.run_config)
     workload = WorkloadSettings.from_run_config(context.run_config)
     data = _local_data(context, workload, "dev", limit=workload.eval_examples, seed=workload.seed)
@@ -208,6 +217,62 @@ def evaluate(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "eval-loss": result.loss,
             "eval-accuracy": result.accuracy,
+        }
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _train_causal_lm(msg: Message, context: Context, lora: LoraSettings, started: float) -> Message:
+    """The train handler of the causal-LM kind: same instruction and reply format."""
+    settings = causal_lm.CausalLmSettings.from_run_config(context.run_config)
+    config = _message_config(msg)
+    if "server-round" not in config:
+        raise ValueError(
+            f"the train instruction's ConfigRecord {CONFIG_KEY!r} lacks 'server-round'"
+        )
+    server_round = read_int(config, "server-round", 0, minimum=0, source="train config")
+    if "learning-rate" in config:
+        learning_rate = read_float(
+            config, "learning-rate", 0.0, low=0.0, low_open=True, source="train config"
+        )
+        settings = replace(settings, learning_rate=learning_rate)
+    base_seed = read_int(context.run_config, "seed", 0, minimum=0)
+    seed = base_seed + (_partition_id(context) or 0) + server_round
+    examples = causal_lm.site_examples(context.node_config, context.run_config, "train")
+    global_state = _global_adapter(msg)
+    with causal_lm.MODEL_LOCK:
+        model, tokenizer = causal_lm.shared_causal_lm(lora, settings)
+        set_lora_state(model, global_state)
+        result = causal_lm.train_causal_lm(model, tokenizer, examples, settings, seed=seed)
+        trained = get_lora_state(model)
+    arrays = ArrayRecord({key: trained[key] for key in global_state})
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss})
+    log(
+        INFO,
+        "client: round %d, causal-lm, %d examples, %d response tokens, train-loss %.4f, %.1f s",
+        server_round,
+        result.num_examples,
+        result.num_tokens,
+        result.loss,
+        time.perf_counter() - started,
+    )
+    return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _evaluate_causal_lm(msg: Message, context: Context, lora: LoraSettings) -> Message:
+    """The evaluate handler of the causal-LM kind: loss and perplexity on held-out examples."""
+    settings = causal_lm.CausalLmSettings.from_run_config(context.run_config)
+    examples = causal_lm.site_examples(context.node_config, context.run_config, "eval")
+    global_state = _global_adapter(msg)
+    with causal_lm.MODEL_LOCK:
+        model, tokenizer = causal_lm.shared_causal_lm(lora, settings)
+        set_lora_state(model, global_state)
+        result = causal_lm.evaluate_causal_lm(model, tokenizer, examples, settings)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-perplexity": result.perplexity,
         }
     )
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

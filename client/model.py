@@ -7,6 +7,12 @@ can be merged. Tensors are exchanged under PEFT's saved-adapter key names (what
 ``base_model.model.encoder.layer.0.attention.self.query.lora_A.weight`` (r x d_in) and
 ``...query.lora_B.weight`` (d_out x r).
 
+With run-config ``task = "causal-lm"`` the base model is instead a causal language model
+(``AutoModelForCausalLM``, keys like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``); its training lives in
+``client.causal_lm``. ``target-modules = "auto"`` picks the
+usual LoRA targets of the model's architecture (``DEFAULT_TARGET_MODULES``).
+
 Everything loads offline (``local_files_only=True``): ``model`` is a local folder or the name of
 a model already in the Hugging Face cache.
 """
@@ -22,11 +28,39 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from client.config import read_float, read_int, read_names, read_str
 
 ADAPTER_NAME = "default"
+TASK_KINDS = ("classification", "causal-lm")
+AUTO_TARGETS = ("auto",)
+
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type (from config.json) -> the Linear layers LoRA adapts for target-modules = "auto":
+# every attention and MLP projection for decoder LLMs (what QLoRA found to matter), query and
+# value for BERT-style encoders (the classification kind's long-standing default).
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+        ),
+        _LLAMA_STYLE,
+    ),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "mpnet"), ("query", "value")),
+    "distilbert": ("q_lin", "v_lin"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,19 +77,25 @@ class LoraSettings:
         LoRA scaling numerator; the update is ``(alpha / r) * B @ A``.
     dropout : float (default: 0.0)
         Dropout on the LoRA input during training, in [0, 1).
-    target_modules : tuple[str, ...] (default: ("query", "value"))
-        Names (or name suffixes) of the Linear layers that get adapters.
+    target_modules : tuple[str, ...] (default: ("auto",))
+        Names (or name suffixes) of the Linear layers that get adapters; ``("auto",)`` takes
+        the architecture's ``DEFAULT_TARGET_MODULES`` (``query``, ``value`` for MiniLM).
+    task : str (default: "classification")
+        ``"classification"`` (sentence encoder, ``AutoModel``) or ``"causal-lm"``
+        (``AutoModelForCausalLM``); decides the model class and so the adapter's keys.
     """
 
     model: str = ""
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] = AUTO_TARGETS
+    task: str = "classification"
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> LoraSettings:
-        """Read ``model``, ``lora-r``, ``lora-alpha``, ``lora-dropout``, ``target-modules``.
+        """Read ``model``, ``lora-r``, ``lora-alpha``, ``lora-dropout``, ``target-modules``,
+        ``task``.
 
         Absent keys take the defaults above; a wrong type or range raises ValueError naming the
         key and the allowed values.
@@ -69,7 +109,15 @@ class LoraSettings:
                 config, "lora-dropout", default.dropout, low=0.0, high=1.0, high_open=True
             ),
             target_modules=read_names(config, "target-modules", ",".join(default.target_modules)),
+            task=_read_task(config),
         )
+
+
+def _read_task(config: Mapping[str, Any]) -> str:
+    task = read_str(config, "task", "classification")
+    if task not in TASK_KINDS:
+        raise ValueError(f"run-config key 'task' must be one of {list(TASK_KINDS)}; got {task!r}")
+    return task
 
 
 def resolve_model_path(model: str) -> str:
@@ -84,14 +132,48 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def peft_config(settings: LoraSettings) -> LoraConfig:
+def model_config(settings: LoraSettings) -> PretrainedConfig:
+    """The base model's ``config.json`` (no weights are read)."""
+    _offline()
+    config: PretrainedConfig = AutoConfig.from_pretrained(
+        resolve_model_path(settings.model), local_files_only=True
+    )
+    return config
+
+
+def resolve_target_modules(
+    settings: LoraSettings, config: PretrainedConfig | None = None
+) -> tuple[str, ...]:
+    """``settings.target_modules``, with ``("auto",)`` replaced by the architecture's defaults.
+
+    Raises ValueError for ``"auto"`` on an architecture without defaults, naming its
+    ``model_type`` and asking for explicit module names.
+    """
+    if settings.target_modules != AUTO_TARGETS:
+        return settings.target_modules
+    model_type = str(getattr(config or model_config(settings), "model_type", ""))
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(
+            f"run-config key 'target-modules' = 'auto' has no defaults for model_type "
+            f"{model_type!r} (known: {', '.join(sorted(DEFAULT_TARGET_MODULES))}); name the "
+            "Linear layers explicitly, e.g. target-modules = 'q_proj,v_proj'"
+        )
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def peft_task_type(settings: LoraSettings) -> TaskType:
+    """PEFT's task type for the kind: written to ``adapter_config.json``."""
+    return TaskType.CAUSAL_LM if settings.task == "causal-lm" else TaskType.FEATURE_EXTRACTION
+
+
+def peft_config(settings: LoraSettings, config: PretrainedConfig | None = None) -> LoraConfig:
     """The LoraConfig of the adapters (the server writes it as ``adapter_config.json``)."""
     return LoraConfig(
-        task_type=TaskType.FEATURE_EXTRACTION,
+        task_type=peft_task_type(settings),
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=list(resolve_target_modules(settings, config)),
         bias="none",
         base_model_name_or_path=resolve_model_path(settings.model),
     )
@@ -103,8 +185,9 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _wrap(base: torch.nn.Module, settings: LoraSettings) -> PeftModel:
-    config = peft_config(settings)
+def wrap_lora(base: torch.nn.Module, settings: LoraSettings) -> PeftModel:
+    """``base`` with fresh LoRA adapters of ``settings`` (PEFT's initialisation)."""
+    config = peft_config(settings, getattr(base, "config", None))
     try:
         model = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
     except ValueError as error:
@@ -126,8 +209,9 @@ def build_lora_model(settings: LoraSettings, *, seed: int = 0) -> PeftModel:
     path = resolve_model_path(settings.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        model = _wrap(base, settings)
+        auto = AutoModelForCausalLM if settings.task == "causal-lm" else AutoModel
+        base = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = wrap_lora(base, settings)
     model.eval()
     return model
 
@@ -198,11 +282,11 @@ def initial_adapter(settings: LoraSettings, *, seed: int) -> dict[str, torch.Ten
     1/sqrt(d_in)), drawn in key order from a generator seeded with ``seed``; every ``lora_B``
     zero, so the adapted model starts equal to the base model. fp32, CPU.
     """
-    _offline()
-    config = AutoConfig.from_pretrained(resolve_model_path(settings.model), local_files_only=True)
+    config = model_config(settings)
+    auto = AutoModelForCausalLM if settings.task == "causal-lm" else AutoModel
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        base = AutoModel.from_config(config)  # type: ignore[no-untyped-call]
-        wrapped = _wrap(base, settings)
+        base = auto.from_config(config)  # type: ignore[no-untyped-call]
+        wrapped = wrap_lora(base, settings)
     shapes = {key: tuple(p.shape) for key, p in _lora_parameters(wrapped).items()}
     generator = torch.Generator().manual_seed(seed)
     adapter: dict[str, torch.Tensor] = {}

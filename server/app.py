@@ -13,7 +13,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from client.model import LoraSettings, initial_adapter, resolve_model_path
+from client.model import (
+    LoraSettings,
+    initial_adapter,
+    peft_task_type,
+    resolve_model_path,
+    resolve_target_modules,
+)
 from client.tasks import TASK_NAMES
 from client.training import TrainSettings
 from server.checkpoints import CheckpointStore
@@ -91,18 +97,36 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
     lora = LoraSettings.from_run_config(context.run_config)
     training = TrainSettings.from_run_config(context.run_config)
-    check_tasks(settings)
+    if settings.task == "classification":
+        check_tasks(settings)
     strategy = build_strategy(settings)
     strategy.summary()
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Outputs: %s", settings.output_dir)
     store = CheckpointStore(
         settings.output_dir,
-        adapter_config_for(resolve_model_path(lora.model), lora.r, lora.alpha, lora.target_modules),
+        adapter_config_for(
+            resolve_model_path(lora.model),
+            lora.r,
+            lora.alpha,
+            resolve_target_modules(lora),
+            # PEFT's task type only for causal-lm (classification adapters keep writing none)
+            **({"task_type": peft_task_type(lora).value} if lora.task == "causal-lm" else {}),
+        ),
         keep=settings.keep_checkpoints,
     )
     evaluate = None
-    if settings.server_eval:
+    causal = settings.task == "causal-lm"
+    if causal and settings.server_eval and settings.server_eval_data:
+        from client.causal_lm import CausalLmSettings
+        from server.evaluation import CausalLmEvaluator
+
+        evaluate = CausalLmEvaluator(
+            lora, CausalLmSettings.from_run_config(context.run_config), settings.server_eval_data
+        ).evaluate
+    elif causal:
+        log(INFO, "task causal-lm: no server-side evaluation (set run config 'server-eval-data')")
+    elif settings.server_eval:
         from server.evaluation import TaskEvaluator
 
         evaluator = TaskEvaluator(
@@ -122,8 +146,8 @@ def main(grid: Grid, context: Context) -> None:
             round_timeout=settings.round_timeout,
             run_dir=settings.output_dir,
             resume=settings.resume,
-            seen_tasks=settings.seen_tasks,
-            unseen_tasks=settings.unseen_tasks,
+            seen_tasks=() if causal else settings.seen_tasks,
+            unseen_tasks=() if causal else settings.unseen_tasks,
         ),
         initial=initial_adapter(lora, seed=settings.seed),
         store=store,

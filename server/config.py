@@ -16,6 +16,7 @@ OUTPUT_ROOT_ENV = "ROBUSTMERGE_FL_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = Path.home() / "robustmerge-fl"
 MERGE_TARGETS = ("delta", "adapter")
 MERGE_DEVICES = ("auto", "cpu", "cuda")
+TASKS = ("classification", "causal-lm")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,8 @@ class ServerSettings:
     max_update_norm: float | None
     min_merge_replies: int
     keep_checkpoints: int
+    task: str = "classification"
+    server_eval_data: str = ""
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -84,6 +87,8 @@ class ServerSettings:
             max_update_norm=max_norm if max_norm > 0 else None,
             min_merge_replies=reader.integer("min-merge-replies", 1, low=1),
             keep_checkpoints=reader.integer("keep-checkpoints", 3, low=1),
+            task=reader.choice("task", TASKS, "classification"),
+            server_eval_data=reader.text("server-eval-data", ""),
         )
 
 
@@ -157,6 +162,13 @@ class _Reader:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"run config {key!r} must be a non-empty string, got {value!r}")
         return value
+
+    def text(self, key: str, default: str) -> str:
+        """A string that may be empty (stripped)."""
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"run config {key!r} must be a string, got {value!r}")
+        return value.strip()
 
     def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
         value = self._get(key, default)

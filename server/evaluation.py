@@ -1,4 +1,5 @@
-"""Server-side evaluation of the global adapter on held-out data of seen and unseen tasks."""
+"""Server-side evaluation of the global adapter: on held-out data of seen and unseen tasks
+(classification), or loss and perplexity on a server-side JSONL file (causal-lm)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from client.causal_lm import (
+    CausalLmSettings,
+    build_causal_lm,
+    evaluate_causal_lm,
+    load_examples,
+)
 from client.model import LoraSettings, build_lora_model, set_lora_state
 from client.tasks import TaskData, load_task
 from client.training import TrainSettings, evaluate_lora
@@ -51,3 +58,27 @@ class TaskEvaluator:
                     tasks
                 )
         return metrics
+
+
+class CausalLmEvaluator:
+    """Response-token loss and perplexity of an adapter on a server-side instruction file.
+
+    The file has the clients' JSONL schema (``client.causal_lm``); the first ``eval_examples``
+    examples are scored every round. Loads the base model once (this is the one place the
+    server reads base weights, and only when ``server-eval-data`` is set).
+    """
+
+    def __init__(self, lora: LoraSettings, settings: CausalLmSettings, path: str) -> None:
+        self.settings = settings
+        self.examples = load_examples(path)
+        self.model, self.tokenizer = build_causal_lm(lora, settings)
+
+    def evaluate(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """``eval-loss`` (nats per response token), ``eval-perplexity``, ``num-examples``."""
+        set_lora_state(self.model, tensors)
+        result = evaluate_causal_lm(self.model, self.tokenizer, self.examples, self.settings)
+        return {
+            "eval-loss": result.loss,
+            "eval-perplexity": result.perplexity,
+            "num-examples": float(result.num_examples),
+        }
