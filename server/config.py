@@ -16,6 +16,8 @@ OUTPUT_ROOT_ENV = "ROBUSTMERGE_FL_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = Path.home() / "robustmerge-fl"
 MERGE_TARGETS = ("delta", "adapter")
 MERGE_DEVICES = ("auto", "cpu", "cuda")
+UPLINKS = ("dense", "sparse")
+DP_MODES = ("none", "server-clipping", "client-clipping")
 TASKS = ("classification", "causal-lm")
 
 
@@ -54,6 +56,15 @@ class ServerSettings:
     keep_checkpoints: int
     task: str = "classification"
     server_eval_data: str = ""
+    uplink: str = "dense"
+    dp: str = "none"
+    dp_clipping_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 3
+    secagg_reconstruction_threshold: float = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -89,6 +100,21 @@ class ServerSettings:
             keep_checkpoints=reader.integer("keep-checkpoints", 3, low=1),
             task=reader.choice("task", TASKS, "classification"),
             server_eval_data=reader.text("server-eval-data", ""),
+            uplink=reader.choice("uplink", UPLINKS, "dense"),
+            dp=reader.choice("dp", DP_MODES, "none"),
+            dp_clipping_norm=reader.number("dp-clipping-norm", 1.0, low=0.0, low_open=True),
+            dp_noise_multiplier=reader.number("dp-noise-multiplier", 0.0, low=0.0),
+            secure_aggregation=reader.boolean("secure-aggregation", False),
+            secagg_num_shares=reader.number("secagg-num-shares", 3, low=0.0, low_open=True),
+            secagg_reconstruction_threshold=reader.number(
+                "secagg-reconstruction-threshold", 2, low=0.0, low_open=True
+            ),
+            secagg_clipping_range=reader.number(
+                "secagg-clipping-range", 8.0, low=0.0, low_open=True
+            ),
+            secagg_quantization_range=reader.integer(
+                "secagg-quantization-range", 4194304, low=2
+            ),
         )
 
 

@@ -99,22 +99,38 @@ class RobustMerge(MergeMethod):
         *,
         module_index: int,
     ) -> PairMerge:
-        lambdas = task_coefficients(self.fuse_weight, weights)
+        a_pruned, b_pruned, scale = self.prune_and_scale(a_stack, b_stack)
+        return self.combine(a_pruned, b_pruned, scale, weights)
+
+    def prune_and_scale(
+        self, a_stack: torch.Tensor, b_stack: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-2, each task on its own: pruned A (T x r x d_in), pruned B, s~ (T x r)."""
         a_pruned = prune_by_magnitude(a_stack, self.keep_ratio)
         b_pruned = prune_by_magnitude(b_stack, self.keep_ratio)
         scale = complementary_scale(
             a_stack, a_pruned, self.scale_quantile if self.scale_floor else None
         )
+        return a_pruned, b_pruned, scale
+
+    def combine(
+        self,
+        a_pruned: torch.Tensor,
+        b_pruned: torch.Tensor,
+        scale: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> PairMerge:
+        """Steps 3-4 (or the paper's equation) from pruned factors and their scales."""
+        lambdas = task_coefficients(self.fuse_weight, weights)
         if self.mode == "paper-exact":
             a_merged = torch.tensordot(lambdas, a_pruned, dims=1)
             numerator = (b_pruned * (lambdas[:, None] * scale)[:, None, :]).sum(dim=0)
             return PairMerge(a=a_merged, b=numerator / scale.sum(dim=0))
         share = lambdas[:, None] * scale / scale.sum(dim=0)
-        count, rank, _ = a_stack.shape
-        left = (
-            (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(b_stack.shape[1], count * rank)
-        )
-        right = a_pruned.reshape(count * rank, a_stack.shape[2])
+        count, rank, d_in = a_pruned.shape
+        d_out = b_pruned.shape[1]
+        left = (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(d_out, count * rank)
+        right = a_pruned.reshape(count * rank, d_in)
         return truncate_product(left, right, rank)
 
     def describe(self) -> dict[str, object]:
