@@ -9,6 +9,8 @@ Train reply content:
     ``"arrays"``: ArrayRecord of the trained LoRA tensors, fp32, exactly the received keys, in
     the received order, with the received shapes;
     ``"metrics"``: MetricRecord ``{"num-examples": int, "train-loss": float}``.
+    With run-config ``uplink = "sparse"``, ``"arrays"`` holds the pruned delta instead and a
+    ConfigRecord ``"config"`` says ``{"uplink": "sparse"}`` (``client.uplink``).
 Evaluate instruction content: ``"arrays"`` as above (a ``"config"`` is accepted and ignored).
 Evaluate reply content:
     ``"metrics"``: MetricRecord ``{"num-examples": int, "eval-loss": float,
@@ -43,7 +45,7 @@ from logging import INFO
 from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from peft import PeftModel
@@ -51,6 +53,8 @@ from peft import PeftModel
 from client import causal_lm
 from client.config import read_float, read_int, read_names, read_str
 from client.model import LoraSettings, build_lora_model, get_lora_state, set_lora_state
+from client.privacy import clip_when_asked
+from client.secure_aggregation import secure_aggregation_mod
 from client.tasks import (
     TASK_NAMES,
     TaskData,
@@ -60,12 +64,13 @@ from client.tasks import (
     split_holdout,
 )
 from client.training import TrainSettings, evaluate_lora, train_lora
+from client.uplink import reply_records
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 
-app = ClientApp()
+app = ClientApp(mods=[clip_when_asked])
 
 # One model per process, shared by the nodes a simulation worker runs; the lock keeps a
 # (load global adapter, train, read adapter) sequence from interleaving with another.
@@ -156,7 +161,7 @@ def _message_config(msg: Message) -> ConfigRecord:
     return records[CONFIG_KEY] if CONFIG_KEY in records else ConfigRecord()
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # SecAgg+ stages only; other messages pass through
 def train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train it on local data, reply with its LoRA tensors and metrics."""
     started = time.perf_counter()
@@ -184,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
         set_lora_state(model, global_state)
         result = train_lora(model, data, training, seed=seed)
         trained = get_lora_state(model)
-    arrays = ArrayRecord({key: trained[key] for key in global_state})
+    records = reply_records(trained, global_state, context.run_config)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.mean_loss})
     log(
         INFO,
@@ -195,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
         result.mean_loss,
         time.perf_counter() - started,
     )
-    return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
+    return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -245,7 +250,7 @@ def _train_causal_lm(msg: Message, context: Context, lora: LoraSettings, started
         set_lora_state(model, global_state)
         result = causal_lm.train_causal_lm(model, tokenizer, examples, settings, seed=seed)
         trained = get_lora_state(model)
-    arrays = ArrayRecord({key: trained[key] for key in global_state})
+    records = reply_records(trained, global_state, context.run_config)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss})
     log(
         INFO,
@@ -256,7 +261,7 @@ def _train_causal_lm(msg: Message, context: Context, lora: LoraSettings, started
         result.loss,
         time.perf_counter() - started,
     )
-    return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
+    return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=msg)
 
 
 def _evaluate_causal_lm(msg: Message, context: Context, lora: LoraSettings) -> Message:

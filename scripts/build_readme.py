@@ -14,6 +14,7 @@ ORDER = [
     "client.md",
     "causal-lm.md",
     "deploy.md",
+    "privacy.md",
     "quality.md",
     "90-dev.md",
 ]

@@ -11,6 +11,7 @@ import flwr
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from client.model import (
@@ -24,6 +25,7 @@ from client.tasks import TASK_NAMES
 from client.training import TrainSettings
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
+from server.privacy import core_strategy, wrap_with_privacy
 from server.run_loop import LoopSettings, run_federation
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.peft_files import adapter_config_for
@@ -31,8 +33,19 @@ from strategies.peft_files import adapter_config_for
 app = ServerApp()
 
 
-def build_strategy(settings: ServerSettings) -> FedRobustMerge:
-    """The strategy the run config describes."""
+def build_strategy(settings: ServerSettings) -> Strategy:
+    """The strategy the run config describes: FedRobustMerge, inside a DP wrapper if asked."""
+    return wrap_with_privacy(
+        build_merge_strategy(settings),
+        settings.dp,
+        clipping_norm=settings.dp_clipping_norm,
+        noise_multiplier=settings.dp_noise_multiplier,
+        num_sampled_clients=settings.min_train_nodes,
+    )
+
+
+def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
+    """FedRobustMerge as the run config describes it."""
     return FedRobustMerge(
         fraction_train=settings.fraction_train,
         min_train_nodes=settings.min_train_nodes,
@@ -51,6 +64,7 @@ def build_strategy(settings: ServerSettings) -> FedRobustMerge:
         max_update_norm=settings.max_update_norm,
         min_merge_replies=settings.min_merge_replies,
         seed=settings.seed,
+        uplink=settings.uplink,
     )
 
 
@@ -73,14 +87,12 @@ def check_tasks(settings: ServerSettings) -> None:
         )
 
 
-def run_summary(
-    context: Context, settings: ServerSettings, strategy: FedRobustMerge
-) -> dict[str, Any]:
+def run_summary(context: Context, settings: ServerSettings, strategy: Strategy) -> dict[str, Any]:
     """What metrics.json says about the run: config, versions, machine."""
     return {
         "run-config": dict(context.run_config),
         "output-dir": str(settings.output_dir),
-        "merge-device": strategy.device,
+        "merge-device": core_strategy(strategy).device,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
         "machine": {
@@ -95,6 +107,10 @@ def run_summary(
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the initial adapter from the model config, run the rounds."""
     settings = ServerSettings.from_run_config(context.run_config)
+    if settings.secure_aggregation:
+        from server.secure_aggregation import check_secure_aggregation
+
+        check_secure_aggregation(settings)  # refuses what SecAgg+ cannot honour, before any load
     lora = LoraSettings.from_run_config(context.run_config)
     training = TrainSettings.from_run_config(context.run_config)
     if settings.task == "classification":
@@ -138,6 +154,21 @@ def main(grid: Grid, context: Context) -> None:
             seed=settings.seed,
         )
         evaluate = evaluator.evaluate
+    if settings.secure_aggregation:
+        from server.secure_aggregation import run_secure_federation
+
+        run_secure_federation(
+            grid,
+            context,
+            settings,
+            initial=initial_adapter(lora, seed=settings.seed),
+            store=store,
+            summary=run_summary(context, settings, strategy),
+            evaluate=evaluate,
+            seen_tasks=() if causal else settings.seen_tasks,
+            unseen_tasks=() if causal else settings.unseen_tasks,
+        )
+        return
     run_federation(
         grid,
         strategy,
@@ -148,6 +179,7 @@ def main(grid: Grid, context: Context) -> None:
             resume=settings.resume,
             seen_tasks=() if causal else settings.seen_tasks,
             unseen_tasks=() if causal else settings.unseen_tasks,
+            uplink=settings.uplink,
         ),
         initial=initial_adapter(lora, seed=settings.seed),
         store=store,

@@ -66,6 +66,14 @@ class ServerSettings:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
 
+    def __post_init__(self) -> None:
+        if self.dp != "none" and self.uplink == "sparse":
+            raise ConfigError(
+                f"run config 'dp' = {self.dp!r} needs uplink = 'dense': Flower's DP wrappers "
+                "clip each reply's dense update against the global adapter, and a sparse reply "
+                "holds only the kept entries"
+            )
+
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
         """Validate every key the server reads; the first bad one raises ConfigError."""
@@ -112,9 +120,7 @@ class ServerSettings:
             secagg_clipping_range=reader.number(
                 "secagg-clipping-range", 8.0, low=0.0, low_open=True
             ),
-            secagg_quantization_range=reader.integer(
-                "secagg-quantization-range", 4194304, low=2
-            ),
+            secagg_quantization_range=reader.integer("secagg-quantization-range", 4194304, low=2),
         )
 
 

@@ -41,16 +41,31 @@ def plot_accuracy(
     seen: Sequence[str],
     unseen: Sequence[str],
 ) -> Path | None:
-    """PNG of server-side accuracy per task per round (solid: seen, dashed: unseen)."""
+    """PNG of server-side accuracy per task per round (solid: seen, dashed: unseen), and beside
+    it the cumulative communication (MB of LoRA tensors down + up) when rounds record it."""
     points = [(r["server-round"], r["server-eval"]) for r in rounds if r.get("server-eval")]
-    if not points:
+    traffic = [
+        (r["server-round"], r["communication"]["cumulative-bytes"] / 1e6)
+        for r in rounds
+        if r.get("communication")
+    ]
+    if not points and not traffic:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
+    if traffic:
+        figure, (axes, comm_axes) = plt.subplots(1, 2, figsize=(13, 5))
+        uplink = rounds[-1].get("communication", {}).get("uplink", "dense")
+        comm_axes.plot([0] + [x for x, _ in traffic], [0.0] + [y for _, y in traffic], "o-")
+        comm_axes.set_xlabel("round")
+        comm_axes.set_ylabel("cumulative communication (MB, down + up)")
+        comm_axes.set_title(f"LoRA tensors exchanged (uplink: {uplink})")
+        comm_axes.grid(alpha=0.3)
+    else:
+        figure, axes = plt.subplots(figsize=(8, 5))
     xs = [x for x, _ in points]
     for task in [*seen, *unseen]:
         ys = [evaluation.get(f"{task}-accuracy") for _, evaluation in points]

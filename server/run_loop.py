@@ -19,10 +19,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from server.checkpoints import CheckpointStore
+from server.communication import bytes_by_node, round_communication
 from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
+from server.privacy import core_strategy
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.reply_checks import state_dict_to_record
 
@@ -40,6 +43,7 @@ class LoopSettings:
     resume: bool
     seen_tasks: tuple[str, ...] = ()
     unseen_tasks: tuple[str, ...] = ()
+    uplink: str = "dense"
 
 
 def archive_previous_run(run_dir: Path) -> Path | None:
@@ -57,7 +61,7 @@ def archive_previous_run(run_dir: Path) -> Path | None:
 
 def run_federation(
     grid: Grid,
-    strategy: FedRobustMerge,
+    strategy: Strategy,
     settings: LoopSettings,
     *,
     initial: Mapping[str, torch.Tensor],
@@ -65,7 +69,10 @@ def run_federation(
     summary: dict[str, Any],
     evaluate: Evaluate | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run (or resume) the federation; returns the final global adapter."""
+    """Run (or resume) the federation; returns the final global adapter.
+
+    ``strategy`` is a FedRobustMerge or a wrapper around one (differential privacy).
+    """
     global_tensors = {key: value.to(torch.float32) for key, value in initial.items()}
     history: list[dict[str, Any]] = []
     start = 0
@@ -91,14 +98,24 @@ def run_federation(
     for server_round in range(start + 1, settings.num_rounds + 1):
         started = time.perf_counter()
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
-        entry, merged = _train_round(
+        entry, merged, traffic = _train_round(
             grid, strategy, server_round, global_tensors, settings.round_timeout
         )
         if merged is not None:
             global_tensors = merged
-        client_eval = _evaluate_round(grid, strategy, server_round, global_tensors, settings)
+        client_eval, eval_traffic = _evaluate_round(
+            grid, strategy, server_round, global_tensors, settings
+        )
         if client_eval is not None:
             entry["client-eval"] = client_eval
+        entry["communication"] = round_communication(
+            uplink=settings.uplink,
+            train_down=traffic[0],
+            train_up=traffic[1],
+            evaluate_down=eval_traffic[0],
+            evaluate_up=eval_traffic[1],
+            history=history,
+        )
         if evaluate is not None:
             entry["server-eval"] = evaluate(global_tensors)
             _log_eval(server_round, entry["server-eval"])
@@ -107,7 +124,7 @@ def run_federation(
         store.save(
             server_round,
             global_tensors,
-            {"history": history, "strategy": strategy_settings(strategy)},
+            {"history": history, "strategy": strategy_settings(core_strategy(strategy))},
         )
         write_metrics(settings.run_dir, summary, history)
         plot_accuracy(settings.run_dir, history, settings.seen_tasks, settings.unseen_tasks)
@@ -134,22 +151,28 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+Traffic = tuple[dict[str, int], dict[str, int]]
+
+
 def _train_round(
     grid: Grid,
-    strategy: FedRobustMerge,
+    strategy: Strategy,
     server_round: int,
     global_tensors: Mapping[str, torch.Tensor],
     timeout: float,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """One training round; returns its history entry and the new global (None: unchanged)."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, Traffic]:
+    """One training round: its history entry, the new global (None: unchanged), bytes down/up
+    per node."""
     messages = list(
         strategy.configure_train(
             server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
         )
     )
     replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
+    # Counted before aggregation: a DP wrapper replaces reply contents with clipped copies.
+    traffic = (bytes_by_node(messages, outgoing=True), bytes_by_node(replies, outgoing=False))
     arrays, metrics = strategy.aggregate_train(server_round, replies)
-    report = strategy.last_round
+    report = core_strategy(strategy).last_round
     entry: dict[str, Any] = {
         "server-round": server_round,
         "clients-sampled": len(messages),
@@ -168,29 +191,29 @@ def _train_round(
         " (skipped: global unchanged)" if arrays is None else "",
     )
     if arrays is None:
-        return entry, None
-    return entry, {
-        key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()
-    }
+        return entry, None, traffic
+    merged = {key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()}
+    return entry, merged, traffic
 
 
 def _evaluate_round(
     grid: Grid,
-    strategy: FedRobustMerge,
+    strategy: Strategy,
     server_round: int,
     global_tensors: Mapping[str, torch.Tensor],
     settings: LoopSettings,
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any] | None, Traffic]:
     messages = list(
         strategy.configure_evaluate(
             server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
         )
     )
     if not messages:
-        return None
-    replies = grid.send_and_receive(messages=messages, timeout=settings.round_timeout)
+        return None, ({}, {})
+    replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
+    traffic = (bytes_by_node(messages, outgoing=True), bytes_by_node(replies, outgoing=False))
     metrics = strategy.aggregate_evaluate(server_round, replies)
-    return dict(metrics) if metrics is not None else None
+    return (dict(metrics) if metrics is not None else None), traffic
 
 
 def _log_eval(server_round: int, metrics: Mapping[str, float]) -> None:

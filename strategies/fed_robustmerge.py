@@ -38,6 +38,13 @@ from strategies.reply_checks import (
     check_train_reply,
     state_dict_to_record,
 )
+from strategies.sparse_uplink import (
+    UPLINKS,
+    SparseReply,
+    check_sparse_train_reply,
+    merge_sparse_replies,
+    sparse_method,
+)
 
 MERGE_TARGETS = ("delta", "adapter")
 EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd"})
@@ -116,6 +123,10 @@ class FedRobustMerge(FedAvg):
         Modules sampled (evenly spaced) for the direction-robustness diagnostics; 0 disables.
     seed : int (default: 0)
         Seeds node sampling (round r samples with seed + r) so runs and resumes repeat.
+    uplink : str (default: "dense")
+        "dense": replies carry the trained LoRA tensors. "sparse": each client sends its own
+        pruned delta and scale vectors (``strategies.sparse_uplink``); needs merge_method
+        "robustmerge" and merge_target "delta"; the merged global equals the dense one.
     """
 
     def __init__(
@@ -146,6 +157,7 @@ class FedRobustMerge(FedAvg):
         max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
         diagnostics_modules: int = 8,
         seed: int = 0,
+        uplink: str = "dense",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -168,6 +180,14 @@ class FedRobustMerge(FedAvg):
             raise ValueError(f"merge_target must be one of {MERGE_TARGETS}, got {merge_target!r}")
         if min_merge_replies < 1:
             raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
+        if uplink not in UPLINKS:
+            raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
+        if uplink == "sparse" and (merge_method != "robustmerge" or merge_target != "delta"):
+            raise ValueError(
+                "uplink 'sparse' has clients prune their own deltas (RobustMerge steps 1-2), so "
+                "it needs merge_method 'robustmerge' and merge_target 'delta'; got "
+                f"{merge_method!r} and {merge_target!r}"
+            )
         if max_update_norm is not None and not max_update_norm > 0:
             raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
         self.merge_method = merge_method
@@ -187,6 +207,10 @@ class FedRobustMerge(FedAvg):
             )
         self.merge_hyperparameters = {k: v for k, v in offered.items() if k in accepted}
         self.merge_target = merge_target
+        self.uplink = uplink
+        self.sparse_method = (
+            sparse_method(self.merge_hyperparameters) if uplink == "sparse" else None
+        )
         self.server_lr = float(server_lr)
         self.weight_by_examples = weight_by_examples or merge_method in EXAMPLE_WEIGHTED_METHODS
         self.device = str(resolve_device(device))
@@ -198,6 +222,8 @@ class FedRobustMerge(FedAvg):
         self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
         self.current_global: dict[str, torch.Tensor] | None = None
         self.last_round: RoundReport | None = None
+        # Rejections made by a wrapper's screen_train_replies, reported with the round.
+        self.pending_rejections: dict[int, str] = {}
 
     def summary(self) -> None:
         """Log the configuration, FedAvg's and the merge's."""
@@ -211,11 +237,12 @@ class FedRobustMerge(FedAvg):
         )
         log(
             INFO,
-            "\t\t target=%s server_lr=%s weight_by_examples=%s min_merge_replies=%d",
+            "\t\t target=%s server_lr=%s weight_by_examples=%s min_merge_replies=%d uplink=%s",
             self.merge_target,
             self.server_lr,
             self.weight_by_examples,
             self.min_merge_replies,
+            self.uplink,
         )
 
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> list[int]:
@@ -292,6 +319,8 @@ class FedRobustMerge(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         report = RoundReport(server_round=server_round)
         self.last_round = report
+        report.rejected.update(self.pending_rejections)
+        self.pending_rejections = {}
         accepted = self._accept(list(replies), report)
         if len(accepted) < self.min_merge_replies:
             report.skipped = True
@@ -325,13 +354,25 @@ class FedRobustMerge(FedAvg):
             try:
                 if senders[node] > 1:
                     raise ReplyRejectedError(f"node sent {senders[node]} replies in one round")
-                reply = check_train_reply(
-                    message,
-                    shapes,
-                    arrayrecord_key=self.arrayrecord_key,
-                    weighted_by_key=self.weighted_by_key,
-                    max_num_examples=self.max_num_examples,
-                )
+                reply: AcceptedReply
+                if self.sparse_method is not None:
+                    reply = check_sparse_train_reply(
+                        message,
+                        self.current_global,
+                        self.sparse_method,
+                        arrayrecord_key=self.arrayrecord_key,
+                        configrecord_key=self.configrecord_key,
+                        weighted_by_key=self.weighted_by_key,
+                        max_num_examples=self.max_num_examples,
+                    )
+                else:
+                    reply = check_train_reply(
+                        message,
+                        shapes,
+                        arrayrecord_key=self.arrayrecord_key,
+                        weighted_by_key=self.weighted_by_key,
+                        max_num_examples=self.max_num_examples,
+                    )
                 self._check_update_norm(reply)
             except ReplyRejectedError as rejection:
                 report.rejected[node] = rejection.reason
@@ -354,6 +395,22 @@ class FedRobustMerge(FedAvg):
         accepted.sort(key=lambda reply: (reply.arrays.object_id, reply.num_examples))
         return accepted
 
+    def screen_train_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Message], dict[int, str]]:
+        """The replies that pass the per-reply checks, and the rejected ones' reasons.
+
+        For wrappers that must touch replies before ``aggregate_train`` (DP clipping): they
+        hand on only what would be accepted, and the rejections reach this round's report.
+        """
+        if self.current_global is None:
+            raise RuntimeError("screen_train_replies called before configure_train")
+        messages = list(replies)
+        scratch = RoundReport(server_round=server_round)
+        self._accept(messages, scratch)
+        kept_nodes = set(scratch.accepted_nodes)
+        return [m for m in messages if m.metadata.src_node_id in kept_nodes], scratch.rejected
+
     def _check_update_norm(self, reply: AcceptedReply) -> None:
         if self.max_update_norm is None:
             return
@@ -375,14 +432,18 @@ class FedRobustMerge(FedAvg):
         weights = (
             [float(reply.num_examples) for reply in accepted] if self.weight_by_examples else None
         )
-        result = merge_lora_with_report(
-            inputs,
-            self.merge_method,
-            weights,
-            self.device,
-            labels=[f"node {reply.node_id}" for reply in accepted],
-            **self.merge_hyperparameters,
-        )
+        if self.sparse_method is not None:
+            sparse = [reply for reply in accepted if isinstance(reply, SparseReply)]
+            result = merge_sparse_replies(sparse, self.sparse_method, weights)
+        else:
+            result = merge_lora_with_report(
+                inputs,
+                self.merge_method,
+                weights,
+                self.device,
+                labels=[f"node {reply.node_id}" for reply in accepted],
+                **self.merge_hyperparameters,
+            )
         report.merge_seconds = result.report.seconds
         report.relative_error = result.report.relative_error
         new_global = result.tensors  # updated in place, one key at a time: no extra adapter copy

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies.merging import is_lora_key
+from strategies.sparse_codec import is_wire_key
 
 ACCEPTED_WIRE_DTYPES = frozenset({"float16", "float32", "float64"})
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000_000
@@ -68,6 +69,12 @@ def check_train_reply(
     num_examples = check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
     keys = set(arrays.keys())
     expected = set(global_shapes)
+    sparse = sorted(key for key in keys - expected if is_wire_key(key))
+    if sparse:
+        raise ReplyRejectedError(
+            f"a sparse-uplink reply (e.g. {sparse[0]!r}) but this run's uplink is dense: clients "
+            "must read the same run config 'uplink' as the server"
+        )
     non_lora = sorted(key for key in keys - expected if not is_lora_key(key))
     if non_lora:
         raise ReplyRejectedError(

@@ -13,6 +13,9 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> Pair
     The product is never formed: QR of both sides reduces the SVD to a K x K core, so the cost
     is O((d_out + d_in) K^2), not O(d_out d_in min(d_out, d_in)). Returns B = U sqrt(S) and
     A = sqrt(S) V^T with the relative Frobenius error of B @ A against the full product.
+    Each singular pair's sign is fixed (the largest-magnitude entry of each column of U is
+    positive), so the factors, not only their product, do not depend on the order of the
+    clients' blocks in ``left`` and ``right``.
     """
     q_left, r_left = torch.linalg.qr(left.to(torch.float64))
     q_right, r_right = torch.linalg.qr(right.to(torch.float64).T)
@@ -21,8 +24,12 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> Pair
     root = s[:kept].sqrt()
     b = torch.zeros(left.shape[0], rank, dtype=torch.float64, device=left.device)
     a = torch.zeros(rank, right.shape[1], dtype=torch.float64, device=right.device)
-    b[:, :kept] = (q_left @ u[:, :kept]) * root
-    a[:kept] = root[:, None] * (vh[:kept] @ q_right.T)
+    left_vectors = q_left @ u[:, :kept]
+    pivots = left_vectors.abs().argmax(dim=0)
+    signs = torch.sign(left_vectors[pivots, torch.arange(kept, device=left.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    b[:, :kept] = left_vectors * (signs * root)
+    a[:kept] = (signs * root)[:, None] * (vh[:kept] @ q_right.T)
     energy = s.square()
     total = float(energy.sum())
     dropped = float(energy[kept:].sum())

@@ -9,15 +9,13 @@ learn, and the merged adapter loads with PeftModel.from_pretrained on the tiny m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.client.tiny_llama import save_tiny_llama, write_echo_jsonl
-from tests.integration.test_simulation import ROOT, free_port
+from tests.integration.simulation import run_simulation
 
 
 @pytest.mark.integration
@@ -29,30 +27,14 @@ def test_causal_lm_simulation_learns_and_writes_loadable_adapter(tmp_path: Path)
         write_echo_jsonl(data / f"site-{site}.jsonl", 60, seed=site)
     server_eval = write_echo_jsonl(data / "server-eval.jsonl", 20, seed=99)
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "NUM_SUPERNODES": "2",
-    }
     overrides = (
         f'task="causal-lm" model="{model_dir}" target-modules="auto" lora-r=4 lora-alpha=8 '
         f"num-server-rounds=2 local-epochs=3 learning-rate=0.03 batch-size=8 max-length=64 "
         f"data-path='{data}/site-{{partition-id}}.jsonl' server-eval-data='{server_eval}' "
         f"output-dir='{out}'"
     )
-    completed = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run_simulation.sh"), "-c", overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    log = completed.stdout + completed.stderr
-    assert completed.returncode == 0, log[-4000:]
+    returncode, log = run_simulation(tmp_path, overrides, timeout=300)
+    assert returncode == 0, log[-4000:]
     assert "Final adapter" in log, log[-4000:]
 
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]

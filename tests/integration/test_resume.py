@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,28 +20,12 @@ import pytest
 import torch
 
 from strategies.peft_files import read_adapter_dir
+from tests.integration.simulation import ROOT, simulation_env
 
-ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = (
     "num-server-rounds=3 train-examples=32 max-length=32 server-eval=false "
     "seen-tasks='banking77,sentiment' seed=7"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def environment(home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "NUM_SUPERNODES": "2",
-    }
 
 
 def start(out: Path, home: Path, log: Path, extra: str = "") -> subprocess.Popen[bytes]:
@@ -55,7 +38,7 @@ def start(out: Path, home: Path, log: Path, extra: str = "") -> subprocess.Popen
                 f"{OVERRIDES} output-dir='{out}' {extra}",
             ],
             cwd=ROOT,
-            env=environment(home),
+            env=simulation_env(home),
             stdout=stream,
             stderr=subprocess.STDOUT,
             start_new_session=True,

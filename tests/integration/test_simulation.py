@@ -7,48 +7,23 @@ final adapter that PeftModel.from_pretrained loads on the embedded MiniLM.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.integration.simulation import run_simulation
 
 
 @pytest.mark.integration
 def test_two_client_simulation_writes_loadable_adapter_and_metrics(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "NUM_SUPERNODES": "2",
-    }
     overrides = (
         f"num-server-rounds=2 train-examples=32 eval-examples=32 max-length=32 "
         f"seen-tasks='banking77,sentiment' unseen-tasks='mcid' output-dir='{out}'"
     )
-    completed = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "run_simulation.sh"), "-c", overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-        check=False,
-    )
-    log = completed.stdout + completed.stderr
-    assert completed.returncode == 0, log[-4000:]
+    returncode, log = run_simulation(tmp_path, overrides)
+    assert returncode == 0, log[-4000:]
     assert "Final adapter" in log, log[-4000:]
 
     metrics = json.loads((out / "metrics.json").read_text())

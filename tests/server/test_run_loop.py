@@ -21,6 +21,7 @@ from server.checkpoints import CheckpointStore
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge, merge_lora
 from strategies.peft_files import adapter_config_for, read_adapter_dir
+from strategies.reply_checks import state_dict_to_record
 from tests.client.tiny_model import save_tiny_bert
 
 Handler = Callable[[Message, Context], Message]
@@ -180,6 +181,15 @@ def test_late_and_crashing_clients_are_left_out_and_the_round_merges_the_rest(
 
     lora = LoraSettings.from_run_config(run_config)
     start = initial_adapter(lora, seed=0)
+    # Serialised size of the arrays: fp32 payload plus keys, dtypes and shapes.
+    adapter_bytes = state_dict_to_record(start).count_bytes()
+    assert adapter_bytes > sum(value.numel() * 4 for value in start.values())
+    traffic = entry["communication"]
+    assert traffic["uplink"] == "dense"
+    assert traffic["train-down-bytes"] == {str(node): adapter_bytes for node in (1, 2, 3, 4)}
+    # node 3 was late (its reply never counted), node 4 answered with an error (no arrays)
+    assert traffic["train-up-bytes"] == {"1": adapter_bytes, "2": adapter_bytes, "4": 0}
+    assert traffic["round-bytes"] == traffic["cumulative-bytes"] == 6 * adapter_bytes
     good = [
         grid.replies[(1, node)].content.array_records["arrays"].to_torch_state_dict()
         for node in (1, 2)
@@ -198,6 +208,8 @@ def test_round_with_no_usable_reply_keeps_the_global_and_the_run_goes_on(
     grid = ThreadGrid(handlers, run_config)
     metrics = run(tmp_path, grid, 2, run_config)
     assert [entry["train"]["round-skipped"] for entry in metrics["rounds"]] == [1, 1]
+    totals = [entry["communication"]["cumulative-bytes"] for entry in metrics["rounds"]]
+    assert totals[1] == 2 * totals[0] > 0
     lora = LoraSettings.from_run_config(run_config)
     final = read_adapter_dir(tmp_path / "final").tensors
     for key, value in initial_adapter(lora, seed=0).items():

@@ -114,3 +114,11 @@ def test_merge_pruned_needs_one_scale_mapping_per_adapter() -> None:
     pruned, scales = prune_adapter(adapters[0], method)
     with pytest.raises(ValueError, match="one scale mapping per adapter"):
         merge_pruned([pruned, pruned], [scales], method)
+
+
+def test_paper_equation_factors_do_not_depend_on_client_order() -> None:
+    adapters = make_adapters(seed=8, count=3, rank=4, d_in=24, d_out=20)
+    forward = merge_lora(adapters, "robustmerge", mode="paper-equation")
+    backward = merge_lora(adapters[::-1], "robustmerge", mode="paper-equation")
+    for key, value in forward.items():
+        torch.testing.assert_close(backward[key], value, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,59 @@
+"""The train handler's sparse uplink: the reply is the pruned delta of what the dense reply
+carries, in the codec's wire form, marked, and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.app import train
+from client.model import LoraSettings, initial_adapter
+from strategies.merging.decomposed import prune_adapter
+from strategies.merging.robustmerge import RobustMerge
+from strategies.sparse_codec import decode_update
+from tests.client.test_app import context, instruction
+
+
+def test_sparse_reply_is_the_pruned_delta_of_the_dense_reply(tiny_model_dir: Path) -> None:
+    run_config: dict[str, Any] = {
+        "model": str(tiny_model_dir),
+        "lora-r": 4,
+        "lora-alpha": 8,
+        "target-modules": "query,value",
+        "batch-size": 8,
+        "max-length": 32,
+        "learning-rate": 1e-3,
+        "train-examples": 8,
+        "seen-tasks": "mcid",
+        "seed": 0,
+        "keep-ratio": 0.3,
+        "scale-quantile": 0.25,
+    }
+    base = initial_adapter(LoraSettings.from_run_config(run_config), seed=0)
+    node = {"partition-id": 0}
+    dense = train(instruction(base, "train", {"server-round": 1}), context(run_config, **node))
+    sparse = train(
+        instruction(base, "train", {"server-round": 1}),
+        context({**run_config, "uplink": "sparse"}, **node),
+    )
+    assert not sparse.has_error()
+    assert set(sparse.content.keys()) == {"arrays", "config", "metrics"}
+    assert dict(sparse.content.config_records["config"]) == {"uplink": "sparse"}
+    assert dict(sparse.content.metric_records["metrics"]) == dict(
+        dense.content.metric_records["metrics"]
+    )
+
+    trained = dense.content.array_records["arrays"].to_torch_state_dict()
+    wire = {k: v.numpy() for k, v in sparse.content.array_records["arrays"].items()}
+    pruned, scales = decode_update(wire, {key: tuple(value.shape) for key, value in base.items()})
+    method = RobustMerge(keep_ratio=0.3, scale_quantile=0.25)
+    want, want_scales = prune_adapter({k: trained[k] - base[k] for k in base}, method)
+    for key in base:
+        assert torch.equal(pruned[key], want[key]), key
+    assert scales.keys() == want_scales.keys()
+    for name in scales:
+        assert torch.equal(scales[name], want_scales[name]), name
+    payload = sum(array.nbytes for array in wire.values())
+    assert payload < 0.5 * sum(tensor.numel() * 4 for tensor in trained.values())

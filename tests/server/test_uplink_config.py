@@ -1,0 +1,25 @@
+"""Run config ``uplink`` reaches the strategy; sparse with another merge is refused at start."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.app import build_merge_strategy
+from server.config import ServerSettings
+
+
+def test_uplink_reaches_the_strategy() -> None:
+    settings = ServerSettings.from_run_config({"uplink": "sparse", "merge-device": "cpu"})
+    strategy = build_merge_strategy(settings)
+    assert strategy.uplink == "sparse"
+    assert strategy.sparse_method is not None
+    assert strategy.sparse_method.keep_ratio == settings.keep_ratio
+    assert build_merge_strategy(ServerSettings.from_run_config({})).sparse_method is None
+
+
+def test_sparse_uplink_with_another_merge_is_refused() -> None:
+    settings = ServerSettings.from_run_config(
+        {"uplink": "sparse", "merge-method": "ties", "merge-device": "cpu"}
+    )
+    with pytest.raises(ValueError, match="needs merge_method 'robustmerge'"):
+        build_merge_strategy(settings)
