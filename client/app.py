@@ -161,6 +161,21 @@ def _message_config(msg: Message) -> ConfigRecord:
     return records[CONFIG_KEY] if CONFIG_KEY in records else ConfigRecord()
 
 
+def _train_config(msg: Message) -> tuple[int, float | None]:
+    """The train instruction's ``server-round`` (required) and ``learning-rate`` (optional)."""
+    config = _message_config(msg)
+    if "server-round" not in config:
+        raise ValueError(
+            f"the train instruction's ConfigRecord {CONFIG_KEY!r} lacks 'server-round'"
+        )
+    server_round = read_int(config, "server-round", 0, minimum=0, source="train config")
+    if "learning-rate" not in config:
+        return server_round, None
+    return server_round, read_float(
+        config, "learning-rate", 0.0, low=0.0, low_open=True, source="train config"
+    )
+
+
 @app.train(mods=[secure_aggregation_mod])  # SecAgg+ stages only; other messages pass through
 def train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train it on local data, reply with its LoRA tensors and metrics."""
@@ -170,16 +185,8 @@ def train(msg: Message, context: Context) -> Message:
         return _train_causal_lm(msg, context, lora, started)
     training = TrainSettings.from_run_config(context.run_config)
     workload = WorkloadSettings.from_run_config(context.run_config)
-    config = _message_config(msg)
-    if "server-round" not in config:
-        raise ValueError(
-            f"the train instruction's ConfigRecord {CONFIG_KEY!r} lacks 'server-round'"
-        )
-    server_round = read_int(config, "server-round", 0, minimum=0, source="train config")
-    if "learning-rate" in config:
-        learning_rate = read_float(
-            config, "learning-rate", 0.0, low=0.0, low_open=True, source="train config"
-        )
+    server_round, learning_rate = _train_config(msg)
+    if learning_rate is not None:
         training = replace(training, learning_rate=learning_rate)
     seed = workload.seed + (_partition_id(context) or 0) + server_round
     data = _local_data(context, workload, "train", limit=workload.train_examples, seed=seed)
@@ -230,16 +237,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train_causal_lm(msg: Message, context: Context, lora: LoraSettings, started: float) -> Message:
     """The train handler of the causal-LM kind: same instruction and reply format."""
     settings = causal_lm.CausalLmSettings.from_run_config(context.run_config)
-    config = _message_config(msg)
-    if "server-round" not in config:
-        raise ValueError(
-            f"the train instruction's ConfigRecord {CONFIG_KEY!r} lacks 'server-round'"
-        )
-    server_round = read_int(config, "server-round", 0, minimum=0, source="train config")
-    if "learning-rate" in config:
-        learning_rate = read_float(
-            config, "learning-rate", 0.0, low=0.0, low_open=True, source="train config"
-        )
+    server_round, learning_rate = _train_config(msg)
+    if learning_rate is not None:
         settings = replace(settings, learning_rate=learning_rate)
     base_seed = read_int(context.run_config, "seed", 0, minimum=0)
     seed = base_seed + (_partition_id(context) or 0) + server_round

@@ -23,23 +23,12 @@ from flwr.app import (
 from client.app import app, evaluate, train
 from client.model import LoraSettings, initial_adapter
 from client.tasks import load_task
+from tests.client.tiny_model import tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def run_config(tiny_model_dir: Path) -> dict[str, Any]:
-    return {
-        "model": str(tiny_model_dir),
-        "lora-r": 4,
-        "lora-alpha": 8,
-        "target-modules": "query,value",
-        "batch-size": 8,
-        "max-length": 32,
-        "learning-rate": 1e-3,
-        "train-examples": 16,
-        "eval-examples": 12,
-        "seen-tasks": "mcid,hwu64",
-        "seed": 0,
-    }
+    return tiny_run_config(tiny_model_dir, **{"eval-examples": 12})
 
 
 @pytest.fixture(scope="module")

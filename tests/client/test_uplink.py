@@ -4,7 +4,6 @@ carries, in the codec's wire form, marked, and nothing else."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -14,23 +13,14 @@ from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import decode_update
 from tests.client.test_app import context, instruction
+from tests.client.tiny_model import tiny_run_config
 
 
 def test_sparse_reply_is_the_pruned_delta_of_the_dense_reply(tiny_model_dir: Path) -> None:
-    run_config: dict[str, Any] = {
-        "model": str(tiny_model_dir),
-        "lora-r": 4,
-        "lora-alpha": 8,
-        "target-modules": "query,value",
-        "batch-size": 8,
-        "max-length": 32,
-        "learning-rate": 1e-3,
-        "train-examples": 8,
-        "seen-tasks": "mcid",
-        "seed": 0,
-        "keep-ratio": 0.3,
-        "scale-quantile": 0.25,
-    }
+    run_config = tiny_run_config(
+        tiny_model_dir,
+        **{"train-examples": 8, "seen-tasks": "mcid", "keep-ratio": 0.3, "scale-quantile": 0.25},
+    )
     base = initial_adapter(LoraSettings.from_run_config(run_config), seed=0)
     node = {"partition-id": 0}
     dense = train(instruction(base, "train", {"server-round": 1}), context(run_config, **node))

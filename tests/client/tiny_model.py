@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BertConfig, BertModel
@@ -43,3 +44,21 @@ def save_tiny_bert(folder: Path, *, weights: bool = True) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(source / name, folder / name)
     return folder
+
+
+def tiny_run_config(model: Path, **overrides: Any) -> dict[str, Any]:
+    """A run config for the tiny BERT in ``model``: small LoRA, batches and data (seconds)."""
+    return {
+        "model": str(model),
+        "lora-r": 4,
+        "lora-alpha": 8,
+        "target-modules": "query,value",
+        "batch-size": 8,
+        "max-length": 32,
+        "learning-rate": 1e-3,
+        "train-examples": 16,
+        "eval-examples": 8,
+        "seen-tasks": "mcid,hwu64",
+        "seed": 0,
+        **overrides,
+    }

@@ -27,11 +27,13 @@ from tests.strategies.test_fed_robustmerge import (
     make_global,
     reply,
     start_round,
-    task_identity,  # noqa: F401  (autouse fixture)
     trained,
 )
 
 CLIP = 0.5
+
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def wrapped(mode: str, *, noise: float = 0.0, sampled: int = 3, **options: float) -> Strategy:

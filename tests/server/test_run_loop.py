@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from flwr.app import Context, Error, Message, Metadata, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import train
 from client.model import LoraSettings, initial_adapter
@@ -22,37 +21,19 @@ from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge, merge_lora
 from strategies.peft_files import adapter_config_for, read_adapter_dir
 from strategies.reply_checks import state_dict_to_record
-from tests.client.tiny_model import save_tiny_bert
+from tests.client.tiny_model import save_tiny_bert, tiny_run_config
 
 Handler = Callable[[Message, Context], Message]
 # Generous, so that punctual clients make it even on a loaded machine; late ones never do.
 ROUND_TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    model = save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-    return {
-        "model": str(model),
-        "lora-r": 4,
-        "lora-alpha": 8,
-        "target-modules": "query,value",
-        "batch-size": 8,
-        "max-length": 32,
-        "learning-rate": 1e-3,
-        "train-examples": 16,
-        "eval-examples": 8,
-        "seen-tasks": "mcid,hwu64",
-        "seed": 0,
-    }
+    return tiny_run_config(save_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
 
 
 RELEASE_LATE_CLIENTS = threading.Event()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -28,7 +28,6 @@ from flwr.common import FitRes, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.server.client_proxy import ClientProxy
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.secure_aggregation as client_secagg
 from client.app import app as client_app
@@ -55,17 +54,12 @@ from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
 from strategies.peft_files import adapter_config_for, read_adapter_dir
-from tests.client.tiny_model import save_tiny_bert
+from tests.client.tiny_model import save_tiny_bert, tiny_run_config
 
 NODES = (1, 2, 3, 4)
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +68,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_run_config(model: Path, out: Path, **overrides: Any) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "lora-r": 4,
-        "lora-alpha": 8,
-        "target-modules": "query,value",
-        "batch-size": 8,
-        "max-length": 32,
-        "learning-rate": 1e-3,
-        "train-examples": 16,
-        "eval-examples": 8,
-        "seen-tasks": "mcid,hwu64",
-        "seed": 0,
-        "num-server-rounds": 1,
-        "min-train-nodes": len(NODES),
-        "server-eval": False,
-        "round-timeout": 120.0,
-        "output-dir": str(out),
-        "secure-aggregation": True,
-        **overrides,
-    }
+    return tiny_run_config(
+        model,
+        **{
+            "num-server-rounds": 1,
+            "min-train-nodes": len(NODES),
+            "server-eval": False,
+            "round-timeout": 120.0,
+            "output-dir": str(out),
+            "secure-aggregation": True,
+            **overrides,
+        },
+    )
 
 
 class InProcessGrid:

@@ -24,11 +24,13 @@ from tests.strategies.test_fed_robustmerge import (
     make_global,
     reply,
     start_round,
-    task_identity,  # noqa: F401 (autouse fixture: Flower's task identity for instructions)
     trained,
 )
 
 RUN_CONFIG = {"uplink": "sparse", "keep-ratio": 0.2, "scale-quantile": 0.2}
+
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def sparse_reply(node: int, wire: dict[str, torch.Tensor], num_examples: object = 100) -> Message:
