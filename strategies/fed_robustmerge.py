@@ -434,7 +434,7 @@ class FedRobustMerge(FedAvg):
         )
         if self.sparse_method is not None:
             sparse = [reply for reply in accepted if isinstance(reply, SparseReply)]
-            result = merge_sparse_replies(sparse, self.sparse_method, weights)
+            result = merge_sparse_replies(sparse, self.sparse_method, weights, self.device)
         else:
             result = merge_lora_with_report(
                 inputs,

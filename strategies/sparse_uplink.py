@@ -214,8 +214,9 @@ def merge_sparse_replies(
     replies: Sequence[SparseReply],
     method: RobustMerge,
     weights: Sequence[float] | None,
+    device: str = "cpu",
 ) -> MergeResult:
-    """Steps 3-4 over the replies' pruned deltas and scales (on CPU), with a merge report.
+    """Steps 3-4 over the replies' pruned deltas and scales (on ``device``), with a report.
 
     ``weights`` as ``merge_lora``'s, normalised the same way (float64 sum, then float32).
     The report has no rank-truncation error: ``merge_pruned`` does not return it.
@@ -227,13 +228,14 @@ def merge_sparse_replies(
         else torch.tensor(list(weights), dtype=torch.float64)
     )
     normalised = (raw / raw.sum()).to(torch.float32)
-    report = MergeReport(method=method.describe(), num_adapters=count, device="cpu")
+    report = MergeReport(method=method.describe(), num_adapters=count, device=device)
     started = time.perf_counter()
     tensors = merge_pruned(
         [SparseDeltaView(reply) for reply in replies],
         [reply.scales for reply in replies],
         method,
         normalised,
+        device,
     )
     report.seconds = time.perf_counter() - started
     return MergeResult(tensors=tensors, report=report)

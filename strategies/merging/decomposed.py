@@ -64,11 +64,13 @@ def merge_pruned(
     scales: Sequence[Mapping[str, torch.Tensor]],
     method: RobustMerge,
     weights: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Steps 3-4 (either mode of ``method``) from the clients' pruned tensors and scales.
 
     ``weights``: normalised per-client weights (sum 1; None = equal). Equals ``merge_lora`` with
-    ``method`` on the unpruned adapters. float32 CPU tensors in the first adapter's key order.
+    ``method`` on the unpruned adapters. Computes one module at a time on ``device``; returns
+    float32 CPU tensors in the first adapter's key order.
     """
     if not pruned or len(pruned) != len(scales):
         raise ValueError(
@@ -76,26 +78,28 @@ def merge_pruned(
             f"and {len(scales)} scale mappings"
         )
     count = len(pruned)
+    target = torch.device(device)
     p = torch.full((count,), 1.0 / count) if weights is None else weights.to(torch.float32)
+    p = p.to(target)
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([_float(t[key]) for t in pruned]).to(target)
+
     layout = parse_layout(pruned[0])
     merged: dict[str, torch.Tensor] = {}
     for module in layout.modules:
         a_shape = pruned[0][module.a_key].shape
         b_shape = pruned[0][module.b_key].shape
-        a_stack = torch.stack([_float(t[module.a_key]) for t in pruned]).reshape(
-            count, a_shape[0], -1
-        )
-        b_stack = torch.stack([_float(t[module.b_key]) for t in pruned]).reshape(
-            count, b_shape[0], b_shape[1]
-        )
+        a_stack = stack(module.a_key).reshape(count, a_shape[0], -1)
+        b_stack = stack(module.b_key).reshape(count, b_shape[0], b_shape[1])
         scale = torch.stack(
             [_module_scale(s, module.name, a_shape[0], index) for index, s in enumerate(scales)]
-        )
+        ).to(target)
         pair = method.combine(a_stack, b_stack, scale, p)
-        merged[module.a_key] = pair.a.reshape(a_shape)
-        merged[module.b_key] = pair.b.reshape(b_shape)
+        merged[module.a_key] = _float(pair.a).reshape(a_shape)
+        merged[module.b_key] = _float(pair.b).reshape(b_shape)
     for key in layout.other_keys:
-        merged[key] = method.merge_other(torch.stack([_float(t[key]) for t in pruned]), p)
+        merged[key] = _float(method.merge_other(stack(key), p))
     return {key: merged[key] for key in pruned[0]}
 
 

@@ -122,3 +122,18 @@ def test_paper_equation_factors_do_not_depend_on_client_order() -> None:
     backward = merge_lora(adapters[::-1], "robustmerge", mode="paper-equation")
     for key, value in forward.items():
         torch.testing.assert_close(backward[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["paper-exact", "paper-equation"])
+def test_merge_pruned_on_cuda_matches_cpu(mode: str) -> None:
+    adapters = make_adapters(seed=4, count=3, rank=4, d_in=24, d_out=20)
+    method = RobustMerge(mode=mode, **SETTINGS)
+    parts = [prune_adapter(adapter, method) for adapter in adapters]
+    pruned, scales = [p for p, _ in parts], [s for _, s in parts]
+    on_cpu = merge_pruned(pruned, scales, method)
+    on_gpu = merge_pruned(pruned, scales, method, device="cuda")
+    for key, value in on_cpu.items():
+        assert on_gpu[key].device.type == "cpu"
+        torch.testing.assert_close(on_gpu[key], value, rtol=1e-5, atol=1e-6)
