@@ -108,6 +108,7 @@ from client.secure_aggregation import (
     TermLayout,
 )
 from server.checkpoints import CheckpointStore
+from server.communication import round_communication
 from server.config import ConfigError, ServerSettings
 from server.metrics_log import plot_accuracy, write_metrics
 from server.run_loop import archive_previous_run
@@ -326,6 +327,8 @@ class SecureRobustMerge(Strategy):
         )
         self._entry: dict[str, Any] | None = None
         self._started = 0.0
+        self._sampled_nodes: list[int] = []
+        self._summed_nodes: list[int] = []
 
     def __repr__(self) -> str:
         return (
@@ -394,6 +397,8 @@ class SecureRobustMerge(Strategy):
             },
             "merge": {"secure-aggregation": "halted (too few clients answered a stage)"},
         }
+        self._sampled_nodes = [proxy.node_id for proxy in proxies]
+        self._summed_nodes = []
         log(INFO, "configure_fit: sampled %d nodes for secure aggregation", len(proxies))
         return [(proxy, FitIns(outgoing, dict(config))) for proxy in proxies]
 
@@ -409,6 +414,7 @@ class SecureRobustMerge(Strategy):
         self._entry = entry
         train: dict[str, Any] = entry.setdefault("train", {})
         count = len(results)
+        self._summed_nodes = [proxy.node_id for proxy, _ in results]
         train["clients-accepted"] = count
         train["clients-dropped"] = entry.get("clients-sampled", count) - count
         train["bytes-received"] = count * train.get("bytes-received-per-client", 0)
@@ -517,6 +523,19 @@ class SecureRobustMerge(Strategy):
             }
             log(INFO, "round %d server-side evaluation: %s", round_number, averages)
         entry["seconds"] = time.perf_counter() - self._started if self._started else 0.0
+        train = entry.get("train", {})
+        entry["communication"] = round_communication(
+            uplink="secure-aggregation",
+            train_down={
+                str(node): int(train.get("bytes-sent-per-client", 0))
+                for node in self._sampled_nodes
+            },
+            train_up={
+                str(node): int(train.get("bytes-received-per-client", 0))
+                for node in self._summed_nodes
+            },
+            history=record.history,
+        )
         record.history.append(entry)
         record.store.save(
             round_number,

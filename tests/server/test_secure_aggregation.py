@@ -269,6 +269,11 @@ def test_secure_merge_matches_the_plain_merge_within_the_quantisation_bound(
         if stage == Stage.COLLECT_MASKED_VECTORS
     ]
     assert masked == [train["bytes-received-per-client"]] * 4
+    traffic = entry["communication"]
+    assert traffic["uplink"] == "secure-aggregation"
+    assert sorted(traffic["train-up-bytes"].values()) == masked
+    assert len(traffic["train-down-bytes"]) == 4
+    assert traffic["cumulative-bytes"] == sum(masked) + sum(traffic["train-down-bytes"].values())
     written = read_adapter_dir(tmp_path / "run" / "final").tensors
     for key, value in final.items():
         assert torch.equal(written[key], value)
