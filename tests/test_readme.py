@@ -25,3 +25,13 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     command = "bash scripts/setup.sh && bash scripts/check.sh"
     assert command in readme
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_run_config_key_is_documented() -> None:
+    """Each key of [tool.flwr.app.config] is named (in backticks) in the README."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(key for key in config if f"`{key}`" not in readme)
+    assert not missing, f"run-config keys not documented in README: {missing}"
