@@ -95,6 +95,8 @@ class QualityConfig:
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     oneshot_fuse_weights: tuple[float, ...] = (1.0, 2.0)
     fed_grid: tuple[tuple[float, float], ...] = ((1.0, 1.0), (2.0, 1.0), (2.0, 0.5), (1.0, 2.0))
+    # FedAvg's server lr, swept like robustmerge's (a larger step is not an aggregation gain)
+    fedavg_lrs: tuple[float, ...] = (1.0, 2.0, 4.0)
     sweep_rounds: int = 2
     batch_size: int = 32
     max_length: int = 64
@@ -126,6 +128,7 @@ QUICK = QualityConfig(
     keep_ratios=(0.2, 0.5),
     oneshot_fuse_weights=(1.0, 2.0),
     fed_grid=((1.0, 1.0), (2.0, 1.0)),
+    fedavg_lrs=(1.0, 2.0),
     sweep_rounds=1,
     tag="quick",
 )
@@ -544,8 +547,85 @@ def run_benchmark(
                 curves.setdefault(label, []).append(history)
                 per_seed.setdefault(f"{label}, round {config.rounds}", []).append(history[-1])
                 save(f"{label} seed {seed}")
+    fedavg_lr_stage(work, results, log, save)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     json_path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def fedavg_lr_stage(
+    work: Workload,
+    results: dict[str, Any],
+    log: Callable[[str], None],
+    save: Callable[[str], None],
+) -> None:
+    """FedAvg with its server lr swept on dev (first seed), then run on test like robustmerge.
+
+    RobustMerge's merged delta is larger than FedAvg's mean (lambda on both factors, A summed
+    over clients), so over rounds it takes larger steps; this row tells a better aggregation
+    from a larger step.
+    """
+    config = work.config
+    sweep: dict[str, float] = {}
+    for lr in config.fedavg_lrs:
+        history = run_federated(
+            work,
+            method="fedavg",
+            seed=config.seeds[0],
+            rounds=config.sweep_rounds,
+            fuse_weight=1.0,
+            server_lr=lr,
+            split="dev",
+            log=log,
+        )
+        sweep[str(lr)] = history[-1]["seen-avg"]
+    chosen = float(max(sweep, key=lambda k: sweep[k]))
+    results["fedavg_sweep"] = {"dev_seen_avg": sweep, "chosen": chosen}
+    save("fedavg server-lr sweep")
+    label = f"federated fedavg (eta {chosen}, swept)"
+    curves: dict[str, list[list[Scores]]] = results.setdefault("fed_curves", {})
+    per_seed: dict[str, list[Scores]] = results["per_seed"]
+    for seed in config.fed_seeds:
+        history = run_federated(
+            work,
+            method="fedavg",
+            seed=seed,
+            rounds=config.rounds,
+            fuse_weight=1.0,
+            server_lr=chosen,
+            split="test",
+            log=log,
+        )
+        curves.setdefault(label, []).append(history)
+        per_seed.setdefault(f"{label}, round {config.rounds}", []).append(history[-1])
+        save(f"{label} seed {seed}")
+
+
+def extend_saved_run(
+    config: QualityConfig, out_dir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Add the stages a saved run of ``config`` lacks (today: the FedAvg server-lr stage)."""
+    suffix = "" if config.tag == "full" else f"-{config.tag}"
+    json_path = out_dir / f"quality{suffix}.json"
+    results: dict[str, Any] = json.loads(json_path.read_text())
+    saved = results["config"]
+    for name, value in asdict(config).items():
+        if name in saved and name != "fedavg_lrs" and saved[name] != json.loads(json.dumps(value)):
+            raise SystemExit(f"the saved run has {name} = {saved[name]!r}, not {value!r}")
+    results["config"] = asdict(config)
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    base = float(results["wall_seconds"])
+
+    def save(stage: str) -> None:
+        results["stages"][stage] = round(base + time.perf_counter() - started, 1)
+        results["table"] = aggregate_rows(results["per_seed"])
+        results["wall_seconds"] = round(base + time.perf_counter() - started, 1)
+        json_path.write_text(json.dumps(results, indent=1))
+        log(f"[{results['wall_seconds']:.0f}s] {stage} done")
+
+    if "fedavg_sweep" not in results:
+        fedavg_lr_stage(load_workload(config), results, log, save)
     return results
 
 
@@ -617,6 +697,18 @@ def markdown(results: Mapping[str, Any], command: str) -> str:
             fuse, lr = key.split("|")
             lines.append(f"| {fuse} | {lr} | {100 * value:.1f} |")
         lines.append(f"\nChosen: fuse weight {sweep['chosen'][0]}, server lr {sweep['chosen'][1]}.")
+    if "fedavg_sweep" in results:
+        lines += [
+            "",
+            f"## FedAvg server-lr sweep ({config['sweep_rounds']} rounds, dev of seen tasks, "
+            "first seed)",
+            "",
+            "| server lr | dev seen avg |",
+            "|---|---|",
+        ]
+        for lr, value in results["fedavg_sweep"]["dev_seen_avg"].items():
+            lines.append(f"| {lr} | {100 * value:.1f} |")
+        lines.append(f"\nChosen: server lr {results['fedavg_sweep']['chosen']}.")
     if results.get("fed_curves"):
         lines += [
             "",
@@ -682,10 +774,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="rewrite the Markdown and PNG from the saved JSON (e.g. of an interrupted run)",
     )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="add the stages a saved run lacks (e.g. one made before they existed) and report",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else QualityConfig()
     suffix = "" if config.tag == "full" else f"-{config.tag}"
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else "")
+    if args.extend:
+        extended = extend_saved_run(config, args.out_dir, print)
+        command += " && " + command + " --extend"
+        (args.out_dir / f"quality{suffix}.md").write_text(markdown(extended, command))
+        plot(extended, args.out_dir / f"quality{suffix}.png")
+        return
     if args.report_only:
         saved = json.loads((args.out_dir / f"quality{suffix}.json").read_text())
         (args.out_dir / f"quality{suffix}.md").write_text(markdown(saved, command))

@@ -21,6 +21,7 @@ TINY = replace(
     keep_ratios=(0.2,),
     oneshot_fuse_weights=(2.0,),
     fed_grid=((1.0, 1.0),),
+    fedavg_lrs=(1.0, 2.0),
     tag="tiny",
 )
 
@@ -46,6 +47,8 @@ def test_every_row_present(results: dict[str, object]) -> None:
     assert not missing, f"rows missing from the table: {sorted(missing)}"
     assert any(row.startswith("federated robustmerge") for row in table)
     assert any(row.startswith("federated fedavg") for row in table)
+    assert any(row.startswith("federated fedavg (eta ") and "swept" in row for row in table)
+    assert set(results["fedavg_sweep"]["dev_seen_avg"]) == {"1.0", "2.0"}  # type: ignore[index]
 
 
 def test_numbers_are_fractions(results: dict[str, object]) -> None:
