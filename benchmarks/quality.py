@@ -735,14 +735,15 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(14, 6))
-    for row, columns in results["table"].items():
+    markers = "osv^DPX*<>hpd8H"
+    for index, (row, columns) in enumerate(results["table"].items()):
         if "seen-avg" in columns and "unseen-avg" in columns:
             left.errorbar(
                 100 * columns["seen-avg"][0],
                 100 * columns["unseen-avg"][0],
                 xerr=100 * columns["seen-avg"][1],
                 yerr=100 * columns["unseen-avg"][1],
-                fmt="o",
+                fmt=markers[index % len(markers)],
                 label=row,
             )
     left.set_xlabel("seen-task average accuracy (%)")
