@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -42,6 +42,7 @@ from strategies.merging import (
     merge_lora_with_report,
     resolve_device,
 )
+from strategies.merging.diagnostics import shared_a_similarity
 from strategies.peft_files import (
     AdapterFileError,
     AdapterFolder,
@@ -208,6 +209,7 @@ def run_merge(args: argparse.Namespace) -> int:
                 "inputs' values are too large to merge)"
             )
 
+    _warn_shared_initialisation(tensors, result.report.method)
     report = _report(folders, labels, method, hyperparameters, weights, result.report)
     write_adapter_dir(
         out,
@@ -227,6 +229,34 @@ def run_merge(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Argument checks
+
+
+SHARED_A_SIMILARITY = 0.9
+
+
+def _warn_shared_initialisation(
+    adapters: Sequence[Mapping[str, torch.Tensor]], described: Mapping[str, object]
+) -> None:
+    """A stderr warning when summing lambda * A over adapters with one initial A will blow up."""
+    summing = described.get("method") in ("task_arithmetic", "dare") or (
+        described.get("method") == "robustmerge" and described.get("mode") == "paper-exact"
+    )
+    fuse = described.get("fuse_weight", 1.0)
+    weight = max(fuse) if isinstance(fuse, tuple) else fuse
+    if not summing or not isinstance(weight, float):
+        return
+    similarity = shared_a_similarity(adapters)
+    if similarity is None or similarity < SHARED_A_SIMILARITY:
+        return
+    print(
+        f"{PROG}: warning: the adapters' A factors are nearly the same (cosine {similarity:.2f}; "
+        f"they share an initialisation, as federated clients' do), so the merged A is about "
+        f"{weight * len(adapters):.3g} times one adapter's; on such adapters lambda = 2 fell "
+        "below zero-shot in our benchmark: consider --fuse-weight 1 or --mode paper-equation "
+        "(README: Quality)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, Any]:

@@ -16,9 +16,12 @@ a d_out x d_in matrix's SVD, so they stay cheap for 7B-sized modules.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from strategies.merging.lora_keys import parse_layout
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,24 @@ def direction_score(
     cosine = float((top * along).sum()) / (float(top.norm()) * norm) if norm > 0 else 0.0
     retained = float(along.sum() / top.sum())
     return DirectionScore(cosine=cosine, retained=retained)
+
+
+def shared_a_similarity(adapters: Sequence[Mapping[str, torch.Tensor]]) -> float | None:
+    """Mean cosine similarity of the adapters' A factors with the first adapter's (all modules).
+
+    Near 1 when the adapters started from one initial adapter and moved little, as federated
+    clients' do: then RobustMerge's paper-exact A_m = sum_t lambda A^_t is about lambda T times
+    one adapter's, where the paper's independently initialised adapters partly cancel. None for
+    fewer than two adapters or no LoRA module.
+    """
+    if len(adapters) < 2:
+        return None
+    modules = parse_layout(adapters[0]).modules
+    if not modules:
+        return None
+    first = torch.cat([adapters[0][m.a_key].detach().flatten().double() for m in modules])
+    similarities = []
+    for adapter in adapters[1:]:
+        other = torch.cat([adapter[m.a_key].detach().flatten().double() for m in modules])
+        similarities.append(float(torch.nn.functional.cosine_similarity(first, other, dim=0)))
+    return sum(similarities) / len(similarities)

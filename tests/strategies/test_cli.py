@@ -387,3 +387,27 @@ def _assert_one_error_line(stderr: str, pattern: str) -> None:
     assert lines[0].startswith("robustmerge-fl: error: "), stderr
     assert "Traceback" not in stderr
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+
+
+def test_warns_when_adapters_share_their_initial_a(
+    synthetic_adapter: SyntheticFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = synthetic_tensors(0)
+    folders = []
+    for seed in (1, 2, 3):
+        moved = {
+            key: value + (0.01 if "lora_A" in key else 1.0) * synthetic_tensors(seed)[key]
+            for key, value in shared.items()
+        }
+        folders.append(str(synthetic_adapter(f"s{seed}", tensors=moved)))
+    assert cli.main(["merge", *folders, "--out", str(tmp_path / "a")]) == 0
+    warning = capsys.readouterr().err
+    assert "warning: the adapters' A factors are nearly the same" in warning
+    assert "6 times one adapter's" in warning  # lambda 2 x 3 adapters
+    # paper-equation applies lambda once: no warning; independent adapters: no warning
+    assert (
+        cli.main(["merge", *folders, "--out", str(tmp_path / "b"), "--mode", "paper-equation"]) == 0
+    )
+    independent = [str(synthetic_adapter(f"i{seed}", seed=seed)) for seed in (1, 2, 3)]
+    assert cli.main(["merge", *independent, "--out", str(tmp_path / "c")]) == 0
+    assert "warning" not in capsys.readouterr().err
