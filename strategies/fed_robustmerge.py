@@ -244,6 +244,19 @@ class FedRobustMerge(FedAvg):
             self.min_merge_replies,
             self.uplink,
         )
+        summed = self.merge_method in ("task_arithmetic", "dare") or (
+            self.merge_method == "robustmerge"
+            and self.merge_hyperparameters.get("mode") == "paper-exact"
+        )
+        if self.merge_target == "adapter" and summed:
+            log(
+                WARNING,
+                "merge-target 'adapter' with %s sums lambda * A over clients that share the "
+                "global A: the merged A is about lambda x clients times one client's (the "
+                "quality benchmark fell below zero-shot at lambda 2); prefer merge-target "
+                "'delta', fuse-weight 1 or merge-mode 'paper-equation'",
+                self.merge_method,
+            )
 
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> list[int]:
         """Seeded sampling, so a resumed run asks the same nodes as an uninterrupted one."""
