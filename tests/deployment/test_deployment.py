@@ -116,8 +116,8 @@ class Federation:
 
 
 def _toml_value(value: object) -> str:
-    """A run-config override value as TOML (strings quoted, numbers as they are)."""
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    """A run-config override value as TOML (strings quoted, booleans lower case)."""
+    return json.dumps(value)
 
 
 def _run_config(values: dict[str, object]) -> str:
@@ -340,3 +340,32 @@ def test_robustmerge_app_runs_two_rounds(federation: Federation) -> None:
         )
     assert _replying_nodes(fed) == set(registered)
     assert "Receiving:" not in fed.rogue.log()
+
+
+def test_secure_aggregation_runs_over_tls(federation: Federation) -> None:
+    """RobustMerge under SecAgg+ across the two registered SuperNodes, over TLS with node auth:
+    the round completes with both sites summed and nothing clipped."""
+    fed = federation
+    out = fed.tmp / "secure-outputs"
+    run_config = {
+        **APP_RUN_CONFIG,
+        "num-server-rounds": 1,
+        "server-eval": False,
+        "secure-aggregation": True,
+        # two sites: every client shares with the other (fractions of the sampled clients)
+        "secagg-num-shares": 1.0,
+        "secagg-reconstruction-threshold": 1.0,
+        "output-dir": str(out),
+    }
+    run_id = _start_run(fed, REPO_ROOT, run_config)
+    status = _wait_finished(fed, run_id)
+    if status != "finished:completed":
+        fed.fail(f"run {run_id} ended as {status}\n{_run_log(fed, run_id)}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    (entry,) = [r for r in metrics["rounds"] if r.get("server-round") == 1]
+    assert entry["merge"] == {"secure-aggregation": "completed", "clients-summed": 2}, entry
+    assert entry["train"]["secagg-clipped-clients"] == 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    traffic = entry["communication"]
+    assert traffic["uplink"] == "secure-aggregation"
+    assert set(traffic["train-up-bytes"]) == {str(n) for n in fed.node_ids.values()}
