@@ -33,14 +33,16 @@ from strategies.peft_files import adapter_config_for
 app = ServerApp()
 
 
-def build_strategy(settings: ServerSettings) -> Strategy:
-    """The strategy the run config describes: FedRobustMerge, inside a DP wrapper if asked."""
+def build_strategy(settings: ServerSettings, rank: int = 8) -> Strategy:
+    """The strategy the run config describes: FedRobustMerge, inside a DP wrapper if asked
+    (``rank``, the LoRA rank, enters the DP sensitivity bound it logs)."""
     return wrap_with_privacy(
         build_merge_strategy(settings),
         settings.dp,
         clipping_norm=settings.dp_clipping_norm,
         noise_multiplier=settings.dp_noise_multiplier,
         num_sampled_clients=settings.min_train_nodes,
+        rank=rank,
     )
 
 
@@ -115,7 +117,7 @@ def main(grid: Grid, context: Context) -> None:
     training = TrainSettings.from_run_config(context.run_config)
     if settings.task == "classification":
         check_tasks(settings)
-    strategy = build_strategy(settings)
+    strategy = build_strategy(settings, lora.r)
     strategy.summary()
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Outputs: %s", settings.output_dir)

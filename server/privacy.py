@@ -16,6 +16,7 @@ needs. RobustMerge is not a mean: see ``robustmerge_sensitivity_factor``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -71,8 +72,12 @@ def wrap_with_privacy(
     clipping_norm: float,
     noise_multiplier: float,
     num_sampled_clients: int,
+    rank: int = 8,
 ) -> Strategy:
-    """``strategy`` inside the DP wrapper ``mode`` names ("none" returns it unchanged)."""
+    """``strategy`` inside the DP wrapper ``mode`` names ("none" returns it unchanged).
+
+    ``rank`` (the LoRA rank) enters RobustMerge's sensitivity bound, logged at start.
+    """
     if mode == "none":
         return strategy
     wrapper = {"server-clipping": ServerSideClipping, "client-clipping": ClientSideClipping}.get(
@@ -80,13 +85,24 @@ def wrap_with_privacy(
     )
     if wrapper is None:
         raise ValueError(f"dp mode must be one of {list(DP_MODES)}; got {mode!r}")
-    factor = robustmerge_sensitivity_factor(strategy, num_sampled_clients)
-    if factor > 1.0:
+    factor = robustmerge_sensitivity_factor(strategy, num_sampled_clients, rank)
+    if factor is None:
+        log(
+            WARNING,
+            "DP: Flower calibrates noise for a mean of %d clipped updates; no sensitivity bound "
+            "is derived for merge method %r with %s, so the DP guarantee of this run is not "
+            "established (README: Privacy and communication)",
+            num_sampled_clients,
+            strategy.merge_method,
+            strategy.merge_hyperparameters,
+        )
+    elif factor > 1.0:
         log(
             WARNING,
             "DP: Flower calibrates noise for a mean of %d clipped updates; with merge method "
-            "%r one client can move the merged update up to %.3g times as much, so the "
-            "effective noise multiplier is %.3g, not %.3g (README: Privacy and communication)",
+            "%r one client can move the released adapter up to %.3g times as much, so the "
+            "effective noise multiplier is at most %.3g, not %.3g (README: Privacy and "
+            "communication)",
             num_sampled_clients,
             strategy.merge_method,
             factor,
@@ -104,20 +120,40 @@ def wrap_with_privacy(
     return wrapper(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
 
 
-def robustmerge_sensitivity_factor(strategy: FedRobustMerge, num_sampled_clients: int) -> float:
-    """How much further one clipped client can move the merged A factor than a mean allows.
+def robustmerge_sensitivity_factor(
+    strategy: FedRobustMerge, num_sampled_clients: int, rank: int
+) -> float | None:
+    """How much further one clipped client can move the released adapter than a mean allows.
 
-    A mean of m updates clipped to C moves by at most C / m when one client changes. RobustMerge
-    sums lambda * A^ over clients (pruning only shrinks norms), so one client moves the merged A
-    by up to lambda * C, and the server step scales that by eta: the factor is
-    eta * lambda * m. (B is a scale-weighted combination of the clients' pruned B, at most
-    lambda times one client's; the bound on A is the larger for m >= 2.) 1.0 for fedavg.
+    Flower's noise (std z C / m) is calibrated for a mean of m updates clipped to C, which one
+    client moves by at most C / m: factor 1 (fedavg). For the other merges, with the server step
+    eta and fuse weight lambda (add or remove one client whose update has norm <= C):
+
+    - task_arithmetic sums lambda * delta over clients: the client moves the merge by up to
+      lambda C; factor eta lambda m.
+    - robustmerge paper-exact: A_m = sum_t lambda A^_t moves by up to lambda C (pruning only
+      shrinks norms). Each column of B_m is lambda times a convex combination (weights
+      s~_t[i] / sum_u s~_u[i]) of the clients' columns; the new client can shift column i by up
+      to lambda (|b_i| + |c_i|) <= lambda (|b_i| + max_t |B^_t[:, i]|), at most lambda C (1 +
+      sqrt(r)) over the r columns. Together: factor eta lambda m sqrt(1 + (1 + sqrt(r))^2),
+      about 4 eta lambda m at r = 8.
+    - paper-equation, ties, dare, svd: products, sign elections, random drops or an SVD; no
+      bound is derived here (None).
+
+    The effective noise multiplier is z / factor; it is an upper bound on the privacy the run
+    gets, since the bounds above are worst cases.
     """
-    if strategy.merge_method == "fedavg":
+    method = strategy.merge_method
+    if method == "fedavg":
         return 1.0
     fuse = strategy.merge_hyperparameters.get("fuse_weight", 1.0)
-    weight = float(max(fuse)) if isinstance(fuse, tuple) else float(fuse)
-    return max(1.0, strategy.server_lr * abs(weight) * num_sampled_clients)
+    weight = abs(float(max(fuse)) if isinstance(fuse, tuple) else float(fuse))
+    base = strategy.server_lr * weight * num_sampled_clients
+    if method == "task_arithmetic":
+        return max(1.0, base)
+    if method == "robustmerge" and strategy.merge_hyperparameters.get("mode") == "paper-exact":
+        return max(1.0, base * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2))
+    return None
 
 
 def core_strategy(strategy: Strategy) -> FedRobustMerge:

@@ -151,11 +151,14 @@ def test_wrap_modes_and_sensitivity_factor() -> None:
         wrap_with_privacy(
             inner, "local", clipping_norm=1, noise_multiplier=1, num_sampled_clients=4
         )
-    assert robustmerge_sensitivity_factor(inner, 4) == pytest.approx(0.5 * 2.0 * 4)
-    assert (
-        robustmerge_sensitivity_factor(FedRobustMerge(merge_method="fedavg", device="cpu"), 4)
-        == 1.0
-    )
+    # eta lambda m sqrt(1 + (1 + sqrt(r))^2); r = 4: sqrt(1 + 9) = sqrt(10)
+    assert robustmerge_sensitivity_factor(inner, 4, 4) == pytest.approx(0.5 * 2.0 * 4 * 10**0.5)
+    fedavg = FedRobustMerge(merge_method="fedavg", device="cpu")
+    assert robustmerge_sensitivity_factor(fedavg, 4, 4) == 1.0
+    summing = FedRobustMerge(merge_method="task_arithmetic", device="cpu")
+    assert robustmerge_sensitivity_factor(summing, 4, 4) == pytest.approx(2.0 * 4)
+    equation = FedRobustMerge(mode="paper-equation", device="cpu")
+    assert robustmerge_sensitivity_factor(equation, 4, 4) is None
 
 
 def test_client_side_wrapper_sends_the_clipping_norm() -> None:
@@ -195,3 +198,36 @@ def test_client_mod_clips_train_replies_only_when_asked() -> None:
 def test_dp_with_sparse_uplink_is_refused() -> None:
     with pytest.raises(ConfigError, match="uplink = 'dense'"):
         ServerSettings.from_run_config({"dp": "server-clipping", "uplink": "sparse"})
+
+
+def _clip(delta: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+    factor = min(1.0, bound / norm(delta))
+    return {k: v * factor for k, v in delta.items()}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_robustmerge_sensitivity_bound_holds_for_one_added_client(seed: int) -> None:
+    """Adding one clipped client moves the paper-exact merge by at most the documented bound,
+    also for an adversarial client whose A rows make its scale s~ huge."""
+    from strategies import merge_lora
+
+    generator = torch.Generator().manual_seed(seed)
+    rank, d_in, d_out, others = 4, 40, 24, 3
+    keys = {"m.lora_A.weight": (rank, d_in), "m.lora_B.weight": (d_out, rank)}
+
+    def client(adversarial: bool) -> dict[str, torch.Tensor]:
+        delta = {k: torch.randn(shape, generator=generator) for k, shape in keys.items()}
+        if adversarial:
+            # one large entry per row of A and tiny others: pruning keeps ~1 entry per row, so
+            # s = |row| / kept is large and this client's B columns dominate the normalisation
+            delta["m.lora_A.weight"] = 1e-3 * delta["m.lora_A.weight"]
+            delta["m.lora_A.weight"][:, 0] = 1.0
+        return _clip(delta, CLIP)
+
+    existing = [client(False) for _ in range(others)]
+    newcomer = client(adversarial=seed % 2 == 0)
+    before = merge_lora(existing, device="cpu")
+    after = merge_lora([*existing, newcomer], device="cpu")
+    moved = norm({k: after[k] - before[k] for k in keys})
+    bound = 2.0 * CLIP * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2)
+    assert moved <= bound * (1 + 1e-5), (moved, bound)
