@@ -118,7 +118,8 @@ def main(grid: Grid, context: Context) -> None:
     if settings.task == "classification":
         check_tasks(settings)
     strategy = build_strategy(settings, lora.r)
-    strategy.summary()
+    if not settings.secure_aggregation:  # the secure path logs its own (SecAgg+) summary
+        strategy.summary()
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Outputs: %s", settings.output_dir)
     store = CheckpointStore(

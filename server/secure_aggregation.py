@@ -588,6 +588,20 @@ def run_secure_federation(
     """Run (or resume) the federation under SecAgg+; returns the final global adapter."""
     check_secure_aggregation(settings)
     workflow = build_workflow(settings)
+    log(
+        INFO,
+        "Secure aggregation (SecAgg+): robustmerge paper-exact keep_ratio=%s scale_quantile=%s "
+        "fuse_weight=%s server_lr=%s; shares=%s threshold=%s clipping_range=%s "
+        "quantization_range=%s",
+        settings.keep_ratio,
+        settings.scale_quantile,
+        settings.fuse_weight,
+        settings.server_lr,
+        settings.secagg_num_shares,
+        settings.secagg_reconstruction_threshold,
+        settings.secagg_clipping_range,
+        settings.secagg_quantization_range,
+    )
     record = RunRecord(
         store=store,
         run_dir=settings.output_dir,
