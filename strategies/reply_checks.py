@@ -49,15 +49,11 @@ class AcceptedReply:
         return decode_float32(self.arrays, key)
 
 
-def check_train_reply(
-    message: Message,
-    global_shapes: Mapping[str, tuple[int, ...]],
-    *,
-    arrayrecord_key: str = "arrays",
-    weighted_by_key: str = "num-examples",
-    max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
-) -> AcceptedReply:
-    """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why."""
+def reply_payload(
+    message: Message, arrayrecord_key: str, weighted_by_key: str, max_num_examples: int
+) -> tuple[RecordDict, ArrayRecord, int]:
+    """A train reply's content, its non-empty ArrayRecord and its checked num-examples (what
+    dense and sparse replies share); ReplyRejectedError for an error reply or a missing part."""
     if message.has_error():
         raise ReplyRejectedError(f"client reported an error: {message.error.reason}")
     content = message.content
@@ -67,6 +63,21 @@ def check_train_reply(
     if len(arrays) == 0:
         raise ReplyRejectedError(f"ArrayRecord {arrayrecord_key!r} is empty")
     num_examples = check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
+    return content, arrays, num_examples
+
+
+def check_train_reply(
+    message: Message,
+    global_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    arrayrecord_key: str = "arrays",
+    weighted_by_key: str = "num-examples",
+    max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+) -> AcceptedReply:
+    """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why."""
+    content, arrays, num_examples = reply_payload(
+        message, arrayrecord_key, weighted_by_key, max_num_examples
+    )
     keys = set(arrays.keys())
     expected = set(global_shapes)
     sparse = sorted(key for key in keys - expected if is_wire_key(key))

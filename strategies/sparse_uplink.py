@@ -34,7 +34,7 @@ from strategies.merging.decomposed import merge_pruned, scale_key
 from strategies.merging.lora_keys import is_lora_key, parse_layout
 from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
 from strategies.merging.robustmerge import RobustMerge
-from strategies.reply_checks import AcceptedReply, ReplyRejectedError, check_num_examples
+from strategies.reply_checks import AcceptedReply, ReplyRejectedError, reply_payload
 from strategies.sparse_codec import (
     ENCODING_SUFFIXES,
     VALUES_SUFFIX,
@@ -113,15 +113,9 @@ def check_sparse_train_reply(
     max_num_examples: int = 1_000_000_000,
 ) -> SparseReply:
     """The reply if it is a well-formed sparse update of ``base``; else ReplyRejectedError."""
-    if message.has_error():
-        raise ReplyRejectedError(f"client reported an error: {message.error.reason}")
-    content = message.content
-    arrays = content.array_records.get(arrayrecord_key)
-    if arrays is None:
-        raise ReplyRejectedError(f"no ArrayRecord under {arrayrecord_key!r}")
-    if len(arrays) == 0:
-        raise ReplyRejectedError(f"ArrayRecord {arrayrecord_key!r} is empty")
-    num_examples = check_num_examples(content.metric_records, weighted_by_key, max_num_examples)
+    content, arrays, num_examples = reply_payload(
+        message, arrayrecord_key, weighted_by_key, max_num_examples
+    )
     shapes = {key: tuple(value.shape) for key, value in base.items()}
     _check_privacy(arrays.keys(), shapes)
     config = content.config_records.get(configrecord_key, ConfigRecord())
