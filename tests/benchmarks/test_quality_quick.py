@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import ONE_SHOT_ROWS, QUICK, markdown, run_benchmark
+from benchmarks.quality import ONE_SHOT_ROWS, QUICK, extend_saved_run, markdown, run_benchmark
 
 TINY = replace(
     QUICK,
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.slow  # about 30 s alone, 100 s on a busy 2-core machin
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One tiny run (about 30 s on 2 cores), shared by the tests below."""
     root = tmp_path_factory.mktemp("quality")
-    return run_benchmark(TINY, root / "out", log=lambda _: None, cache_dir=root / "cache")
+    out = run_benchmark(TINY, root / "out", log=lambda _: None, cache_dir=root / "cache")
+    out["out_dir"] = str(root / "out")
+    return out
 
 
 def test_every_row_present(results: dict[str, object]) -> None:
@@ -69,3 +72,23 @@ def test_markdown_lists_rows(results: dict[str, object], tmp_path: Path) -> None
         assert f"| {row} |" in text
     assert "machine:" in text
     assert "wall time:" in text
+
+
+def test_extend_adds_a_missing_stage_to_a_saved_run(results: dict[str, object]) -> None:
+    out_dir = Path(str(results["out_dir"]))
+    saved_path = out_dir / "quality-tiny.json"
+    saved = json.loads(saved_path.read_text())
+    swept = [row for row in saved["per_seed"] if "swept" in row and "fedavg" in row]
+    assert swept
+    # a run made before the FedAvg stage existed
+    del saved["fedavg_sweep"]
+    for row in swept:
+        del saved["per_seed"][row]
+    saved["fed_curves"] = {k: v for k, v in saved["fed_curves"].items() if "swept" not in k}
+    saved_path.write_text(json.dumps(saved))
+    extended = extend_saved_run(TINY, out_dir, lambda _: None)
+    assert set(extended["fedavg_sweep"]["dev_seen_avg"]) == {"1.0", "2.0"}
+    assert any("swept" in row and "fedavg" in row for row in extended["table"])
+    assert json.loads(saved_path.read_text())["fedavg_sweep"] == extended["fedavg_sweep"]
+    with pytest.raises(SystemExit, match="seeds"):
+        extend_saved_run(replace(TINY, seeds=(5,)), out_dir, lambda _: None)
