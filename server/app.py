@@ -43,6 +43,7 @@ def build_strategy(settings: ServerSettings, rank: int = 8) -> Strategy:
         noise_multiplier=settings.dp_noise_multiplier,
         num_sampled_clients=settings.min_train_nodes,
         rank=rank,
+        delta=settings.dp_delta,
     )
 
 

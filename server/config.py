@@ -60,6 +60,7 @@ class ServerSettings:
     dp: str = "none"
     dp_clipping_norm: float = 1.0
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
     secure_aggregation: bool = False
     secagg_num_shares: float = 3
     secagg_reconstruction_threshold: float = 2
@@ -112,6 +113,9 @@ class ServerSettings:
             dp=reader.choice("dp", DP_MODES, "none"),
             dp_clipping_norm=reader.number("dp-clipping-norm", 1.0, low=0.0, low_open=True),
             dp_noise_multiplier=reader.number("dp-noise-multiplier", 0.0, low=0.0),
+            dp_delta=reader.number(
+                "dp-delta", 1e-5, low=0.0, high=1.0, low_open=True, high_open=True
+            ),
             secure_aggregation=reader.boolean("secure-aggregation", False),
             secagg_num_shares=reader.number("secagg-num-shares", 3, low=0.0, low_open=True),
             secagg_reconstruction_threshold=reader.number(

@@ -17,8 +17,9 @@ needs. RobustMerge is not a mean: see ``robustmerge_sensitivity_factor``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
@@ -33,16 +34,88 @@ from strategies.fed_robustmerge import FedRobustMerge
 DP_MODES = ("none", "server-clipping", "client-clipping")
 
 
+class PrivacyLedger:
+    """The cumulative (epsilon, delta) of the released adapters.
+
+    Flower's RDP accountant, composed once per released (noised) global adapter with the
+    *effective* noise multiplier (``dp-noise-multiplier`` / the merge's sensitivity factor),
+    no amplification by sampling, add-or-remove-one-client neighbours.
+    """
+
+    def __init__(self, effective_noise_multiplier: float, sampled: int, delta: float) -> None:
+        from flwr.supercore.privacy_accounting import (
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            PrivacyConfig,
+            SamplingMethod,
+        )
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        self.delta = delta
+        self.effective_noise_multiplier = effective_noise_multiplier
+        self._accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=delta,
+                population_size=sampled,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+        self._event = GaussianPrivacyEvent(
+            noise_multiplier=effective_noise_multiplier,
+            sample_size=sampled,
+            population_size=sampled,
+        )
+
+    @property
+    def releases(self) -> int:
+        """Noised adapters released so far."""
+        return self._accountant.num_releases
+
+    def record_release(self, count: int = 1) -> float:
+        """Compose ``count`` releases; the cumulative epsilon at ``delta`` after them."""
+        self._accountant.compose(self._event, count)
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        """The cumulative epsilon at ``delta`` (0 before any release)."""
+        if self.releases == 0:
+            return 0.0
+        return float(self._accountant.get_privacy_spent(self.delta).epsilon)
+
+
 class _ScreenedReplies:
-    """Drops replies FedRobustMerge would reject before the DP wrapper clips them."""
+    """Drops replies FedRobustMerge would reject before the DP wrapper clips them, and accounts
+    each released adapter in the ledger (when there is one)."""
 
     strategy: Strategy
+    ledger: PrivacyLedger | None = None
 
     def _screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         core = core_strategy(self.strategy)
         kept, rejected = core.screen_train_replies(server_round, replies)
         core.pending_rejections = rejected
         return kept
+
+    def _account(
+        self, arrays: ArrayRecord | None, metrics: MetricRecord | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if arrays is None or self.ledger is None:
+            return arrays, metrics
+        epsilon = self.ledger.record_release()
+        record = metrics if metrics is not None else MetricRecord()
+        record["dp-epsilon"] = epsilon
+        record["dp-delta"] = self.ledger.delta
+        log(
+            INFO,
+            "DP: epsilon %.4g at delta %g after %d released adapters (effective noise "
+            "multiplier %.4g)",
+            epsilon,
+            self.ledger.delta,
+            self.ledger.releases,
+            self.ledger.effective_noise_multiplier,
+        )
+        return arrays, record
 
 
 class ServerSideClipping(_ScreenedReplies, DifferentialPrivacyServerSideFixedClipping):
@@ -51,8 +124,10 @@ class ServerSideClipping(_ScreenedReplies, DifferentialPrivacyServerSideFixedCli
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, clip each update to ``clipping_norm``, merge, add noise."""
-        return super().aggregate_train(server_round, self._screen(server_round, replies))
+        """Screen, clip each update to ``clipping_norm``, merge, add noise, account."""
+        return self._account(
+            *super().aggregate_train(server_round, self._screen(server_round, replies))
+        )
 
 
 class ClientSideClipping(_ScreenedReplies, DifferentialPrivacyClientSideFixedClipping):
@@ -61,8 +136,10 @@ class ClientSideClipping(_ScreenedReplies, DifferentialPrivacyClientSideFixedCli
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, check the clients clipped, merge, add noise."""
-        return super().aggregate_train(server_round, self._screen(server_round, replies))
+        """Screen, check the clients clipped, merge, add noise, account."""
+        return self._account(
+            *super().aggregate_train(server_round, self._screen(server_round, replies))
+        )
 
 
 def wrap_with_privacy(
@@ -73,16 +150,21 @@ def wrap_with_privacy(
     noise_multiplier: float,
     num_sampled_clients: int,
     rank: int = 8,
+    delta: float = 1e-5,
 ) -> Strategy:
     """``strategy`` inside the DP wrapper ``mode`` names ("none" returns it unchanged).
 
-    ``rank`` (the LoRA rank) enters RobustMerge's sensitivity bound, logged at start.
+    ``rank`` (the LoRA rank) enters RobustMerge's sensitivity bound, logged at start. With
+    noise and a known bound, every released adapter is accounted: round metrics carry
+    ``dp-epsilon`` (cumulative, at ``delta``).
     """
     if mode == "none":
         return strategy
-    wrapper = {"server-clipping": ServerSideClipping, "client-clipping": ClientSideClipping}.get(
-        mode
-    )
+    wrappers: dict[str, type[ServerSideClipping] | type[ClientSideClipping]] = {
+        "server-clipping": ServerSideClipping,
+        "client-clipping": ClientSideClipping,
+    }
+    wrapper = wrappers.get(mode)
     if wrapper is None:
         raise ValueError(f"dp mode must be one of {list(DP_MODES)}; got {mode!r}")
     factor = robustmerge_sensitivity_factor(strategy, num_sampled_clients, rank)
@@ -117,7 +199,21 @@ def wrap_with_privacy(
         noise_multiplier,
         noise_multiplier * clipping_norm / num_sampled_clients,
     )
-    return wrapper(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+    wrapped = wrapper(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+    if noise_multiplier > 0 and factor is not None:
+        wrapped.ledger = PrivacyLedger(noise_multiplier / factor, num_sampled_clients, delta)
+    return wrapped
+
+
+def restore_privacy_ledger(strategy: Strategy, history: Sequence[Mapping[str, Any]]) -> int:
+    """On resume: compose the releases the history records (rounds with ``dp-epsilon``)."""
+    ledger = getattr(strategy, "ledger", None)
+    if not isinstance(ledger, PrivacyLedger):
+        return 0
+    releases = sum(1 for entry in history if "dp-epsilon" in entry.get("train", {}))
+    if releases:
+        ledger.record_release(releases)
+    return releases
 
 
 def robustmerge_sensitivity_factor(

@@ -25,7 +25,7 @@ from flwr.supercore import log
 from server.checkpoints import CheckpointStore
 from server.communication import bytes_by_node, round_communication
 from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
-from server.privacy import core_strategy
+from server.privacy import core_strategy, restore_privacy_ledger
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.reply_checks import state_dict_to_record
 
@@ -82,6 +82,8 @@ def run_federation(
         global_tensors = checkpoint.tensors
         history = list(checkpoint.state.get("history", []))
         log(INFO, "Resuming after round %d from %s", start, checkpoint.path)
+        if restore_privacy_ledger(strategy, history):
+            log(INFO, "DP: privacy ledger restored from the history")
     else:
         if settings.resume:
             log(

@@ -363,3 +363,15 @@ def test_generate_sh_rejects_bad_arguments(tmp_path: Path) -> None:
         done = _generate(*args, "--out", str(tmp_path)) if args[0] != "sign" else _generate(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.startswith("generate.sh: "), done.stderr
+
+
+def test_superexec_image_installs_flwrs_dp_extra() -> None:
+    """The image keeps the base image's flwr, so the [dp] extra pyproject asks for (the DP
+    accountant) is installed by hand, with flwr's own version range."""
+    from importlib import metadata
+
+    extra = [r.split(";")[0].strip() for r in metadata.requires("flwr") or [] if "'dp'" in r]
+    assert extra, "flwr declares no [dp] extra"
+    dockerfile = (DOCKER / "superexec.Dockerfile").read_text()
+    for requirement in extra:
+        assert f'"{requirement}"' in dockerfile, requirement

@@ -56,3 +56,6 @@ def test_mode_runs_end_to_end_and_accounts_its_traffic(tmp_path: Path, mode: str
             assert up == down, traffic  # dense replies carry the adapter's own tensors
         assert traffic["cumulative-bytes"] == previous + traffic["round-bytes"]
         previous = traffic["cumulative-bytes"]
+    if mode.startswith("dp-"):
+        epsilons = [entry["train"]["dp-epsilon"] for entry in rounds[1:]]
+        assert 0 < epsilons[0] < epsilons[1], epsilons  # cumulative over released adapters

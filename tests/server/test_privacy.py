@@ -17,6 +17,7 @@ from server.privacy import (
     ClientSideClipping,
     ServerSideClipping,
     core_strategy,
+    restore_privacy_ledger,
     robustmerge_sensitivity_factor,
     wrap_with_privacy,
 )
@@ -231,3 +232,70 @@ def test_robustmerge_sensitivity_bound_holds_for_one_added_client(seed: int) -> 
     moved = norm({k: after[k] - before[k] for k in keys})
     bound = 2.0 * CLIP * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2)
     assert moved <= bound * (1 + 1e-5), (moved, bound)
+
+
+def test_released_adapters_are_accounted_in_the_round_metrics() -> None:
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    base = make_global()
+    strategy = wrapped("server-clipping", noise=40.0, sampled=2, server_lr=1.0)
+    factor = robustmerge_sensitivity_factor(core_strategy(strategy), 2, 8)  # default rank
+    assert factor is not None
+    reference = RdpAccountant(
+        PrivacyConfig(
+            target_delta=1e-5,
+            population_size=2,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    epsilons = []
+    for server_round in (1, 2, 3):
+        start_round(strategy, base, nodes=2)  # type: ignore[arg-type]
+        clients = [trained(base, 10 * server_round + seed) for seed in (1, 2)]
+        _, metrics = strategy.aggregate_train(
+            server_round, [reply(i + 1, c) for i, c in enumerate(clients)]
+        )
+        assert metrics is not None
+        epsilons.append(metrics["dp-epsilon"])
+        assert metrics["dp-delta"] == pytest.approx(1e-5)
+        reference.compose(GaussianPrivacyEvent(40.0 / factor, 2, 2))
+        assert metrics["dp-epsilon"] == pytest.approx(reference.get_epsilon(1e-5))
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+
+
+def test_no_ledger_without_noise_or_without_a_bound() -> None:
+    quiet = wrapped("server-clipping", noise=0.0, sampled=2)
+    assert getattr(quiet, "ledger", None) is None
+    unbounded = wrap_with_privacy(
+        FedRobustMerge(mode="paper-equation", device="cpu"),
+        "server-clipping",
+        clipping_norm=CLIP,
+        noise_multiplier=1.0,
+        num_sampled_clients=2,
+    )
+    assert getattr(unbounded, "ledger", None) is None
+    history = [{"server-round": 1, "train": {"dp-epsilon": 3.0}}]
+    assert restore_privacy_ledger(quiet, history) == 0
+
+
+def test_resume_restores_the_releases_from_the_history() -> None:
+    fresh = wrapped("client-clipping", noise=40.0, sampled=2)
+    resumed = wrapped("client-clipping", noise=40.0, sampled=2)
+    for _ in range(3):
+        fresh.ledger.record_release()  # type: ignore[attr-defined]
+    history = [
+        {"server-round": 0},
+        {"server-round": 1, "train": {"dp-epsilon": 1.0}},
+        {"server-round": 2, "train": {"round-skipped": 1}},  # skipped: nothing released
+        {"server-round": 3, "train": {"dp-epsilon": 2.0}},
+        {"server-round": 4, "train": {"dp-epsilon": 3.0}},
+    ]
+    assert restore_privacy_ledger(resumed, history) == 3
+    assert resumed.ledger.epsilon() == pytest.approx(fresh.ledger.epsilon())  # type: ignore[attr-defined]
