@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import train
 from client.model import LoraSettings, initial_adapter
@@ -22,6 +22,7 @@ from strategies import FedRobustMerge, merge_lora
 from strategies.peft_files import adapter_config_for, read_adapter_dir
 from strategies.reply_checks import state_dict_to_record
 from tests.client.tiny_model import save_tiny_bert, tiny_run_config
+from tests.messages import addressed
 
 Handler = Callable[[Message, Context], Message]
 # Generous, so that punctual clients make it even on a loaded machine; late ones never do.
@@ -77,20 +78,7 @@ class ThreadGrid:
         threads = []
         for message in messages:
             node = message.metadata.dst_node_id
-            delivered = Message(
-                content=message.content,
-                metadata=Metadata(
-                    run_id=1,
-                    message_id=f"m-{node}",
-                    src_node_id=0,
-                    dst_node_id=node,
-                    reply_to_message_id="",
-                    group_id="",
-                    created_at=time.time(),
-                    ttl=3600.0,
-                    message_type=message.metadata.message_type,
-                ),
-            )
+            delivered = addressed(message, f"m-{node}")
             context = Context(
                 run_id=1,
                 node_id=node,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import FitRes, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -55,6 +54,7 @@ from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
 from strategies.peft_files import adapter_config_for, read_adapter_dir
 from tests.client.tiny_model import save_tiny_bert, tiny_run_config
+from tests.messages import addressed
 
 NODES = (1, 2, 3, 4)
 
@@ -124,21 +124,9 @@ class InProcessGrid:
             if (stage, node) in self.vanish:
                 continue
             self.counter += 1
-            addressed = Message(  # type: ignore[call-overload]
-                content=message.content,
-                metadata=Metadata(
-                    run_id=1,
-                    message_id=f"m-{self.counter}",
-                    src_node_id=0,
-                    dst_node_id=node,
-                    reply_to_message_id="",
-                    group_id=message.metadata.group_id,
-                    created_at=time.time(),
-                    ttl=3600.0,
-                    message_type=message.metadata.message_type,
-                ),
+            delivered = message_from_proto(
+                message_to_proto(addressed(message, f"m-{self.counter}"))
             )
-            delivered = message_from_proto(message_to_proto(addressed))
             try:
                 reply = client_app(delivered, self.contexts[node])
             except Exception as error:  # Flower turns a ClientApp exception into an error reply
@@ -164,6 +152,15 @@ class Spy:
         self.deltas.append({key: value.clone() for key, value in tensors.items()})
         self.terms.append(terms)
         return terms
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
+    """Every client's terms recorded (the oracle), and a fresh record of aggregate_fit calls."""
+    recorder = Spy()
+    monkeypatch.setattr(client_secagg, "client_terms", recorder)
+    RecordingStrategy.received = []
+    return recorder
 
 
 class RecordingStrategy(SecureRobustMerge):
@@ -240,11 +237,8 @@ def assert_within_bound(
 
 
 def test_secure_merge_matches_the_plain_merge_within_the_quantisation_bound(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model: Path, spy: Spy
 ) -> None:
-    spy = Spy()
-    monkeypatch.setattr(client_secagg, "client_terms", spy)
-    RecordingStrategy.received = []
     run_config = make_run_config(tiny_model, tmp_path / "run")
     grid = InProcessGrid(run_config)
     initial, final, metrics = run(tmp_path, run_config, grid)
@@ -289,13 +283,10 @@ def test_secure_merge_matches_the_plain_merge_within_the_quantisation_bound(
 def test_a_client_dropping_within_the_threshold_does_not_stop_the_round(
     tmp_path: Path,
     tiny_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    spy: Spy,
     stage: str,
     summed: int,
 ) -> None:
-    spy = Spy()
-    monkeypatch.setattr(client_secagg, "client_terms", spy)
-    RecordingStrategy.received = []
     run_config = make_run_config(tiny_model, tmp_path / "run")
     grid = InProcessGrid(run_config, vanish={(stage, 3)})
     initial, final, metrics = run(tmp_path, run_config, grid)
@@ -313,11 +304,8 @@ def test_a_client_dropping_within_the_threshold_does_not_stop_the_round(
 
 
 def test_the_strategy_never_holds_an_individual_clients_terms(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model: Path, spy: Spy
 ) -> None:
-    spy = Spy()
-    monkeypatch.setattr(client_secagg, "client_terms", spy)
-    RecordingStrategy.received = []
     run_config = make_run_config(tiny_model, tmp_path / "run")
     grid = InProcessGrid(run_config)
     initial, _, _ = run(tmp_path, run_config, grid)
