@@ -114,6 +114,11 @@ class QualityConfig:
         )
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
+    @property
+    def results_stem(self) -> str:
+        """File name stem of this run's results: quality (the full run) or quality-<tag>."""
+        return "quality" if self.tag == "full" else f"quality-{self.tag}"
+
 
 QUICK = QualityConfig(
     seen=("stackoverflow", "sentiment", "20ng"),
@@ -423,10 +428,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every stage, saving ``quality[-tag].json`` after each; returns the results dict."""
     torch.set_num_threads(2)
-    started = time.perf_counter()
-    suffix = "" if config.tag == "full" else f"-{config.tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"quality{suffix}.json"
     results: dict[str, Any] = {
         "config": asdict(config),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
@@ -436,13 +438,8 @@ def run_benchmark(
         "stages": {},
     }
     per_seed: dict[str, list[Scores]] = results["per_seed"]
-
-    def save(stage: str) -> None:
-        results["stages"][stage] = round(time.perf_counter() - started, 1)
-        results["table"] = aggregate_rows(per_seed)
-        results["wall_seconds"] = round(time.perf_counter() - started, 1)
-        json_path.write_text(json.dumps(results, indent=1))
-        log(f"[{results['wall_seconds']:.0f}s] {stage} done")
+    json_path = out_dir / f"{config.results_stem}.json"
+    save = stage_saver(results, json_path, log)
 
     work = load_workload(config)
     save("load")
@@ -547,9 +544,7 @@ def run_benchmark(
                 curves.setdefault(label, []).append(history)
                 per_seed.setdefault(f"{label}, round {config.rounds}", []).append(history[-1])
                 save(f"{label} seed {seed}")
-    fedavg_lr_stage(work, results, log, save)
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    json_path.write_text(json.dumps(results, indent=1))
+    fedavg_lr_stage(work, results, log, save)  # its last save stamps the total wall time
     return results
 
 
@@ -601,12 +596,33 @@ def fedavg_lr_stage(
         save(f"{label} seed {seed}")
 
 
+def stage_saver(
+    results: dict[str, Any],
+    json_path: Path,
+    log: Callable[[str], None],
+    *,
+    earlier_seconds: float = 0.0,
+) -> Callable[[str], None]:
+    """``save(stage)``: stamp the stage's time (counting ``earlier_seconds`` of an earlier
+    run), refresh the table and write the JSON, so an interrupted run keeps what it did."""
+    started = time.perf_counter()
+
+    def save(stage: str) -> None:
+        elapsed = round(earlier_seconds + time.perf_counter() - started, 1)
+        results["stages"][stage] = elapsed
+        results["table"] = aggregate_rows(results["per_seed"])
+        results["wall_seconds"] = elapsed
+        json_path.write_text(json.dumps(results, indent=1))
+        log(f"[{elapsed:.0f}s] {stage} done")
+
+    return save
+
+
 def extend_saved_run(
     config: QualityConfig, out_dir: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Add the stages a saved run of ``config`` lacks (today: the FedAvg server-lr stage)."""
-    suffix = "" if config.tag == "full" else f"-{config.tag}"
-    json_path = out_dir / f"quality{suffix}.json"
+    json_path = out_dir / f"{config.results_stem}.json"
     results: dict[str, Any] = json.loads(json_path.read_text())
     saved = results["config"]
     for name, value in asdict(config).items():
@@ -614,16 +630,7 @@ def extend_saved_run(
             raise SystemExit(f"the saved run has {name} = {saved[name]!r}, not {value!r}")
     results["config"] = asdict(config)
     torch.set_num_threads(2)
-    started = time.perf_counter()
-    base = float(results["wall_seconds"])
-
-    def save(stage: str) -> None:
-        results["stages"][stage] = round(base + time.perf_counter() - started, 1)
-        results["table"] = aggregate_rows(results["per_seed"])
-        results["wall_seconds"] = round(base + time.perf_counter() - started, 1)
-        json_path.write_text(json.dumps(results, indent=1))
-        log(f"[{results['wall_seconds']:.0f}s] {stage} done")
-
+    save = stage_saver(results, json_path, log, earlier_seconds=float(results["wall_seconds"]))
     if "fedavg_sweep" not in results:
         fedavg_lr_stage(load_workload(config), results, log, save)
     return results
@@ -782,25 +789,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else QualityConfig()
-    suffix = "" if config.tag == "full" else f"-{config.tag}"
+    stem = args.out_dir / config.results_stem
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else "")
     if args.extend:
         extended = extend_saved_run(config, args.out_dir, print)
         command += " && " + command + " --extend"
-        (args.out_dir / f"quality{suffix}.md").write_text(markdown(extended, command))
-        plot(extended, args.out_dir / f"quality{suffix}.png")
+        stem.with_suffix(".md").write_text(markdown(extended, command))
+        plot(extended, stem.with_suffix(".png"))
         return
     if args.report_only:
-        saved = json.loads((args.out_dir / f"quality{suffix}.json").read_text())
-        (args.out_dir / f"quality{suffix}.md").write_text(markdown(saved, command))
-        plot(saved, args.out_dir / f"quality{suffix}.png")
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(markdown(saved, command))
+        plot(saved, stem.with_suffix(".png"))
         return
     unknown = set(m for _, m, _ in ONE_SHOT_ROWS) - set(available_methods())
     if unknown:
         raise SystemExit(f"methods not registered: {sorted(unknown)}")
     results = run_benchmark(config, args.out_dir)
-    (args.out_dir / f"quality{suffix}.md").write_text(markdown(results, command))
-    plot(results, args.out_dir / f"quality{suffix}.png")
+    stem.with_suffix(".md").write_text(markdown(results, command))
+    plot(results, stem.with_suffix(".png"))
     print(f"done in {results['wall_seconds'] / 60:.1f} min; wrote {args.out_dir}")
 
 

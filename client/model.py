@@ -30,10 +30,9 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
-from client.config import read_float, read_int, read_names, read_str
+from client.config import TASK_KINDS, read_float, read_int, read_names, read_str
 
 ADAPTER_NAME = "default"
-TASK_KINDS = ("classification", "causal-lm")
 AUTO_TARGETS = ("auto",)
 
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

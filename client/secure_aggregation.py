@@ -64,9 +64,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.config import read_float
+from client.uplink import ARRAYS_KEY, CONFIG_KEY
 from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
+from strategies.sparse_uplink import UPLINK_KEY
 
 Handler = Callable[[Message, Context], Message]
 
@@ -212,20 +214,20 @@ def train_terms(msg: Message, context: Context, train: Handler) -> Message:
     # The normal train handler's view of this instruction: same metadata, the new-style content.
     inner = Message(  # type: ignore[call-overload]
         content=RecordDict(
-            {"arrays": ArrayRecord(global_state), "config": ConfigRecord(inner_config)}
+            {ARRAYS_KEY: ArrayRecord(global_state), CONFIG_KEY: ConfigRecord(inner_config)}
         ),
         metadata=msg.metadata,
     )
     reply = train(inner, context)
     if reply.has_error():
         raise RuntimeError(f"local training failed: {reply.error.reason}")
-    reply_config = reply.content.config_records.get("config")
-    if reply_config is not None and reply_config.get("uplink", "dense") != "dense":
+    reply_config = reply.content.config_records.get(CONFIG_KEY)
+    if reply_config is not None and reply_config.get(UPLINK_KEY, "dense") != "dense":
         raise ValueError(
             "run config 'uplink' must be 'dense' under secure aggregation (the terms are built "
             "from the dense delta)"
         )
-    trained = reply.content.array_records["arrays"].to_torch_state_dict()
+    trained = reply.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     metrics = reply.content.metric_records.get("metrics")
     train_loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else 0.0  # type: ignore[arg-type]
     delta = {key: trained[key].to(torch.float32) - value for key, value in global_state.items()}

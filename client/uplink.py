@@ -8,7 +8,7 @@ Run config ``uplink``:
   global), runs RobustMerge's steps 1-2 on it (``prune_adapter`` with run config
   ``keep-ratio``, ``scale-quantile`` and ``merge-mode``) and sends ``"arrays"`` in the wire form
   of ``strategies.sparse_codec`` (kept values, their positions, each module's s~) plus a
-  ConfigRecord ``"config"`` = ``{"uplink": "sparse"}``. About 23 % of the dense bytes at keep
+  ConfigRecord ``"config"`` = ``{"uplink": "sparse"}``. About 27 % of the dense bytes at keep
   ratio 0.2 (benchmarks/results/uplink_bytes.md); the server's merge is the dense one's.
 
 Either way only LoRA tensors, or numbers derived from them alone, leave the client.
@@ -26,11 +26,10 @@ from client.config import read_float, read_str
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import MODES, RobustMerge
 from strategies.sparse_codec import encode_update
+from strategies.sparse_uplink import UPLINK_KEY, UPLINKS
 
-UPLINKS = ("dense", "sparse")
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
-UPLINK_KEY = "uplink"
 
 
 def read_uplink(run_config: Mapping[str, Any]) -> str:

@@ -158,6 +158,8 @@ def main(grid: Grid, context: Context) -> None:
             seed=settings.seed,
         )
         evaluate = evaluator.evaluate
+    # the causal-LM kind has no seen/unseen tasks to plot
+    seen, unseen = ((), ()) if causal else (settings.seen_tasks, settings.unseen_tasks)
     if settings.secure_aggregation:
         from server.secure_aggregation import run_secure_federation
 
@@ -169,8 +171,8 @@ def main(grid: Grid, context: Context) -> None:
             store=store,
             summary=run_summary(context, settings, strategy),
             evaluate=evaluate,
-            seen_tasks=() if causal else settings.seen_tasks,
-            unseen_tasks=() if causal else settings.unseen_tasks,
+            seen_tasks=seen,
+            unseen_tasks=unseen,
         )
         return
     run_federation(
@@ -181,8 +183,8 @@ def main(grid: Grid, context: Context) -> None:
             round_timeout=settings.round_timeout,
             run_dir=settings.output_dir,
             resume=settings.resume,
-            seen_tasks=() if causal else settings.seen_tasks,
-            unseen_tasks=() if causal else settings.unseen_tasks,
+            seen_tasks=seen,
+            unseen_tasks=unseen,
             uplink=settings.uplink,
         ),
         initial=initial_adapter(lora, seed=settings.seed),

@@ -29,9 +29,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
+from server.config import DP_MODES
 from strategies.fed_robustmerge import FedRobustMerge
-
-DP_MODES = ("none", "server-clipping", "client-clipping")
 
 
 class PrivacyLedger:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from logging import INFO
@@ -73,30 +73,16 @@ def run_federation(
 
     ``strategy`` is a FedRobustMerge or a wrapper around one (differential privacy).
     """
+    files = RunFiles(settings.run_dir, summary, settings.seen_tasks, settings.unseen_tasks)
     global_tensors = {key: value.to(torch.float32) for key, value in initial.items()}
-    history: list[dict[str, Any]] = []
-    start = 0
-    checkpoint = store.latest_valid() if settings.resume else None
-    if checkpoint is not None:
-        start = checkpoint.server_round
-        global_tensors = checkpoint.tensors
-        history = list(checkpoint.state.get("history", []))
-        log(INFO, "Resuming after round %d from %s", start, checkpoint.path)
+    start, resumed, history = resume_or_archive(store, settings.run_dir, settings.resume)
+    if resumed is not None:
+        global_tensors = resumed
         if restore_privacy_ledger(strategy, history):
             log(INFO, "DP: privacy ledger restored from the history")
-    else:
-        if settings.resume:
-            log(
-                INFO,
-                "resume=true but no usable checkpoint in %s: starting over",
-                store.checkpoint_dir,
-            )
-        archived = archive_previous_run(settings.run_dir)
-        if archived is not None:
-            log(INFO, "Earlier outputs moved to %s", archived)
-        if evaluate is not None:
-            history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
-            _log_eval(0, history[-1]["server-eval"])
+    elif evaluate is not None:
+        history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
+        log_server_eval(0, history[-1]["server-eval"])
     for server_round in range(start + 1, settings.num_rounds + 1):
         started = time.perf_counter()
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
@@ -120,21 +106,78 @@ def run_federation(
         )
         if evaluate is not None:
             entry["server-eval"] = evaluate(global_tensors)
-            _log_eval(server_round, entry["server-eval"])
+            log_server_eval(server_round, entry["server-eval"])
         entry["seconds"] = time.perf_counter() - started
         history.append(entry)
-        store.save(
+        save_round(
+            store,
+            files,
             server_round,
+            history,
             global_tensors,
-            {"history": history, "strategy": strategy_settings(core_strategy(strategy))},
+            strategy_settings(core_strategy(strategy)),
         )
-        write_metrics(settings.run_dir, summary, history)
-        plot_accuracy(settings.run_dir, history, settings.seen_tasks, settings.unseen_tasks)
-    write_metrics(settings.run_dir, summary, history)
-    plot_accuracy(settings.run_dir, history, settings.seen_tasks, settings.unseen_tasks)
-    final = store.save_final(global_tensors, {"run": summary, "rounds": len(history)})
-    log(INFO, "Final adapter: %s", final)
+    finish_run(store, files, history, global_tensors)
     return global_tensors
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where and how a run's metrics.json and plot are written."""
+
+    run_dir: Path
+    summary: Mapping[str, Any]
+    seen_tasks: Sequence[str] = ()
+    unseen_tasks: Sequence[str] = ()
+
+    def write(self, history: Sequence[dict[str, Any]]) -> None:
+        """metrics.json and the plot, from the history so far."""
+        write_metrics(self.run_dir, dict(self.summary), list(history))
+        plot_accuracy(self.run_dir, history, self.seen_tasks, self.unseen_tasks)
+
+
+def resume_or_archive(
+    store: CheckpointStore, run_dir: Path, resume: bool
+) -> tuple[int, dict[str, torch.Tensor] | None, list[dict[str, Any]]]:
+    """Where a run starts: (rounds done, their global adapter, their history) from the newest
+    valid checkpoint when resuming, else (0, None, []) after moving earlier outputs aside."""
+    checkpoint = store.latest_valid() if resume else None
+    if checkpoint is not None:
+        log(INFO, "Resuming after round %d from %s", checkpoint.server_round, checkpoint.path)
+        history = list(checkpoint.state.get("history", []))
+        return checkpoint.server_round, dict(checkpoint.tensors), history
+    if resume:
+        log(INFO, "resume=true but no usable checkpoint in %s: starting over", store.checkpoint_dir)
+    archived = archive_previous_run(run_dir)
+    if archived is not None:
+        log(INFO, "Earlier outputs moved to %s", archived)
+    return 0, None, []
+
+
+def save_round(
+    store: CheckpointStore,
+    files: RunFiles,
+    server_round: int,
+    history: Sequence[dict[str, Any]],
+    tensors: Mapping[str, torch.Tensor],
+    strategy_state: Mapping[str, Any],
+) -> None:
+    """After a round: its checkpoint (adapter, history, merge settings), metrics.json, plot."""
+    store.save(server_round, tensors, {"history": list(history), "strategy": dict(strategy_state)})
+    files.write(history)
+
+
+def finish_run(
+    store: CheckpointStore,
+    files: RunFiles,
+    history: Sequence[dict[str, Any]],
+    tensors: Mapping[str, torch.Tensor],
+) -> Path:
+    """The run's last metrics.json and plot, and the final adapter folder."""
+    files.write(history)
+    final = store.save_final(tensors, {"run": dict(files.summary), "rounds": len(history)})
+    log(INFO, "Final adapter: %s", final)
+    return final
 
 
 def strategy_settings(strategy: FedRobustMerge) -> dict[str, Any]:
@@ -218,8 +261,11 @@ def _evaluate_round(
     return (dict(metrics) if metrics is not None else None), traffic
 
 
-def _log_eval(server_round: int, metrics: Mapping[str, float]) -> None:
+def log_server_eval(server_round: int, metrics: Mapping[str, float]) -> None:
+    """One log line with the server-side evaluation's headline numbers."""
     averages = {
-        k: round(v, 4) for k, v in metrics.items() if k in ("seen-accuracy", "unseen-accuracy")
+        k: round(v, 4)
+        for k, v in metrics.items()
+        if k in ("seen-accuracy", "unseen-accuracy", "eval-loss")
     }
     log(INFO, "round %d server-side evaluation: %s", server_round, averages)

@@ -71,12 +71,10 @@ course infer the other's terms from the sum and its own: SecAgg hides individual
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,8 +108,14 @@ from client.secure_aggregation import (
 from server.checkpoints import CheckpointStore
 from server.communication import round_communication
 from server.config import ConfigError, ServerSettings
-from server.metrics_log import plot_accuracy, write_metrics
-from server.run_loop import archive_previous_run
+from server.run_loop import (
+    RunFiles,
+    finish_run,
+    log_server_eval,
+    resume_or_archive,
+    save_round,
+)
+from strategies.fed_robustmerge import seeded_sample
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
 
@@ -125,10 +129,11 @@ def quantization_level(clipping_range: float, quantization_range: int) -> float:
     return 2.0 * clipping_range / quantization_range
 
 
-def check_secure_aggregation(settings: ServerSettings) -> None:
-    """Refuse, with the reason, every setting the secure path cannot honour."""
+def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | None:
+    """Refuse, with the reason, every setting the secure path cannot honour; the SecAgg+
+    workflow those settings make (None when secure aggregation is off)."""
     if not settings.secure_aggregation:
-        return
+        return None
     refusals: list[tuple[bool, str, str]] = [
         (
             settings.merge_mode != "paper-exact",
@@ -210,7 +215,7 @@ def check_secure_aggregation(settings: ServerSettings) -> None:
             f"times min-train-nodes = {settings.min_train_nodes} reaches SecAgg+'s modulus "
             "2**32: the sum would wrap; lower the quantization range"
         )
-    build_workflow(settings)
+    return build_workflow(settings)
 
 
 def _count_or_fraction(value: float) -> int | float:
@@ -250,12 +255,9 @@ class RunRecord:
     """What the run writes after every round: history, checkpoints, metrics.json, the plot."""
 
     store: CheckpointStore
-    run_dir: Path
-    summary: dict[str, Any]
+    files: RunFiles
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluate: Evaluate | None = None
-    seen_tasks: tuple[str, ...] = ()
-    unseen_tasks: tuple[str, ...] = ()
 
 
 class SecureRobustMerge(Strategy):
@@ -509,19 +511,15 @@ class SecureRobustMerge(Strategy):
                 record.history.append(
                     {"server-round": 0, "server-eval": record.evaluate(self.global_tensors)}
                 )
-                write_metrics(record.run_dir, record.summary, record.history)
+                log_server_eval(0, record.history[-1]["server-eval"])
+                record.files.write(record.history)
             return None
         round_number = self.start_round + server_round
         entry: dict[str, Any] = self._entry or {"server-round": round_number}
         self._entry = None
         if record.evaluate is not None:
             entry["server-eval"] = record.evaluate(self.global_tensors)
-            averages = {
-                k: round(v, 4)
-                for k, v in entry["server-eval"].items()
-                if k in ("seen-accuracy", "unseen-accuracy", "eval-loss")
-            }
-            log(INFO, "round %d server-side evaluation: %s", round_number, averages)
+            log_server_eval(round_number, entry["server-eval"])
         entry["seconds"] = time.perf_counter() - self._started if self._started else 0.0
         train = entry.get("train", {})
         entry["communication"] = round_communication(
@@ -537,13 +535,14 @@ class SecureRobustMerge(Strategy):
             history=record.history,
         )
         record.history.append(entry)
-        record.store.save(
+        save_round(
+            record.store,
+            record.files,
             round_number,
+            record.history,
             self.global_tensors,
-            {"history": record.history, "strategy": self.settings_state()},
+            self.settings_state(),
         )
-        write_metrics(record.run_dir, record.summary, record.history)
-        plot_accuracy(record.run_dir, record.history, record.seen_tasks, record.unseen_tasks)
         return None
 
     def _parameters(self) -> Parameters:
@@ -559,9 +558,8 @@ class SecureRobustMerge(Strategy):
             log(INFO, "Waiting for nodes: %d connected (need %d).", available, wanted)
             time.sleep(1)
             available = client_manager.num_available()
-        proxies = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
-        picked = random.Random(self.seed * 1_000_003 + server_round).sample(proxies, wanted)
-        return sorted(picked, key=lambda proxy: proxy.node_id)
+        by_id = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+        return [by_id[node] for node in seeded_sample(by_id, wanted, self.seed, server_round)]
 
     @staticmethod
     def _metrics(train: Mapping[str, Any]) -> dict[str, Scalar]:
@@ -586,8 +584,9 @@ def run_secure_federation(
     strategy_type: type[SecureRobustMerge] = SecureRobustMerge,
 ) -> dict[str, torch.Tensor]:
     """Run (or resume) the federation under SecAgg+; returns the final global adapter."""
-    check_secure_aggregation(settings)
-    workflow = build_workflow(settings)
+    workflow = check_secure_aggregation(settings)
+    if workflow is None:
+        raise ConfigError("run_secure_federation needs run config secure-aggregation = true")
     log(
         INFO,
         "Secure aggregation (SecAgg+): robustmerge paper-exact keep_ratio=%s scale_quantile=%s "
@@ -602,28 +601,15 @@ def run_secure_federation(
         settings.secagg_clipping_range,
         settings.secagg_quantization_range,
     )
+    start, resumed, history = resume_or_archive(store, settings.output_dir, settings.resume)
     record = RunRecord(
         store=store,
-        run_dir=settings.output_dir,
-        summary=summary,
+        files=RunFiles(settings.output_dir, summary, tuple(seen_tasks), tuple(unseen_tasks)),
+        history=history,
         evaluate=evaluate,
-        seen_tasks=tuple(seen_tasks),
-        unseen_tasks=tuple(unseen_tasks),
     )
-    global_tensors = dict(initial)
-    start = 0
-    checkpoint = store.latest_valid() if settings.resume else None
-    if checkpoint is not None:
-        start = checkpoint.server_round
-        global_tensors = dict(checkpoint.tensors)
-        record.history = list(checkpoint.state.get("history", []))
-        log(INFO, "Resuming after round %d from %s", start, checkpoint.path)
-    else:
-        archived = archive_previous_run(settings.output_dir)
-        if archived is not None:
-            log(INFO, "Earlier outputs moved to %s", archived)
     strategy = strategy_type(
-        initial=global_tensors,
+        initial=resumed if resumed is not None else initial,
         record=record,
         keep_ratio=settings.keep_ratio,
         scale_quantile=settings.scale_quantile,
@@ -652,10 +638,5 @@ def run_secure_federation(
             strategy=strategy,
         )
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-    write_metrics(record.run_dir, record.summary, record.history)
-    plot_accuracy(record.run_dir, record.history, record.seen_tasks, record.unseen_tasks)
-    final = store.save_final(
-        strategy.global_tensors, {"run": summary, "rounds": len(record.history)}
-    )
-    log(INFO, "Final adapter: %s", final)
+    finish_run(store, record.files, record.history, strategy.global_tensors)
     return strategy.global_tensors

@@ -50,6 +50,13 @@ MERGE_TARGETS = ("delta", "adapter")
 EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd"})
 
 
+def seeded_sample(node_ids: Iterable[int], wanted: int, seed: int, server_round: int) -> list[int]:
+    """``wanted`` of ``node_ids``, ascending; the same ones for the same seed and round, so a
+    resumed run asks the nodes an uninterrupted one would."""
+    population = sorted(node_ids)
+    return sorted(random.Random(seed * 1_000_003 + server_round).sample(population, wanted))
+
+
 @dataclass
 class RoundReport:
     """What one training round did, kept for metrics.json and checkpoints."""
@@ -267,7 +274,7 @@ class FedRobustMerge(FedAvg):
             log(INFO, "Waiting for nodes to connect: %d connected (need %d).", len(nodes), needed)
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
-        return sorted(random.Random(self.seed * 1_000_003 + server_round).sample(nodes, wanted))
+        return seeded_sample(nodes, wanted, self.seed, server_round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
