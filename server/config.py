@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from client.config import TASK_KINDS
+from strategies.combinations import combination_refusal
 from strategies.merging import available_methods
 from strategies.merging.robustmerge import MODES
+from strategies.merging.rounds import TARGETS as MERGE_TARGETS
 from strategies.sparse_uplink import UPLINKS
 
 OUTPUT_ROOT_ENV = "ROBUSTMERGE_FL_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = Path.home() / "robustmerge-fl"
-MERGE_TARGETS = ("delta", "adapter")
 MERGE_DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "server-clipping", "client-clipping")
 
@@ -68,6 +69,11 @@ class ServerSettings:
     secagg_quantization_range: int = 4194304
 
     def __post_init__(self) -> None:
+        refusal = combination_refusal(
+            self.merge_method, self.merge_mode, self.merge_target, self.uplink
+        )
+        if refusal is not None:
+            raise ConfigError(f"run config: {refusal}")
         if self.dp != "none" and self.uplink == "sparse":
             raise ConfigError(
                 f"run config 'dp' = {self.dp!r} needs uplink = 'dense': Flower's DP wrappers "

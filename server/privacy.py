@@ -224,16 +224,17 @@ def robustmerge_sensitivity_factor(
     client moves by at most C / m: factor 1 (fedavg). For the other merges, with the server step
     eta and fuse weight lambda (add or remove one client whose update has norm <= C):
 
-    - task_arithmetic sums lambda * delta over clients: the client moves the merge by up to
-      lambda C; factor eta lambda m.
     - robustmerge paper-exact: A_m = sum_t lambda A^_t moves by up to lambda C (pruning only
-      shrinks norms). Each column of B_m is lambda times a convex combination (weights
-      s~_t[i] / sum_u s~_u[i]) of the clients' columns; the new client can shift column i by up
+      shrinks norms); the round form's A_m = lambda sum_t p_t A^_t moves less (at most
+      2 lambda C / (m + 1)), so the sum's bound kept here is valid but loose. Each column of
+      B_m is lambda times a convex combination (weights s~_t[i] / sum_u s~_u[i]) of the
+      clients' columns; the new client can shift column i by up
       to lambda (|b_i| + |c_i|) <= lambda (|b_i| + max_t |B^_t[:, i]|), at most lambda C (1 +
       sqrt(r)) over the r columns. Together: factor eta lambda m sqrt(1 + (1 + sqrt(r))^2),
       about 4 eta lambda m at r = 8.
-    - paper-equation, ties, dare, svd: products, sign elections, random drops or an SVD; no
-      bound is derived here (None).
+    - task_arithmetic does not run in rounds (it has no size-invariant form).
+    - paper-equation, ties, dare, svd, exact-mean: products, sign elections, random drops or an
+      SVD; no bound is derived here (None).
 
     The effective noise multiplier is z / factor; it is an upper bound on the privacy the run
     gets, since the bounds above are worst cases.
@@ -244,8 +245,6 @@ def robustmerge_sensitivity_factor(
     fuse = strategy.merge_hyperparameters.get("fuse_weight", 1.0)
     weight = abs(float(max(fuse)) if isinstance(fuse, tuple) else float(fuse))
     base = strategy.server_lr * weight * num_sampled_clients
-    if method == "task_arithmetic":
-        return max(1.0, base)
     if method == "robustmerge" and strategy.merge_hyperparameters.get("mode") == "paper-exact":
         return max(1.0, base * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2))
     return None

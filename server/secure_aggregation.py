@@ -2,7 +2,8 @@
 only the sums of the clients' merge terms and finishes the merge with one division.
 
 Why it works (spec, "Decomposition worth knowing"): in paper-exact mode with equal client
-weights, A_m = sum_t lambda A^_t, B_m[:, i] = sum_t lambda s~_t[i] B^_t[:, i] / sum_t s~_t[i],
+weights, A_m = sum_t lambda A^_t (divided by T in the round form rounds use),
+B_m[:, i] = sum_t lambda s~_t[i] B^_t[:, i] / sum_t s~_t[i],
 other tensors the mean: sums of per-client terms and one division. Each client computes its
 terms on its delta (``client.secure_aggregation``), Flower's SecAgg+ sums them under masks,
 ``strategies.merging.decomposed.finish_from_sums`` divides, and the server step is FedRobustMerge's
@@ -443,7 +444,7 @@ class SecureRobustMerge(Strategy):
         clipped = round(float(sums.pop(CLIPPED_KEY)))
         train_loss = float(sums.pop(TRAIN_LOSS_KEY)) / count
         try:
-            merged = finish_from_sums(sums, count)
+            merged = finish_from_sums(sums, count, form="round")
         except MergeInputError as error:
             entry["merge"] = {"secure-aggregation": f"unusable sums: {error}"}
             log(

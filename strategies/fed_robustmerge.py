@@ -22,14 +22,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from strategies.combinations import combination_refusal, round_method
 from strategies.merging import (
     accepted_hyperparameters,
     available_methods,
-    merge_lora_with_report,
     parse_layout,
     resolve_device,
 )
-from strategies.merging.diagnostics import direction_score
+from strategies.merging.diagnostics import direction_score, factorwise_gap
+from strategies.merging.robustmerge import RobustMerge
+from strategies.merging.rounds import TARGETS, apply_server_step, global_change_norm, merge_round
 from strategies.reply_checks import (
     DEFAULT_MAX_NUM_EXAMPLES,
     AcceptedReply,
@@ -43,11 +45,9 @@ from strategies.sparse_uplink import (
     SparseReply,
     check_sparse_train_reply,
     merge_sparse_replies,
-    sparse_method,
 )
 
-MERGE_TARGETS = ("delta", "adapter")
-EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd"})
+EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd", "exact-mean"})
 
 
 def seeded_sample(node_ids: Iterable[int], wanted: int, seed: int, server_round: int) -> list[int]:
@@ -68,6 +68,8 @@ class RoundReport:
     bytes_received: int = 0
     merged_update_norm: float = 0.0
     relative_error: float | None = None
+    update_relative_error: float | None = None
+    factorwise_gap: float | None = None
     direction_scores: dict[int, dict[str, float]] = field(default_factory=dict)
     skipped: bool = False
 
@@ -81,6 +83,8 @@ class RoundReport:
             "bytes-received": self.bytes_received,
             "merged-update-norm": self.merged_update_norm,
             "relative-error": self.relative_error,
+            "update-relative-error": self.update_relative_error,
+            "factorwise-gap": self.factorwise_gap,
             "direction-scores": {str(n): s for n, s in self.direction_scores.items()},
             "skipped": self.skipped,
         }
@@ -89,10 +93,13 @@ class RoundReport:
 class FedRobustMerge(FedAvg):
     """Federated LoRA with RobustMerge aggregation of the clients' updates.
 
-    The server keeps the global adapter it sent (FedOpt's pattern), takes each accepted client's
-    delta (trained minus global), merges the deltas with ``merge_method`` and applies
-    ``global <- global + server_lr * merged``. With ``merge_target="adapter"`` the clients' full
-    adapters are merged instead (round 1 is then the paper's one-shot merge) and
+    The server keeps the global adapter it sent (FedOpt's pattern) and merges the accepted
+    replies with ``merge_method`` in its round form (``strategies.merging.rounds``; every method
+    is size-invariant there): factor-wise methods merge the deltas (trained minus global) and
+    apply ``global <- global + server_lr * merged``; product-space methods (svd, exact-mean,
+    paper-equation) merge the clients' true weight updates B_t A_t - B_G A_G and factor the new
+    global back to rank r. With ``merge_target="adapter"`` the clients' full adapters are merged
+    instead (round 1 is then the paper's one-shot merge, bit for bit) and
     ``global <- global + server_lr * (merged - global)``.
 
     Parameters
@@ -116,8 +123,8 @@ class FedRobustMerge(FedAvg):
     server_lr : float (default: 1.0)
         eta in the server step.
     weight_by_examples : bool (default: False)
-        Weight clients by num-examples in RobustMerge (lambda_t = lambda T n_t / sum n); fedavg and
-        svd always weight by examples.
+        Weight clients by num-examples in RobustMerge (lambda_t = lambda T n_t / sum n); fedavg,
+        svd and exact-mean always weight by examples.
     device : str, optional
         Merge device; None picks CUDA when available.
     min_merge_replies : int (default: 1)
@@ -183,18 +190,15 @@ class FedRobustMerge(FedAvg):
                 f"unknown merge method {merge_method!r}; known methods: "
                 f"{', '.join(available_methods())}"
             )
-        if merge_target not in MERGE_TARGETS:
-            raise ValueError(f"merge_target must be one of {MERGE_TARGETS}, got {merge_target!r}")
+        if merge_target not in TARGETS:
+            raise ValueError(f"merge_target must be one of {TARGETS}, got {merge_target!r}")
         if min_merge_replies < 1:
             raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
         if uplink not in UPLINKS:
             raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
-        if uplink == "sparse" and (merge_method != "robustmerge" or merge_target != "delta"):
-            raise ValueError(
-                "uplink 'sparse' has clients prune their own deltas (RobustMerge steps 1-2), so "
-                "it needs merge_method 'robustmerge' and merge_target 'delta'; got "
-                f"{merge_method!r} and {merge_target!r}"
-            )
+        refusal = combination_refusal(merge_method, mode, merge_target, uplink)
+        if refusal is not None:
+            raise ValueError(refusal)
         if max_update_norm is not None and not max_update_norm > 0:
             raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
         self.merge_method = merge_method
@@ -215,8 +219,9 @@ class FedRobustMerge(FedAvg):
         self.merge_hyperparameters = {k: v for k, v in offered.items() if k in accepted}
         self.merge_target = merge_target
         self.uplink = uplink
+        self.method = round_method(merge_method, merge_target, self.merge_hyperparameters)
         self.sparse_method = (
-            sparse_method(self.merge_hyperparameters) if uplink == "sparse" else None
+            self.method if uplink == "sparse" and isinstance(self.method, RobustMerge) else None
         )
         self.server_lr = float(server_lr)
         self.weight_by_examples = weight_by_examples or merge_method in EXAMPLE_WEIGHTED_METHODS
@@ -251,17 +256,14 @@ class FedRobustMerge(FedAvg):
             self.min_merge_replies,
             self.uplink,
         )
-        summed = self.merge_method in ("task_arithmetic", "dare") or (
-            self.merge_method == "robustmerge"
-            and self.merge_hyperparameters.get("mode") == "paper-exact"
-        )
-        if self.merge_target == "adapter" and summed:
+        if self.merge_target == "adapter" and getattr(self.method, "form", "") == "one-shot":
             log(
                 WARNING,
-                "merge-target 'adapter' with %s sums lambda * A over clients that share the "
-                "global A: the merged A is about lambda x clients times one client's (the "
-                "quality benchmark fell below zero-shot at lambda 2); prefer merge-target "
-                "'delta', fuse-weight 1 or merge-mode 'paper-equation'",
+                "merge-target 'adapter' with %s keeps the one-shot sum of lambda * A over clients "
+                "that share the global A: the merged A is about lambda x clients times one "
+                "client's, so the step grows with the federation (the quality benchmark fell "
+                "below zero-shot at lambda 2); prefer merge-target 'delta' (size-invariant), "
+                "fuse-weight 1 or merge-mode 'paper-equation'",
                 self.merge_method,
             )
 
@@ -447,36 +449,30 @@ class FedRobustMerge(FedAvg):
     def _merge(self, accepted: list[AcceptedReply], report: RoundReport) -> dict[str, torch.Tensor]:
         assert self.current_global is not None
         base = self.current_global
-        delta_base = base if self.merge_target == "delta" else None
-        inputs = [ReplyView(reply, delta_base) for reply in accepted]
         weights = (
             [float(reply.num_examples) for reply in accepted] if self.weight_by_examples else None
         )
         if self.sparse_method is not None:
             sparse = [reply for reply in accepted if isinstance(reply, SparseReply)]
             result = merge_sparse_replies(sparse, self.sparse_method, weights, self.device)
+            apply_server_step(base, result.tensors, self.server_lr, self.merge_target)
         else:
-            result = merge_lora_with_report(
-                inputs,
-                self.merge_method,
+            result = merge_round(
+                base,
+                [ReplyTensors(reply) for reply in accepted],
+                self.method,
                 weights,
-                self.device,
+                server_lr=self.server_lr,
+                target=self.merge_target,
+                device=self.device,
                 labels=[f"node {reply.node_id}" for reply in accepted],
-                **self.merge_hyperparameters,
             )
         report.merge_seconds = result.report.seconds
         report.relative_error = result.report.relative_error
-        new_global = result.tensors  # updated in place, one key at a time: no extra adapter copy
-        squared = 0.0
-        for key, value in base.items():
-            update = new_global[key]
-            if self.merge_target == "adapter":
-                update.sub_(value)
-            update.mul_(self.server_lr)
-            squared += float(update.square().sum())
-            new_global[key] = update.add_(value)
-        report.merged_update_norm = squared**0.5
-        self._score_directions(accepted, new_global, report)
+        report.update_relative_error = result.report.update_relative_error
+        new_global = result.tensors
+        report.merged_update_norm = global_change_norm(base, new_global)
+        self._score_directions(accepted, new_global, report, weights)
         return new_global
 
     def _score_directions(
@@ -484,7 +480,9 @@ class FedRobustMerge(FedAvg):
         accepted: list[AcceptedReply],
         new_global: dict[str, torch.Tensor],
         report: RoundReport,
+        weights: list[float] | None,
     ) -> None:
+        """Direction scores per client and the factor-wise gap, on evenly spaced modules."""
         assert self.current_global is not None
         if self.diagnostics_modules <= 0:
             return
@@ -509,6 +507,22 @@ class FedRobustMerge(FedAvg):
                     "cosine": sum(s.cosine for s in valid) / len(valid),
                     "retained": sum(s.retained for s in valid) / len(valid),
                 }
+        raw = torch.tensor(weights or [1.0] * len(accepted), dtype=torch.float64)
+        p = raw / raw.sum()
+        gap = exact = 0.0
+        for m in picked:
+            rank = base[m.a_key].shape[0]
+            a_stack = torch.stack([reply.tensor(m.a_key).reshape(rank, -1) for reply in accepted])
+            b_stack = torch.stack([reply.tensor(m.b_key).reshape(-1, rank) for reply in accepted])
+            module_gap = factorwise_gap(
+                (base[m.a_key].reshape(rank, -1), base[m.b_key].reshape(-1, rank)),
+                a_stack,
+                b_stack,
+                p,
+            )
+            gap += module_gap.gap
+            exact += module_gap.exact
+        report.factorwise_gap = (gap / exact) ** 0.5 if exact > 0 else 0.0
 
     def _round_metrics(self, report: RoundReport, accepted: list[AcceptedReply]) -> MetricRecord:
         if self.custom_train_metrics_aggr_fn is not None and accepted:
@@ -527,6 +541,10 @@ class FedRobustMerge(FedAvg):
         metrics["merged-update-norm"] = report.merged_update_norm
         if report.relative_error is not None:
             metrics["rank-truncation-error"] = report.relative_error
+        if report.update_relative_error is not None:
+            metrics["update-truncation-error"] = report.update_relative_error
+        if report.factorwise_gap is not None:
+            metrics["factorwise-gap"] = report.factorwise_gap
         if report.direction_scores:
             cosines = [s["cosine"] for s in report.direction_scores.values()]
             retained = [s["retained"] for s in report.direction_scores.values()]
@@ -537,21 +555,19 @@ class FedRobustMerge(FedAvg):
         return metrics
 
 
-class ReplyView(Mapping[str, torch.Tensor]):
-    """A reply's tensors (or its delta from ``base``), decoded key by key when the merge asks.
+class ReplyTensors(Mapping[str, torch.Tensor]):
+    """A reply's tensors, decoded key by key when the merge asks for them.
 
     The merge engine works module by module, so it never holds more than one module of every
-    reply at once; materialising all deltas first would double the round's memory.
+    reply at once; decoding every reply first would double the round's memory.
     """
 
-    def __init__(self, reply: AcceptedReply, base: Mapping[str, torch.Tensor] | None) -> None:
+    def __init__(self, reply: AcceptedReply) -> None:
         self.reply = reply
-        self.base = base
         self.keys_in_order = list(reply.arrays.keys())
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        value = self.reply.tensor(key)
-        return value if self.base is None else value.sub_(self.base[key])
+        return self.reply.tensor(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_in_order)

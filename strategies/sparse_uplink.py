@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies.merging import MergeInputError, MergeReport, MergeResult, create_method
+from strategies.merging import MergeInputError, MergeReport, MergeResult
 from strategies.merging.decomposed import merge_pruned, scale_key
 from strategies.merging.lora_keys import is_lora_key, parse_layout
 from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
@@ -48,14 +48,6 @@ from strategies.sparse_codec import (
 UPLINKS = ("dense", "sparse")
 # The reply's ConfigRecord (under the strategy's configrecord_key) says which uplink it uses.
 UPLINK_KEY = "uplink"
-
-
-def sparse_method(hyperparameters: Mapping[str, Any]) -> RobustMerge:
-    """The RobustMerge instance a sparse-uplink round merges with."""
-    method = create_method("robustmerge", **hyperparameters)
-    if not isinstance(method, RobustMerge):  # pragma: no cover - the registry maps it so
-        raise TypeError(f"'robustmerge' built a {type(method).__name__}")
-    return method
 
 
 @dataclass(frozen=True)

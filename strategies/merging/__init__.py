@@ -3,7 +3,15 @@
 Importing this package registers every shipped method.
 """
 
-from strategies.merging import dare, fedavg, robustmerge, svd, task_arithmetic, ties  # noqa: F401
+from strategies.merging import (  # noqa: F401
+    dare,
+    exact_mean,
+    fedavg,
+    robustmerge,
+    svd,
+    task_arithmetic,
+    ties,
+)
 from strategies.merging.api import (
     MergeReport,
     MergeResult,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from strategies.merging.method import MergeMethod
 from strategies.merging.registry import create_method
 from strategies.merging.validation import check_weights, validate_adapters
 
@@ -17,7 +18,12 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class MergeReport:
-    """What a merge did: method and hyperparameters, device, time, truncation errors."""
+    """What a merge did: method and hyperparameters, device, time, truncation errors.
+
+    ``relative_error``: ||B A - P||_F / ||P||_F over the truncated modules, P the full-rank
+    result. ``update_relative_error`` (rounds, product-space methods): the same discarded part
+    against the round's update, ||B A - P||_F / ||eta M||_F, the share of the step that was lost.
+    """
 
     method: dict[str, object]
     num_adapters: int
@@ -25,6 +31,7 @@ class MergeReport:
     seconds: float = 0.0
     relative_errors: dict[str, float] = field(default_factory=dict)
     relative_error: float | None = None
+    update_relative_error: float | None = None
 
 
 @dataclass
@@ -47,7 +54,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def merge_lora_with_report(
     adapters: Sequence[Mapping[str, torch.Tensor]],
-    method: str = "robustmerge",
+    method: str | MergeMethod = "robustmerge",
     weights: Sequence[float] | torch.Tensor | None = None,
     device: str | torch.device | None = None,
     *,
@@ -55,18 +62,13 @@ def merge_lora_with_report(
     progress: ProgressCallback | None = None,
     **hyperparameters: Any,
 ) -> MergeResult:
-    """Merge PEFT LoRA state dicts with a registered method; see ``merge_lora``."""
-    merger = create_method(method, **hyperparameters)
+    """Merge PEFT LoRA state dicts with a registered method (a name, or a built method and no
+    hyperparameters); see ``merge_lora``."""
+    merger = build_method(method, hyperparameters)
     layout = validate_adapters(adapters, labels)
     count = len(adapters)
-    checked = check_weights(weights, count)
     target = resolve_device(device)
-    raw = (
-        torch.ones(count, dtype=torch.float64)
-        if checked is None
-        else torch.tensor(checked, dtype=torch.float64)
-    )
-    normalised = (raw / raw.sum()).to(dtype=torch.float32, device=target)
+    normalised = normalised_weights(weights, count, target)
     report = MergeReport(method=merger.describe(), num_adapters=count, device=str(target))
     started = time.perf_counter()
     merged: dict[str, torch.Tensor] = {}
@@ -75,8 +77,10 @@ def merge_lora_with_report(
     for index, module in enumerate(layout.modules):
         a_shape = adapters[0][module.a_key].shape
         b_shape = adapters[0][module.b_key].shape
-        a_stack = _stack(adapters, module.a_key, target).reshape(count, a_shape[0], -1)
-        b_stack = _stack(adapters, module.b_key, target).reshape(count, b_shape[0], b_shape[1])
+        a_stack = stack_tensors(adapters, module.a_key, target).reshape(count, a_shape[0], -1)
+        b_stack = stack_tensors(adapters, module.b_key, target).reshape(
+            count, b_shape[0], b_shape[1]
+        )
         pair = merger.merge_pair(a_stack, b_stack, normalised, module_index=index)
         merged[module.a_key] = pair.a.reshape(a_shape).to(device="cpu", dtype=torch.float32)
         merged[module.b_key] = pair.b.reshape(b_shape).to(device="cpu", dtype=torch.float32)
@@ -87,7 +91,7 @@ def merge_lora_with_report(
         if progress is not None:
             progress(index + 1, steps)
     for offset, key in enumerate(layout.other_keys, start=len(layout.modules) + 1):
-        merged[key] = merger.merge_other(_stack(adapters, key, target), normalised).to(
+        merged[key] = merger.merge_other(stack_tensors(adapters, key, target), normalised).to(
             device="cpu", dtype=torch.float32
         )
         if progress is not None:
@@ -101,7 +105,7 @@ def merge_lora_with_report(
 
 def merge_lora(
     adapters: Sequence[Mapping[str, torch.Tensor]],
-    method: str = "robustmerge",
+    method: str | MergeMethod = "robustmerge",
     weights: Sequence[float] | torch.Tensor | None = None,
     device: str | torch.device | None = None,
     **hyperparameters: Any,
@@ -109,7 +113,8 @@ def merge_lora(
     """Merge T PEFT-style LoRA state dicts into one; returns float32 CPU tensors, same keys.
 
     ``adapters``: state dicts with keys like ``base_model.model....q_proj.lora_A.weight``
-    (fp16, bf16 or fp32; never modified). ``method``: a registered name (``available_methods()``).
+    (fp16, bf16 or fp32; never modified). ``method``: a registered name (``available_methods()``)
+    or a built method (then no hyperparameters here).
     ``weights``: optional per-adapter weights (e.g. example counts); for robustmerge they reshape
     the fuse weights to lambda_t = fuse_weight * T * w_t / sum(w). ``device``: None picks CUDA
     when available. RobustMerge takes ``keep_ratio``, ``scale_quantile``, ``fuse_weight`` (a float
@@ -119,9 +124,35 @@ def merge_lora(
     return merge_lora_with_report(adapters, method, weights, device, **hyperparameters).tensors
 
 
-def _stack(
+def build_method(method: str | MergeMethod, hyperparameters: Mapping[str, Any]) -> MergeMethod:
+    """A registered method by name with its hyperparameters, or an already built one."""
+    if isinstance(method, MergeMethod):
+        if hyperparameters:
+            raise ValueError(
+                "hyperparameters go to the method's constructor; a built method takes none here, "
+                f"got {', '.join(sorted(hyperparameters))}"
+            )
+        return method
+    return create_method(method, **hyperparameters)
+
+
+def normalised_weights(
+    weights: Sequence[float] | torch.Tensor | None, count: int, device: torch.device
+) -> torch.Tensor:
+    """The checked per-adapter weights as p (float64 sum, then float32; equal when None)."""
+    checked = check_weights(weights, count)
+    raw = (
+        torch.ones(count, dtype=torch.float64)
+        if checked is None
+        else torch.tensor(checked, dtype=torch.float64)
+    )
+    return (raw / raw.sum()).to(dtype=torch.float32, device=device)
+
+
+def stack_tensors(
     adapters: Sequence[Mapping[str, torch.Tensor]], key: str, device: torch.device
 ) -> torch.Tensor:
+    """One key of every adapter, float32, stacked on ``device`` (task dimension first)."""
     # detach: live parameters (requires_grad) must not make the merge build an autograd graph,
     # which would keep every module's stacked inputs alive and return tensors with grad_fn.
     return torch.stack(

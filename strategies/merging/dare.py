@@ -5,10 +5,16 @@ as a Free Lunch", ICML 2024 (arXiv:2311.03099). Each entry of each task's tensor
 probability p and the survivors are rescaled by 1 / (1 - p); the results are summed with
 lambda_t = fuse_weight * T * p_t. The drop masks come from a CPU generator seeded by
 (seed, module, factor), so the result is the same on every device and every run.
+
+Round form (``form="round"``, docs/algorithm.md, "Round forms"): the lambda-weighted *mean*
+lambda sum_t p_t drop(X_t) instead of the sum, and each client's mask seeded by (seed, module,
+factor, a digest of that client's tensor), so T clients that trained identically drop the same
+entries and move the global exactly as far as one of them, whatever their order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -17,6 +23,7 @@ import torch
 from strategies.merging.method import (
     MergeMethod,
     PairMerge,
+    check_form,
     check_fuse_weight,
     task_coefficients,
 )
@@ -32,6 +39,19 @@ def drop_and_rescale(stack: torch.Tensor, drop_rate: float, seed: int) -> torch.
     return stack * keep.to(stack.device) / (1.0 - drop_rate)
 
 
+def drop_each_by_content(stack: torch.Tensor, drop_rate: float, seed: int) -> torch.Tensor:
+    """``drop_and_rescale`` of each task's slice with a seed mixed with a digest of that slice,
+    so equal slices get equal masks wherever they sit in the stack."""
+    if drop_rate == 0.0:
+        return stack
+    slices = []
+    for task in stack:
+        digest = hashlib.blake2b(task.detach().cpu().contiguous().numpy().tobytes(), digest_size=7)
+        mixed = (seed * 0x9E3779B1 + int.from_bytes(digest.digest(), "little")) % (2**63)
+        slices.append(drop_and_rescale(task, drop_rate, mixed))
+    return torch.stack(slices)
+
+
 @register_method("dare")
 class Dare(MergeMethod):
     """Random drop with rescale, then a lambda-weighted sum.
@@ -42,10 +62,16 @@ class Dare(MergeMethod):
         Probability p that an entry is dropped, in [0, 1).
     fuse_weight : float or sequence of float, default 1.0
     seed : int, default 0
+    form : {"one-shot", "round"}, default "one-shot"
+        "round": mean instead of sum, masks keyed by each client's content (see above).
     """
 
     def __init__(
-        self, drop_rate: float = 0.5, fuse_weight: float | Sequence[float] = 1.0, seed: int = 0
+        self,
+        drop_rate: float = 0.5,
+        fuse_weight: float | Sequence[float] = 1.0,
+        seed: int = 0,
+        form: str = "one-shot",
     ) -> None:
         rate = float(drop_rate)
         if not (math.isfinite(rate) and 0.0 <= rate < 1.0):
@@ -53,6 +79,10 @@ class Dare(MergeMethod):
         self.drop_rate = rate
         self.fuse_weight = check_fuse_weight(fuse_weight)
         self.seed = int(seed)
+        self.form = check_form(form)
+
+    def round_form(self) -> Dare:
+        return Dare(self.drop_rate, self.fuse_weight, self.seed, form="round")
 
     def merge_pair(
         self,
@@ -64,8 +94,13 @@ class Dare(MergeMethod):
     ) -> PairMerge:
         lambdas = task_coefficients(self.fuse_weight, weights)
         base = (self.seed * 1_000_003 + module_index) * 2
-        a_kept = drop_and_rescale(a_stack, self.drop_rate, base)
-        b_kept = drop_and_rescale(b_stack, self.drop_rate, base + 1)
+        if self.form == "round":
+            lambdas = lambdas / lambdas.shape[0]
+            a_kept = drop_each_by_content(a_stack, self.drop_rate, base)
+            b_kept = drop_each_by_content(b_stack, self.drop_rate, base + 1)
+        else:
+            a_kept = drop_and_rescale(a_stack, self.drop_rate, base)
+            b_kept = drop_and_rescale(b_stack, self.drop_rate, base + 1)
         return PairMerge(
             a=torch.tensordot(lambdas, a_kept, dims=1), b=torch.tensordot(lambdas, b_kept, dims=1)
         )
@@ -76,4 +111,5 @@ class Dare(MergeMethod):
             "drop_rate": self.drop_rate,
             "fuse_weight": self.fuse_weight,
             "seed": self.seed,
+            "form": self.form,
         }

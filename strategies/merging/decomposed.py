@@ -24,6 +24,7 @@ import torch
 
 from strategies.merging.errors import MergeInputError
 from strategies.merging.lora_keys import AdapterLayout, parse_layout
+from strategies.merging.method import check_form
 from strategies.merging.robustmerge import RobustMerge
 
 SCALE_SUFFIX = "::scale"
@@ -133,14 +134,18 @@ def client_terms(
     return terms
 
 
-def finish_from_sums(sums: Mapping[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+def finish_from_sums(
+    sums: Mapping[str, torch.Tensor], count: int, form: str = "one-shot"
+) -> dict[str, torch.Tensor]:
     """The merged tensors from the sums over ``count`` clients of their ``client_terms``.
 
-    A_m = sum of lambda A^; B_m[:, i] = sum of lambda s~ B^[:, i] / sum of s~[i]; other keys the
-    mean. Raises MergeInputError when a scale sum is missing, misshapen or not positive.
+    A_m = sum of lambda A^ (one-shot form; the round form divides it by ``count``, see
+    ``RobustMerge``); B_m[:, i] = sum of lambda s~ B^[:, i] / sum of s~[i]; other keys the mean.
+    Raises MergeInputError when a scale sum is missing, misshapen or not positive.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    a_divisor = float(count) if check_form(form) == "round" else 1.0
     tensor_keys = [key for key in sums if not key.endswith(SCALE_SUFFIX)]
     layout: AdapterLayout = parse_layout(tensor_keys)
     merged: dict[str, torch.Tensor] = {}
@@ -152,7 +157,7 @@ def finish_from_sums(sums: Mapping[str, torch.Tensor], count: int) -> dict[str, 
                 "the summed scale has entries <= 0 (each client's s~ is >= 1)",
                 key=scale_key(module.name),
             )
-        merged[module.a_key] = _float(sums[module.a_key])
+        merged[module.a_key] = _float(sums[module.a_key]) / a_divisor
         merged[module.b_key] = b / total
     for key in layout.other_keys:
         merged[key] = _float(sums[key]) / count

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from strategies.merging.lora_keys import parse_layout
+from strategies.merging.lowrank import low_rank_energy
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,46 @@ def direction_score(
     cosine = float((top * along).sum()) / (float(top.norm()) * norm) if norm > 0 else 0.0
     retained = float(along.sum() / top.sum())
     return DirectionScore(cosine=cosine, retained=retained)
+
+
+@dataclass(frozen=True)
+class FactorwiseGap:
+    """Squared Frobenius norms, one module: ``gap`` = ||factor-wise mean - exact mean||^2 of the
+    updates, ``exact`` = ||exact mean update||^2 (sum them over modules, then take the root)."""
+
+    gap: float
+    exact: float
+
+
+def factorwise_gap(
+    global_factors: tuple[torch.Tensor, torch.Tensor],
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    weights: torch.Tensor,
+) -> FactorwiseGap:
+    """How far averaging A and B separately is from averaging the updates, for one module.
+
+    global_factors is (A_G, B_G); stacks are the clients' full factors (T x r x d_in,
+    T x d_out x r); weights p sum to 1. The factor-wise mean's product minus the exact mean
+    sum_t p_t B_t A_t is -sum_t p_t (B_t - B_mean)(A_t - A_mean), a weighted covariance of the
+    factors; the exact mean update is sum_t p_t B_t A_t - B_G A_G. Both from low-rank factors.
+    """
+    a_global, b_global = (t.to(torch.float64) for t in global_factors)
+    a64 = a_stack.to(torch.float64)
+    b64 = b_stack.to(torch.float64)
+    p = weights.to(torch.float64)
+    count, rank, _ = a64.shape
+    a_centred = a64 - torch.tensordot(p, a64, dims=1)
+    b_centred = (b64 - torch.tensordot(p, b64, dims=1)) * p[:, None, None]
+    gap = low_rank_energy(_blocks(b_centred), a_centred.reshape(count * rank, -1))
+    exact_left = torch.cat([_blocks(b64 * p[:, None, None]), -b_global], dim=1)
+    exact_right = torch.cat([a64.reshape(count * rank, -1), a_global], dim=0)
+    return FactorwiseGap(gap=gap, exact=low_rank_energy(exact_left, exact_right))
+
+
+def _blocks(b_stack: torch.Tensor) -> torch.Tensor:
+    """[B_1 | ... | B_T]: the stack's B factors side by side (d_out x T r)."""
+    return b_stack.permute(1, 0, 2).reshape(b_stack.shape[1], -1)
 
 
 def shared_a_similarity(adapters: Sequence[Mapping[str, torch.Tensor]]) -> float | None:

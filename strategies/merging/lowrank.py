@@ -41,3 +41,10 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> Pair
         truncated_energy=dropped,
         total_energy=total,
     )
+
+
+def low_rank_energy(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left @ right||_F^2 without forming the product: sum((L^T L) * (R R^T)), in float64."""
+    left64 = left.to(torch.float64)
+    right64 = right.to(torch.float64)
+    return float(((left64.T @ left64) * (right64 @ right64.T)).sum())

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+FORMS: tuple[str, ...] = ("one-shot", "round")
+
 
 @dataclass(frozen=True)
 class PairMerge:
@@ -51,6 +53,53 @@ class MergeMethod(ABC):
     def describe(self) -> dict[str, object]:
         """The method's name and hyperparameters, for logs and merge reports."""
         return {}
+
+    def round_form(self) -> MergeMethod:
+        """The method as federated rounds run it (docs/algorithm.md, "Round forms").
+
+        Rounds need size invariance: T clients that trained identically must move the global as
+        far as one of them. Methods that already are invariant return themselves; a method whose
+        round form differs from its one-shot form returns that variant; a method with no
+        sensible round form raises ``RoundFormError`` saying what to use instead.
+        """
+        return self
+
+    def merges_products(self) -> bool:
+        """True when the method merges the products B_t A_t (then it implements
+        ``product_terms`` and ``update_terms``), False when it merges A and B separately."""
+        return False
+
+    def product_terms(
+        self, a_stack: torch.Tensor, b_stack: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors (L: d_out x K, R: K x d_in) of the one-shot merged product L @ R."""
+        raise TypeError(f"{self.describe().get('method')} merges factors, not products")
+
+    def update_terms(
+        self,
+        a_global: torch.Tensor,
+        b_global: torch.Tensor,
+        a_stack: torch.Tensor,
+        b_stack: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors (L, R) of the merged round update M = L @ R, from the global's
+        factors (A_G: r x d_in, B_G: d_out x r) and the clients' full trained factors.
+
+        Client t's weight update is B_t A_t - B_G A_G (times alpha/r, common to all).
+        """
+        raise TypeError(f"{self.describe().get('method')} merges factors, not products")
+
+
+class RoundFormError(ValueError):
+    """A merge method that has no size-invariant form for federated rounds."""
+
+
+def check_form(form: str) -> str:
+    """A merge form: "one-shot" (merge finished adapters once) or "round" (federated rounds)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}; got {form!r}")
+    return form
 
 
 def check_unit_interval(name: str, value: float, *, low_open: bool, high_open: bool) -> float:

@@ -19,6 +19,12 @@ Where the release is fragile this implementation defines the behaviour: A and B 
 module name, a row whose kept mass is zero gets s = 1, scale_quantile = 0 uses position r - 1,
 keep_ratio = 1 keeps everything, ratios outside their ranges are refused.
 
+Round form (``form="round"``, what federated rounds use; docs/algorithm.md, "Round forms"):
+step 3 becomes A_m = sum_t (lambda_t / T) A^_t = lambda sum_t p_t A^_t, a weighted mean, so T
+clients that trained identically move the global as far as one of them (the released code's sum
+multiplies the step by T when clients share A, as federated clients do). Step 4 is already
+invariant. The one-shot form stays bit-exact to the release.
+
 "paper-equation" mode is the paper's own formula, lambda applied once and the normalised scale
 between each task's own factors:
     delta_W = sum_t lambda_t B^_t diag(s_t / sum_u s_u) A^_t     (rank up to T r),
@@ -40,6 +46,7 @@ from strategies.merging.lowrank import truncate_product
 from strategies.merging.method import (
     MergeMethod,
     PairMerge,
+    check_form,
     check_fuse_weight,
     check_unit_interval,
     task_coefficients,
@@ -67,6 +74,8 @@ class RobustMerge(MergeMethod):
     scale_floor : bool, optional
         Whether the floor of step 2 applies; always on in paper-exact mode, off by default in
         paper-equation mode (the paper has none).
+    form : {"one-shot", "round"}, default "one-shot"
+        "round" averages A over clients instead of summing it (paper-exact mode; see above).
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class RobustMerge(MergeMethod):
         fuse_weight: float | Sequence[float] = 2.0,
         mode: str = "paper-exact",
         scale_floor: bool | None = None,
+        form: str = "one-shot",
     ) -> None:
         self.keep_ratio = check_unit_interval(
             "keep_ratio", keep_ratio, low_open=True, high_open=False
@@ -90,6 +100,20 @@ class RobustMerge(MergeMethod):
         if mode == "paper-exact" and scale_floor is False:
             raise ValueError("scale_floor=False is only meaningful in mode 'paper-equation'")
         self.scale_floor = mode == "paper-exact" if scale_floor is None else bool(scale_floor)
+        self.form = check_form(form)
+
+    def round_form(self) -> RobustMerge:
+        return RobustMerge(
+            keep_ratio=self.keep_ratio,
+            scale_quantile=self.scale_quantile,
+            fuse_weight=self.fuse_weight,
+            mode=self.mode,
+            scale_floor=self.scale_floor,
+            form="round",
+        )
+
+    def merges_products(self) -> bool:
+        return self.mode == "paper-equation"
 
     def merge_pair(
         self,
@@ -123,15 +147,67 @@ class RobustMerge(MergeMethod):
         """Steps 3-4 (or the paper's equation) from pruned factors and their scales."""
         lambdas = task_coefficients(self.fuse_weight, weights)
         if self.mode == "paper-exact":
-            a_merged = torch.tensordot(lambdas, a_pruned, dims=1)
+            a_coefficients = lambdas if self.form == "one-shot" else lambdas / lambdas.shape[0]
+            a_merged = torch.tensordot(a_coefficients, a_pruned, dims=1)
             numerator = (b_pruned * (lambdas[:, None] * scale)[:, None, :]).sum(dim=0)
             return PairMerge(a=a_merged, b=numerator / scale.sum(dim=0))
+        left, right = self._equation_terms(a_pruned, b_pruned, scale, lambdas)
+        return truncate_product(left, right, a_pruned.shape[1])
+
+    def product_terms(
+        self, a_stack: torch.Tensor, b_stack: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's equation over finished adapters: sum_t lambda_t B^_t diag(c_t) A^_t."""
+        self._require_equation()
+        a_pruned, b_pruned, scale = self.prune_and_scale(a_stack, b_stack)
+        lambdas = task_coefficients(self.fuse_weight, weights)
+        return self._equation_terms(a_pruned, b_pruned, scale, lambdas)
+
+    def update_terms(
+        self,
+        a_global: torch.Tensor,
+        b_global: torch.Tensor,
+        a_stack: torch.Tensor,
+        b_stack: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's equation in round terms (docs/algorithm.md, "Round forms").
+
+        Client t's update is U_t = B_t A_t - B_G A_G = dB_t A_t + B_G dA_t. Steps 1-2 run on what
+        the client learned (dA_t, dB_t); the carriers (its A_t, the global B_G) stay whole:
+            M = sum_t lambda_t [dB^_t diag(c_t) A_t + B_G diag(c_t) dA^_t],  c_t = s_t / sum_u s_u.
+        With nothing pruned, s = 1 and M = lambda sum_t p_t U_t, the lambda-scaled exact mean.
+        """
+        self._require_equation()
+        a_delta = a_stack - a_global
+        b_delta = b_stack - b_global
+        a_pruned, b_pruned, scale = self.prune_and_scale(a_delta, b_delta)
+        lambdas = task_coefficients(self.fuse_weight, weights)
+        share = lambdas[:, None] * scale / scale.sum(dim=0)
+        count, rank, d_in = a_stack.shape
+        left = (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(-1, count * rank)
+        carried = (a_pruned * share[:, :, None]).sum(dim=0)
+        return (
+            torch.cat([left, b_global], dim=1),
+            torch.cat([a_stack.reshape(count * rank, d_in), carried], dim=0),
+        )
+
+    def _equation_terms(
+        self,
+        a_pruned: torch.Tensor,
+        b_pruned: torch.Tensor,
+        scale: torch.Tensor,
+        lambdas: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         share = lambdas[:, None] * scale / scale.sum(dim=0)
         count, rank, d_in = a_pruned.shape
         d_out = b_pruned.shape[1]
         left = (b_pruned * share[:, None, :]).permute(1, 0, 2).reshape(d_out, count * rank)
-        right = a_pruned.reshape(count * rank, d_in)
-        return truncate_product(left, right, rank)
+        return left, a_pruned.reshape(count * rank, d_in)
+
+    def _require_equation(self) -> None:
+        if self.mode != "paper-equation":
+            raise TypeError("paper-exact RobustMerge merges factors; products are paper-equation's")
 
     def describe(self) -> dict[str, object]:
         return {
@@ -141,4 +217,5 @@ class RobustMerge(MergeMethod):
             "scale_quantile": self.scale_quantile,
             "fuse_weight": self.fuse_weight,
             "scale_floor": self.scale_floor,
+            "form": self.form,
         }

@@ -3,36 +3,21 @@
 Paper: Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks
 and Client Resources", NeurIPS 2024 (arXiv:2402.11505). delta_W = sum_t p_t B_t A_t, then
 B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T; the relative Frobenius error of the truncation is reported.
+
+With every site at one rank this is the rank-r truncation of the exact mean (``exact-mean``), and
+the two give the same merge; FlexLoRA's own step, handing each site the global truncated to that
+site's rank, is what sets it apart once sites train different ranks.
 """
 
 from __future__ import annotations
 
-import torch
-
-from strategies.merging.lowrank import truncate_product
-from strategies.merging.method import MergeMethod, PairMerge
+from strategies.merging.exact_mean import ExactMean
 from strategies.merging.registry import register_method
 
 
 @register_method("svd")
-class SvdMerge(MergeMethod):
-    """Weighted mean of the products B_t A_t, truncated to the adapters' rank."""
-
-    def merge_pair(
-        self,
-        a_stack: torch.Tensor,
-        b_stack: torch.Tensor,
-        weights: torch.Tensor,
-        *,
-        module_index: int,
-    ) -> PairMerge:
-        count, rank, d_in = a_stack.shape
-        left = (
-            (b_stack * weights[:, None, None])
-            .permute(1, 0, 2)
-            .reshape(b_stack.shape[1], count * rank)
-        )
-        return truncate_product(left, a_stack.reshape(count * rank, d_in), rank)
+class SvdMerge(ExactMean):
+    """Weighted mean of the products B_t A_t, truncated to the adapters' rank (FlexLoRA)."""
 
     def describe(self) -> dict[str, object]:
         return {"method": "svd"}

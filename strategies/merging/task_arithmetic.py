@@ -13,6 +13,7 @@ import torch
 from strategies.merging.method import (
     MergeMethod,
     PairMerge,
+    RoundFormError,
     check_fuse_weight,
     task_coefficients,
 )
@@ -43,6 +44,15 @@ class TaskArithmetic(MergeMethod):
         lambdas = task_coefficients(self.fuse_weight, weights)
         return PairMerge(
             a=torch.tensordot(lambdas, a_stack, dims=1), b=torch.tensordot(lambdas, b_stack, dims=1)
+        )
+
+    def round_form(self) -> MergeMethod:
+        raise RoundFormError(
+            "merge method 'task_arithmetic' has no round form: it sums the clients' updates, so "
+            "its step grows with the number of clients (T identical clients move the global T "
+            "times as far as one); averaged instead, it is fedavg with server-lr = fuse-weight. "
+            "Use merge-method 'fedavg' and tune server-lr (or 'ties' / 'robustmerge'); "
+            "task_arithmetic stays available for one-shot merges (the CLI)"
         )
 
     def describe(self) -> dict[str, object]:

@@ -215,7 +215,13 @@ def assert_within_bound(
     """The module docstring's bounds, entry by entry; returns the largest error seen."""
     count = len(deltas)
     plain = merge_lora(
-        deltas, "robustmerge", device="cpu", keep_ratio=0.2, scale_quantile=0.2, fuse_weight=2.0
+        deltas,
+        "robustmerge",
+        device="cpu",
+        keep_ratio=0.2,
+        scale_quantile=0.2,
+        fuse_weight=2.0,
+        form="round",
     )
     q = quantization_level(clipping_range, quantization_range)
     layout = parse_layout(plain)

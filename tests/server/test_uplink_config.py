@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.app import build_merge_strategy
-from server.config import ServerSettings
+from server.config import ConfigError, ServerSettings
 
 
 def test_uplink_reaches_the_strategy() -> None:
@@ -18,8 +18,7 @@ def test_uplink_reaches_the_strategy() -> None:
 
 
 def test_sparse_uplink_with_another_merge_is_refused() -> None:
-    settings = ServerSettings.from_run_config(
-        {"uplink": "sparse", "merge-method": "ties", "merge-device": "cpu"}
-    )
-    with pytest.raises(ValueError, match="needs merge_method 'robustmerge'"):
-        build_merge_strategy(settings)
+    with pytest.raises(ConfigError, match="needs merge-method 'robustmerge'"):
+        ServerSettings.from_run_config(
+            {"uplink": "sparse", "merge-method": "ties", "merge-device": "cpu"}
+        )

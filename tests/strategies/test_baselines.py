@@ -229,6 +229,7 @@ def test_shipped_methods() -> None:
         "ties",
         "dare",
         "svd",
+        "exact-mean",
     }
     assert list(available_methods()) == sorted(available_methods())
 
@@ -258,6 +259,7 @@ def test_unknown_hyperparameter_is_refused_by_name() -> None:
         "fuse_weight",
         "mode",
         "scale_floor",
+        "form",
     }
     assert accepted_hyperparameters("fedavg") == ()
 
@@ -287,4 +289,5 @@ def test_report_and_progress() -> None:
         "scale_quantile": 0.2,
         "fuse_weight": 2.0,
         "scale_floor": True,
+        "form": "one-shot",
     }

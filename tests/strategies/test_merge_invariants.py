@@ -46,6 +46,7 @@ METHOD_CONFIGS: list[tuple[str, dict[str, object]]] = [
     ("ties", {}),
     ("dare", {"drop_rate": 0.3, "seed": 7}),
     ("svd", {}),
+    ("exact-mean", {}),
 ]
 
 

@@ -1,0 +1,61 @@
+"""Which aggregation settings make sense together in federated rounds, with the reason when not.
+
+One home for the refusals the strategy and the server's run-config reader share (docs: "What
+combines with what"). Secure aggregation's own refusals live with it
+(``server.secure_aggregation.check_secure_aggregation``), since they follow from what SecAgg+ lets
+the server see.
+"""
+
+from __future__ import annotations
+
+from strategies.merging import create_method
+from strategies.merging.method import MergeMethod, RoundFormError
+
+
+def combination_refusal(
+    merge_method: str,
+    mode: str,
+    merge_target: str,
+    uplink: str,
+) -> str | None:
+    """Why these round settings cannot run together (a sentence naming the run-config keys and
+    what to set instead), or None when they can. Hyperparameter values are checked elsewhere."""
+    try:
+        create_method(merge_method).round_form()
+    except RoundFormError as error:
+        return str(error)
+    if mode == "paper-equation" and merge_method != "robustmerge":
+        return (
+            f"merge-mode 'paper-equation' is a form of RobustMerge, but merge-method is "
+            f"{merge_method!r}; set merge-method = 'robustmerge' or merge-mode = 'paper-exact'"
+        )
+    if uplink == "sparse":
+        if merge_method != "robustmerge" or merge_target != "delta":
+            return (
+                "uplink 'sparse' has clients prune their own deltas (RobustMerge steps 1-2), so "
+                "it needs merge-method 'robustmerge' and merge-target 'delta'; got "
+                f"{merge_method!r} and {merge_target!r}"
+            )
+        if mode == "paper-equation":
+            return (
+                "uplink 'sparse' sends only each client's pruned deltas, but paper-equation's "
+                "round form multiplies the pruned B delta by the client's whole A_t (docs: "
+                "algorithm, round forms); set merge-mode = 'paper-exact' or uplink = 'dense'"
+            )
+    return None
+
+
+def round_method(
+    merge_method: str, merge_target: str, hyperparameters: dict[str, object]
+) -> MergeMethod:
+    """The merge method as rounds run it: its round form (size-invariant), except paper-exact
+    RobustMerge with merge-target 'adapter', which keeps the released code's one-shot sum so
+    that round 1 is exactly the paper's one-shot merge. Raises ``RoundFormError`` (a ValueError)
+    for a method with no round form."""
+    method = create_method(merge_method, **hyperparameters)
+    one_shot = (
+        merge_method == "robustmerge"
+        and merge_target == "adapter"
+        and hyperparameters.get("mode", "paper-exact") == "paper-exact"
+    )
+    return method if one_shot else method.round_form()
