@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the TLS material for a SuperLink and the authentication key pairs for SuperNodes.
 #
-# Why one script for both: the compose demo, the multi-host setup in the README and the
+# Why one script for both: the compose demo, the multi-host setup in docs/deployment.md and the
 # deployment test (tests/deployment/) all use the same files with the same names, so what the
 # test proves is what a user runs.
 #

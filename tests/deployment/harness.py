@@ -1,8 +1,8 @@
 """Real-process harness for the deployment tests: TLS material, ports, Flower CLIs, cleanup.
 
 Why a module of its own: the end-to-end test starts exactly the commands built here, and
-`test_docs.py` checks that the README section (docs/parts/deploy.md) shows the same
-commands with the same flags. One source for both keeps the README and the test from
+`test_docs.py` checks that the docs page 'Deploy across sites' (docs/deployment.md) shows the
+same commands with the same flags. One source for both keeps the docs and the test from
 drifting apart.
 
 Every process is started in its own session (process group) and `ProcessSet.stop_all`
@@ -29,9 +29,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE_SH = REPO_ROOT / "docker" / "certs" / "generate.sh"
-DEPLOY_DOC = REPO_ROOT / "docs" / "parts" / "deploy.md"
+DEPLOY_DOC = REPO_ROOT / "docs" / "deployment.md"
 
-# Flags that only change how a CLI prints, not what it does: the README may differ here.
+# Flags that only change how a CLI prints, not what it does: the docs may differ here.
 OUTPUT_ONLY_FLAGS = frozenset({"--format", "--stream"})
 
 
@@ -69,7 +69,7 @@ class Deadline:
 class Material:
     """Paths of what `docker/certs/generate.sh all --out ROOT` writes.
 
-    The names are the ones the compose files and the README use.
+    The names are the ones the compose files and docs/deployment.md use.
     """
 
     root: Path
@@ -141,7 +141,7 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-# --- the commands: the README section shows these with the same flags -----------------
+# --- the commands: docs/deployment.md shows these with the same flags -----------------
 
 
 def superlink_command(material: Material, *, host: str, port: int, database: Path) -> list[str]:

@@ -1,11 +1,10 @@
-"""The README's 'Deploy across sites' shows the commands the deployment test runs.
+"""docs/deployment.md ('Deploy across sites') shows the commands the deployment test runs.
 
-The section is written in docs/parts/deploy.md and pasted into README.md; both are checked
-(README.md once it has the section). Every `flower-superlink`, `flower-superexec`,
-`flower-supernode`, `flwr supernode register` and `flwr run` command there must use exactly
-the flags of the command that `tests/deployment/harness.py` builds and the end-to-end test
-starts (values differ: hosts, ports, paths; `--format`/`--stream` only change the output).
-docker/compose.tls.yml is held to the same flags.
+Every `flower-superlink`, `flower-superexec`, `flower-supernode`, `flwr supernode register` and
+`flwr run` command in the page's bash blocks must use exactly the flags of the command that
+`tests/deployment/harness.py` builds and the end-to-end test starts (values differ: hosts,
+ports, paths; `--format`/`--stream` only change the output). docker/compose.tls.yml is held to
+the same flags.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from tests.deployment.harness import (
     supernode_command,
 )
 
-SECTION_HEADING = "## Deploy across sites"
+PAGE_TITLE = "# Deploy across sites"
 _M = Material(Path("/m"))
 _ADDRESS = "127.0.0.1:1"
 
@@ -48,12 +47,11 @@ EXPECTED_FLAGS: dict[tuple[str, ...], set[str]] = {
 }
 
 
-def _section(path: Path) -> str:
-    """The 'Deploy across sites' section of a Markdown file (up to the next '## ' heading)."""
-    text = path.read_text()
-    start = text.index(SECTION_HEADING)
-    end = text.find("\n## ", start + len(SECTION_HEADING))
-    return text[start : end if end != -1 else len(text)]
+def _page() -> str:
+    """The text of the deployment page (it must still be that page, not a stub)."""
+    text = DEPLOY_DOC.read_text()
+    assert text.startswith(PAGE_TITLE + "\n"), f"{DEPLOY_DOC} must start with {PAGE_TITLE!r}"
+    return text
 
 
 def _blocks(markdown: str, language: str) -> list[str]:
@@ -72,40 +70,31 @@ def _commands(markdown: str) -> list[list[str]]:
     return commands
 
 
-def _documents() -> list[Path]:
-    """deploy.md always; README.md once the lead has pasted the section into it."""
-    docs = [DEPLOY_DOC]
-    readme = REPO_ROOT / "README.md"
-    if readme.is_file() and SECTION_HEADING in readme.read_text():
-        docs.append(readme)
-    return docs
-
-
-@pytest.fixture(params=_documents(), ids=lambda p: p.name)
-def section(request: pytest.FixtureRequest) -> str:
-    """The section text of one document."""
-    return _section(request.param)
+@pytest.fixture(scope="module")
+def page() -> str:
+    """The deployment page's text."""
+    return _page()
 
 
 @pytest.mark.parametrize("prefix", list(EXPECTED_FLAGS), ids=" ".join)
-def test_documented_commands_use_the_tested_flags(section: str, prefix: tuple[str, ...]) -> None:
+def test_documented_commands_use_the_tested_flags(page: str, prefix: tuple[str, ...]) -> None:
     """Each documented command of this kind has exactly the flags the test runs it with."""
-    found = [argv for argv in _commands(section) if tuple(argv[: len(prefix)]) == prefix]
-    assert found, f"the section shows no `{' '.join(prefix)}` command"
+    found = [argv for argv in _commands(page) if tuple(argv[: len(prefix)]) == prefix]
+    assert found, f"docs/deployment.md shows no `{' '.join(prefix)}` command"
     for argv in found:
         documented = flags_of(argv)
         expected = EXPECTED_FLAGS[prefix]
         assert documented == expected, (
             f"`{shlex.join(argv)}`: flags differ from the deployment test's; "
             f"missing {sorted(expected - documented)}, extra {sorted(documented - expected)}. "
-            "Change tests/deployment/harness.py and the README together."
+            "Change tests/deployment/harness.py and docs/deployment.md together."
         )
 
 
-def test_connection_entries_parse_and_name_the_ca(section: str) -> None:
+def test_connection_entries_parse_and_name_the_ca(page: str) -> None:
     """Every `[superlink.NAME]` entry shown is valid TOML the flwr CLI accepts."""
     entries = {}
-    for block in _blocks(section, "toml"):
+    for block in _blocks(page, "toml"):
         entries.update(tomllib.loads(block)["superlink"])
     assert {"compose", "compose-tls", "robustmerge"} <= set(entries), entries
     for name, entry in entries.items():
@@ -114,7 +103,7 @@ def test_connection_entries_parse_and_name_the_ca(section: str) -> None:
             assert Path(entry["root-certificates"]).is_absolute(), (
                 f"[superlink.{name}] root-certificates must be absolute (flwr rejects others)"
             )
-    for argv in _commands(section):
+    for argv in _commands(page):
         if argv[:2] == ["flwr", "run"] or argv[:3] == ["flwr", "supernode", "register"]:
             connection = argv[3] if argv[1] == "run" else argv[4]
             assert connection in entries, f"`{shlex.join(argv)}` uses an undefined connection"
