@@ -27,8 +27,8 @@ from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
 from server.privacy import core_strategy, wrap_with_privacy
 from server.run_loop import LoopSettings, run_federation
+from strategies.adapter_io.config import adapter_config_for
 from strategies.fed_robustmerge import FedRobustMerge
-from strategies.peft_files import adapter_config_for
 
 app = ServerApp()
 

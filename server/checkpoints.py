@@ -8,8 +8,8 @@ Layout under the run's output folder::
     final/                                              the last global adapter (same format)
 
 Each folder is written beside its target and renamed into place (see
-``strategies.peft_files.write_adapter_dir``), so a crash leaves either the old set or the new
-one. ``state.json`` carries a SHA-256 over the tensors' names, dtypes, shapes and bytes; a
+``strategies.adapter_io.writing.write_adapter_dir``), so a crash leaves either the old set or
+the new one. ``state.json`` carries a SHA-256 over the tensors' names, dtypes, shapes and bytes; a
 checkpoint that fails to load or to match it is reported and the previous one is used.
 """
 
@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
-from strategies.peft_files import AdapterFileError, read_adapter_dir, write_adapter_dir
+from strategies.adapter_io.errors import AdapterFileError
+from strategies.adapter_io.reading import read_adapter_dir
+from strategies.adapter_io.writing import write_adapter_dir
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1

@@ -33,6 +33,11 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
+from strategies.adapter_io.compat import check_compatible
+from strategies.adapter_io.errors import AdapterFileError
+from strategies.adapter_io.layout import AdapterFolder
+from strategies.adapter_io.reading import read_adapter_dir
+from strategies.adapter_io.writing import check_target, write_adapter_dir
 from strategies.merging import (
     MergeInputError,
     MergeReport,
@@ -43,14 +48,6 @@ from strategies.merging import (
     resolve_device,
 )
 from strategies.merging.diagnostics import shared_a_similarity
-from strategies.peft_files import (
-    AdapterFileError,
-    AdapterFolder,
-    check_compatible,
-    check_target,
-    read_adapter_dir,
-    write_adapter_dir,
-)
 
 PROG = "robustmerge-fl"
 REPORT_FILE = "merge_report.json"

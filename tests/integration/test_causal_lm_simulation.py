@@ -49,7 +49,7 @@ def test_causal_lm_simulation_learns_and_writes_loadable_adapter(tmp_path: Path)
     from transformers import AutoModelForCausalLM
 
     from client.model import get_lora_state
-    from strategies.peft_files import read_adapter_dir
+    from strategies.adapter_io.reading import read_adapter_dir
 
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"

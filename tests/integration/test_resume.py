@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from strategies.peft_files import read_adapter_dir
+from strategies.adapter_io.reading import read_adapter_dir
 from tests.integration.simulation import ROOT, simulation_env
 
 OVERRIDES = (

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from server.checkpoints import CheckpointStore, tensors_checksum
-from strategies.peft_files import ADAPTER_WEIGHTS, adapter_config_for
+from strategies.adapter_io.config import adapter_config_for
+from strategies.adapter_io.layout import ADAPTER_WEIGHTS
 
 
 def adapter(seed: int) -> dict[str, torch.Tensor]:

@@ -48,11 +48,12 @@ from server.secure_aggregation import (
     quantization_level,
     run_secure_federation,
 )
+from strategies.adapter_io.config import adapter_config_for
+from strategies.adapter_io.reading import read_adapter_dir
 from strategies.merging import merge_lora
 from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
-from strategies.peft_files import adapter_config_for, read_adapter_dir
 from tests.client.tiny_model import save_tiny_bert, tiny_run_config
 from tests.messages import addressed
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from strategies import cli, merge_lora
+from strategies.adapter_io.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_WEIGHTS
+from strategies.adapter_io.reading import read_adapter_dir
 from strategies.merging import available_methods
-from strategies.peft_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_WEIGHTS, read_adapter_dir
 from tests.strategies.conftest import (
     PeftFolders,
     SyntheticFactory,
@@ -261,7 +262,11 @@ BAD_INPUTS: dict[str, tuple[Setup, list[str], str]] = {
     "garbled json": (_with_file(ADAPTER_CONFIG, b'{"r": 4,'), [], r"odd'.*not valid JSON"),
     "r as string": (_with_config({"r": "4"}), [], r"odd'.*field 'r' must be an integer > 0"),
     "targets as number": (_with_config({"target_modules": 5}), [], "field 'target_modules'"),
-    "truncated weights": (_with_file(ADAPTER_WEIGHTS, b"\x10\x00"), [], r"odd'.*truncated"),
+    "truncated weights": (
+        _with_file(ADAPTER_WEIGHTS, b"\x10\x00"),
+        [],
+        r"odd'.*header too small \(the file is 2 bytes",
+    ),
     "weights count": (*_plain(["--weights", "1,2"]), "--weights has 2 entries but 3 adapter"),
     "negative weight": (*_plain(["--weights", "1,-2,3"]), "entry 2 is -2; weights must be >= 0"),
     "zero weights": (*_plain(["--weights", "0,0,0"]), "--weights sum to zero"),

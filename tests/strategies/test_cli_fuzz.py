@@ -20,14 +20,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from strategies import cli
-from strategies.peft_files import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LEGACY_WEIGHTS,
-    SAFETENSORS_ITEMSIZE,
-    AdapterFileError,
-    read_adapter_dir,
-)
+from strategies.adapter_io.errors import AdapterFileError
+from strategies.adapter_io.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_WEIGHTS
+from strategies.adapter_io.reading import read_adapter_dir
+from strategies.adapter_io.safetensors_reading import SAFETENSORS_ITEMSIZE
 from tests.strategies.conftest import synthetic_config, synthetic_tensors, write_synthetic_adapter
 
 FUZZ = settings(
