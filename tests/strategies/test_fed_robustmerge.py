@@ -356,3 +356,88 @@ def test_aggregate_evaluate_ignores_malformed_replies() -> None:
     assert metrics is not None
     assert metrics["eval-accuracy"] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
     assert metrics["num-examples"] == 40
+
+
+# --- round forms through the strategy (issue: merge the right thing at any size) ---------------
+
+
+def _only_b_moved(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    moved = trained(base, seed)
+    return {k: (moved[k] if ".lora_B." in k else base[k].clone()) for k in base}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"merge_method": "svd"},
+        {"merge_method": "exact-mean"},
+        {"merge_method": "robustmerge", "mode": "paper-equation"},
+        {"merge_method": "robustmerge"},
+        {"merge_method": "fedavg"},
+    ],
+)
+def test_clients_that_move_only_b_move_the_global(options: dict[str, object]) -> None:
+    base = make_global()
+    for key in (B0, B1):
+        base[key] = torch.zeros_like(base[key])  # round 1: PEFT's zero B
+    strategy = FedRobustMerge(device="cpu", **options)  # type: ignore[arg-type]
+    start_round(strategy, base)
+    replies = [reply(n, _only_b_moved(base, n)) for n in (1, 2, 3)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and arrays is not None
+    assert metrics["merged-update-norm"] > 0.01
+    new = as_tensors(arrays)
+    assert float((new[B0] @ new[A0]).norm()) > 0.01
+    assert metrics["factorwise-gap"] == pytest.approx(0.0, abs=1e-6)  # only B moved: exact
+    if strategy.method.merges_products():
+        assert 0.0 <= metrics["rank-truncation-error"] < 1e-6  # rank r: nothing dropped
+        assert "update-truncation-error" in metrics
+    else:
+        assert "rank-truncation-error" not in metrics
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"merge_method": "robustmerge"},
+        {"merge_method": "robustmerge", "mode": "paper-equation"},
+        {"merge_method": "fedavg"},
+        {"merge_method": "ties"},
+        {"merge_method": "dare"},
+        {"merge_method": "svd"},
+        {"merge_method": "exact-mean"},
+    ],
+)
+@pytest.mark.parametrize("count", [4, 64])
+def test_identical_replies_move_the_global_as_far_as_one(
+    options: dict[str, object], count: int
+) -> None:
+    base = make_global()
+    client = trained(base, 5)
+
+    def new_global(copies: int) -> dict[str, torch.Tensor]:
+        strategy = FedRobustMerge(
+            device="cpu",
+            min_train_nodes=1,
+            min_available_nodes=1,
+            **options,  # type: ignore[arg-type]
+        )
+        start_round(strategy, base, nodes=copies)
+        arrays, _ = strategy.aggregate_train(1, [reply(n + 1, client) for n in range(copies)])
+        return as_tensors(arrays)
+
+    one, many = new_global(1), new_global(count)
+    for a_key, b_key in ((A0, B0), (A1, B1)):
+        want = (one[b_key] @ one[a_key]).double()
+        got = (many[b_key] @ many[a_key]).double()
+        assert float((got - want).norm() / want.norm()) < 1e-5, (options, count)
+
+
+def test_factorwise_gap_is_reported_when_both_factors_move() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu", merge_method="fedavg")
+    start_round(strategy, base)
+    _, metrics = strategy.aggregate_train(1, [reply(n, trained(base, n)) for n in (1, 2, 3)])
+    assert metrics is not None and metrics["factorwise-gap"] > 0
+    assert strategy.last_round is not None
+    assert strategy.last_round.to_json()["factorwise-gap"] == metrics["factorwise-gap"]
