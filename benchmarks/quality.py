@@ -6,7 +6,7 @@ RobustMerge's paper (Table 2, LLaVA-1.5-7B, LoRA r=16) reports merged seen/unsee
 RobustMerge against Task Arithmetic, TIES, DARE and PCB. This script measures the same rows on
 what our users run: all-MiniLM-L6-v2 + LoRA, label-name similarity scoring, one seen task per
 client, unseen tasks that nothing trains on or is chosen with. Everything goes through the
-project's own code: ``client.training.train_lora`` / ``evaluate_lora`` for training and scoring,
+project's own code: ``workload.training.train_lora`` / ``evaluate_lora`` for training and scoring,
 ``strategies.merge_lora`` for every one-shot merge, and ``strategies.FedRobustMerge`` (driven
 in-process: configure_train, local training, reply Messages, aggregate_train) for the rounds.
 
@@ -45,17 +45,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.model import (
+from strategies.merging import available_methods, merge_lora, parse_layout
+from strategies.merging.pruning import complementary_scale, prune_by_magnitude
+from workload.model import (
     LoraSettings,
     build_lora_model,
     get_lora_state,
     initial_adapter,
     set_lora_state,
 )
-from client.tasks import TaskData, load_task
-from client.training import TrainSettings, evaluate_lora, train_lora
-from strategies.merging import available_methods, merge_lora, parse_layout
-from strategies.merging.pruning import complementary_scale, prune_by_magnitude
+from workload.tasks import TaskData, load_task
+from workload.training import TrainSettings, evaluate_lora, train_lora
 
 Adapter = dict[str, torch.Tensor]
 Scores = dict[str, float]

@@ -3,8 +3,8 @@
 Run ``python -m benchmarks.uplink_bytes`` (``--help`` for the options). The adapter is the
 default workload's: all-MiniLM-L6-v2 with rank-8 LoRA on query and value (6 layers, 24 tensors
 of 8 x 384 or 384 x 8, 73,728 entries), its round-0 global from
-``client.model.initial_adapter(LoraSettings(), seed=0)``. The client's trained adapter comes
-from a real round of local training (``client.training.train_lora`` on ``--examples`` examples
+``workload.model.initial_adapter(LoraSettings(), seed=0)``. The client's trained adapter comes
+from a real round of local training (``workload.training.train_lora`` on ``--examples`` examples
 of ``--task``, as a simulated node trains) unless ``--random-delta`` asks for the global plus
 Gaussian noise instead; the byte counts hardly depend on which (every delta entry is nonzero
 either way; the sparse size depends only on n, the keep ratio and ties).
@@ -36,10 +36,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from benchmarks.merge_speed import cpu_model
-from client.model import LoraSettings, build_lora_model, get_lora_state, initial_adapter
 from client.uplink import sparse_update
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX
+from workload.model import LoraSettings, build_lora_model, get_lora_state, initial_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "uplink_bytes.md"
 TARGET = 0.30
@@ -55,9 +55,9 @@ def trained_adapter(
             key: value + 1e-3 * torch.randn(value.shape, generator=generator)
             for key, value in base.items()
         }
-    from client.model import set_lora_state
-    from client.tasks import load_task
-    from client.training import TrainSettings, train_lora
+    from workload.model import set_lora_state
+    from workload.tasks import load_task
+    from workload.training import TrainSettings, train_lora
 
     model = build_lora_model(LoraSettings(), seed=0)
     set_lora_state(model, base)

@@ -1,7 +1,7 @@
-"""Client side of robustmerge-fl: base encoder + LoRA, local data, training, the Flower ClientApp.
+"""Client side of robustmerge-fl: the Flower ClientApp and what only it does.
 
-Modules: ``tasks`` (the offline default workload and a site's data files), ``model`` (LoRA model,
-exchanged tensors, the config-only initial adapter), ``training`` (label-name similarity training
-and evaluation), ``app`` (the ClientApp; its reply holds LoRA tensors and metrics only), ``config``
-(validated run-config reads).
+Modules: ``app`` (the ClientApp's Message handlers; its reply holds LoRA tensors and metrics
+only), ``uplink`` (dense or sparse train replies), ``privacy`` (client-side DP clipping when the
+server asks) and ``secure_aggregation`` (the SecAgg+ mod). The model, data, training and task
+kinds the server uses too live in ``workload``.
 """

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from client.config import read_float, read_str
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import MODES, RobustMerge
 from strategies.sparse_codec import encode_update
 from strategies.sparse_uplink import UPLINK_KEY, UPLINKS
+from workload.config import read_float, read_str
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"

@@ -14,21 +14,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from client.model import (
-    LoraSettings,
-    initial_adapter,
-    peft_task_type,
-    resolve_model_path,
-    resolve_target_modules,
-)
-from client.tasks import TASK_NAMES
-from client.training import TrainSettings
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
 from server.privacy import core_strategy, wrap_with_privacy
 from server.run_loop import LoopSettings, run_federation
 from strategies.adapter_io.config import adapter_config_for
 from strategies.fed_robustmerge import FedRobustMerge
+from workload.kinds import get_task_kind
+from workload.kinds.base import ServerWorkload
+from workload.model import LoraSettings, initial_adapter, resolve_model_path, resolve_target_modules
 
 app = ServerApp()
 
@@ -71,23 +65,16 @@ def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
     )
 
 
-def check_tasks(settings: ServerSettings) -> None:
-    """Seen and unseen tasks must be known and must not overlap."""
-    for key, names in (
-        ("seen-tasks", settings.seen_tasks),
-        ("unseen-tasks", settings.unseen_tasks),
-    ):
-        for name in names:
-            if name not in TASK_NAMES:
-                raise ConfigError(
-                    f"run config {key!r} names unknown task {name!r}; "
-                    f"known: {', '.join(TASK_NAMES)}"
-                )
-    overlap = sorted(set(settings.seen_tasks) & set(settings.unseen_tasks))
-    if overlap:
-        raise ConfigError(
-            f"tasks {overlap} are both seen and unseen: unseen tasks are never trained on"
-        )
+def server_workload(settings: ServerSettings) -> ServerWorkload:
+    """The workload's view of the server settings (what a task kind checks, plots, scores)."""
+    return ServerWorkload(
+        seen_tasks=settings.seen_tasks,
+        unseen_tasks=settings.unseen_tasks,
+        eval_examples=settings.eval_examples,
+        seed=settings.seed,
+        server_eval=settings.server_eval,
+        server_eval_data=settings.server_eval_data,
+    )
 
 
 def run_summary(context: Context, settings: ServerSettings, strategy: Strategy) -> dict[str, Any]:
@@ -115,9 +102,12 @@ def main(grid: Grid, context: Context) -> None:
 
         check_secure_aggregation(settings)  # refuses what SecAgg+ cannot honour, before any load
     lora = LoraSettings.from_run_config(context.run_config)
-    training = TrainSettings.from_run_config(context.run_config)
-    if settings.task == "classification":
-        check_tasks(settings)
+    kind = get_task_kind(settings.task)
+    workload = server_workload(settings)
+    try:
+        kind.check_server_workload(workload, context.run_config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     strategy = build_strategy(settings, lora.r)
     if not settings.secure_aggregation:  # the secure path logs its own (SecAgg+) summary
         strategy.summary()
@@ -130,36 +120,12 @@ def main(grid: Grid, context: Context) -> None:
             lora.r,
             lora.alpha,
             resolve_target_modules(lora),
-            # PEFT's task type only for causal-lm (classification adapters keep writing none)
-            **({"task_type": peft_task_type(lora).value} if lora.task == "causal-lm" else {}),
+            **kind.adapter_config_fields(),
         ),
         keep=settings.keep_checkpoints,
     )
-    evaluate = None
-    causal = settings.task == "causal-lm"
-    if causal and settings.server_eval and settings.server_eval_data:
-        from client.causal_lm import CausalLmSettings
-        from server.evaluation import CausalLmEvaluator
-
-        evaluate = CausalLmEvaluator(
-            lora, CausalLmSettings.from_run_config(context.run_config), settings.server_eval_data
-        ).evaluate
-    elif causal:
-        log(INFO, "task causal-lm: no server-side evaluation (set run config 'server-eval-data')")
-    elif settings.server_eval:
-        from server.evaluation import TaskEvaluator
-
-        evaluator = TaskEvaluator(
-            lora,
-            training,
-            settings.seen_tasks,
-            settings.unseen_tasks,
-            examples=settings.eval_examples,
-            seed=settings.seed,
-        )
-        evaluate = evaluator.evaluate
-    # the causal-LM kind has no seen/unseen tasks to plot
-    seen, unseen = ((), ()) if causal else (settings.seen_tasks, settings.unseen_tasks)
+    evaluate = kind.server_evaluator(lora, context.run_config, workload)
+    seen, unseen = kind.plotted_tasks(workload)
     if settings.secure_aggregation:
         from server.secure_aggregation import run_secure_federation
 

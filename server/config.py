@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.config import TASK_KINDS
 from strategies.combinations import combination_refusal
 from strategies.merging import available_methods
 from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
 from strategies.sparse_uplink import UPLINKS
+from workload.kinds import available_task_kinds
 
 OUTPUT_ROOT_ENV = "ROBUSTMERGE_FL_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = Path.home() / "robustmerge-fl"
@@ -113,7 +113,7 @@ class ServerSettings:
             max_update_norm=max_norm if max_norm > 0 else None,
             min_merge_replies=reader.integer("min-merge-replies", 1, low=1),
             keep_checkpoints=reader.integer("keep-checkpoints", 3, low=1),
-            task=reader.choice("task", TASK_KINDS, "classification"),
+            task=reader.choice("task", available_task_kinds(), "classification"),
             server_eval_data=reader.text("server-eval-data", ""),
             uplink=reader.choice("uplink", UPLINKS, "dense"),
             dp=reader.choice("dp", DP_MODES, "none"),

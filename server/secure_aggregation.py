@@ -99,13 +99,6 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from client.secure_aggregation import (
-    ADAPTER_KEYS,
-    CLIPPED_KEY,
-    KEY_SEPARATOR,
-    TRAIN_LOSS_KEY,
-    TermLayout,
-)
 from server.checkpoints import CheckpointStore
 from server.communication import round_communication
 from server.config import ConfigError, ServerSettings
@@ -119,6 +112,13 @@ from server.run_loop import (
 from strategies.fed_robustmerge import seeded_sample
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
+from strategies.secagg_layout import (
+    ADAPTER_KEYS,
+    CLIPPED_KEY,
+    KEY_SEPARATOR,
+    TRAIN_LOSS_KEY,
+    TermLayout,
+)
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 MODULUS_RANGE = 2**32  # Flower's default; its docs ask for at most 2**32

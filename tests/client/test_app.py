@@ -21,9 +21,9 @@ from flwr.app import (
 )
 
 from client.app import app, evaluate, train
-from client.model import LoraSettings, initial_adapter
-from client.tasks import load_task
-from tests.client.tiny_model import tiny_run_config
+from tests.workload.tiny_model import tiny_run_config
+from workload.model import LoraSettings, initial_adapter
+from workload.tasks import load_task
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from client.app import train
-from client.model import LoraSettings, initial_adapter
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import decode_update
 from tests.client.test_app import context, instruction
-from tests.client.tiny_model import tiny_run_config
+from tests.workload.tiny_model import tiny_run_config
+from workload.model import LoraSettings, initial_adapter
 
 
 def test_sparse_reply_is_the_pruned_delta_of_the_dense_reply(tiny_model_dir: Path) -> None:

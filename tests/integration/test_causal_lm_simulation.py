@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.client.tiny_llama import save_tiny_llama, write_echo_jsonl
 from tests.integration.simulation import run_simulation
+from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
 
 
 @pytest.mark.integration
@@ -48,8 +48,8 @@ def test_causal_lm_simulation_learns_and_writes_loadable_adapter(tmp_path: Path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from client.model import get_lora_state
     from strategies.adapter_io.reading import read_adapter_dir
+    from workload.model import get_lora_state
 
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"

@@ -40,8 +40,8 @@ def test_two_client_simulation_writes_loadable_adapter_and_metrics(tmp_path: Pat
     from peft import PeftModel
     from transformers import AutoModel
 
-    from client.model import LoraSettings, get_lora_state, resolve_model_path
     from strategies.adapter_io.reading import read_adapter_dir
+    from workload.model import LoraSettings, get_lora_state, resolve_model_path
 
     base = AutoModel.from_pretrained(resolve_model_path(LoraSettings().model))
     loaded = PeftModel.from_pretrained(base, out / "final")

@@ -15,15 +15,15 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import train
-from client.model import LoraSettings, initial_adapter
 from server.checkpoints import CheckpointStore
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge, merge_lora
 from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.reply_checks import state_dict_to_record
-from tests.client.tiny_model import save_tiny_bert, tiny_run_config
 from tests.messages import addressed
+from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
+from workload.model import LoraSettings, initial_adapter
 
 Handler = Callable[[Message, Context], Message]
 # Generous, so that punctual clients make it even on a loaded machine; late ones never do.

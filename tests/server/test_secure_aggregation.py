@@ -30,15 +30,7 @@ from flwr.server.client_proxy import ClientProxy
 
 import client.secure_aggregation as client_secagg
 from client.app import app as client_app
-from client.model import LoraSettings, initial_adapter
-from client.secure_aggregation import (
-    CLIPPED_KEY,
-    LOSS_RANGE,
-    TRAIN_LOSS_KEY,
-    TermLayout,
-    is_secure_aggregation_message,
-    secure_aggregation_mod,
-)
+from client.secure_aggregation import is_secure_aggregation_message, secure_aggregation_mod
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
 from server.secure_aggregation import (
@@ -54,8 +46,10 @@ from strategies.merging import merge_lora
 from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
-from tests.client.tiny_model import save_tiny_bert, tiny_run_config
+from strategies.secagg_layout import CLIPPED_KEY, LOSS_RANGE, TRAIN_LOSS_KEY, TermLayout
 from tests.messages import addressed
+from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
+from workload.model import LoraSettings, initial_adapter
 
 NODES = (1, 2, 3, 4)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertModel
 
-from client.model import resolve_model_path
+from workload.model import resolve_model_path
 
 TOKENIZER_FILES = (
     "vocab.txt",

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from client.tasks import (
+from workload.tasks import (
     SPLITS,
     TASK_NAMES,
     TaskData,

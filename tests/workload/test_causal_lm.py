@@ -15,7 +15,9 @@ import torch
 from transformers import AutoTokenizer
 
 from client.app import evaluate, train
-from client.causal_lm import (
+from tests.client.test_app import context, instruction
+from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
+from workload.causal_lm import (
     IGNORE_INDEX,
     CausalLmSettings,
     Example,
@@ -29,15 +31,13 @@ from client.causal_lm import (
     site_examples,
     train_causal_lm,
 )
-from client.model import (
+from workload.model import (
     LoraSettings,
     get_lora_state,
     initial_adapter,
     resolve_target_modules,
     set_lora_state,
 )
-from tests.client.test_app import context, instruction
-from tests.client.tiny_llama import save_tiny_llama, write_echo_jsonl
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

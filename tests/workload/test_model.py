@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from client.model import (
+from tests.workload.tiny_model import save_tiny_bert
+from workload.model import (
     LoraSettings,
     build_lora_model,
     get_lora_state,
@@ -20,7 +21,6 @@ from client.model import (
     resolve_model_path,
     set_lora_state,
 )
-from tests.client.tiny_model import save_tiny_bert
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

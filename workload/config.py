@@ -13,9 +13,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-# Run-config ``task``: which kind of client (and model class) the run uses.
-TASK_KINDS = ("classification", "causal-lm")
-
 
 def _describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"

@@ -27,9 +27,9 @@ import torch
 from torch.nn import functional
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from client.config import read_float, read_int
-from client.model import ADAPTER_NAME
-from client.tasks import TaskData
+from workload.config import read_float, read_int
+from workload.model import ADAPTER_NAME
+from workload.tasks import TaskData
 
 # Texts are cut to this many characters per token of max_length before tokenising: a word
 # piece covers at least one character, so the cut never changes the truncated token sequence of
@@ -121,7 +121,7 @@ def model_path(model: torch.nn.Module) -> str:
     """Where the base model of a LoRA model was loaded from (its tokenizer lives there too)."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, Mapping) or ADAPTER_NAME not in configs:
-        raise ValueError("expected a PEFT model built with client.model.build_lora_model")
+        raise ValueError("expected a PEFT model built with workload.model.build_lora_model")
     path = configs[ADAPTER_NAME].base_model_name_or_path
     if not isinstance(path, str) or not path:
         raise ValueError("the LoRA model's config does not say where its base model came from")

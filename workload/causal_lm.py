@@ -33,10 +33,8 @@ import hashlib
 import json
 import math
 import string
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -47,8 +45,8 @@ from peft import PeftModel
 from torch.nn import functional
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from client.config import read_float, read_int, read_str
-from client.model import LoraSettings, resolve_model_path, wrap_lora
+from workload.config import read_float, read_int, read_str
+from workload.model import LoraSettings, resolve_model_path, wrap_lora
 
 DEFAULT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 DEFAULT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -59,9 +57,6 @@ IGNORE_INDEX = -100
 # Percent of a site's examples held out for evaluation when it has no eval-data-path.
 HOLDOUT_PERCENT = 10
 _MAX_GRAD_NORM = 1.0
-
-# One model per process, shared by the nodes a simulation worker runs (see client.app).
-MODEL_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -413,28 +408,6 @@ def build_causal_lm(
         model = wrap_lora(base, lora)
     model.eval()
     return model, tokenizer
-
-
-def shared_causal_lm(
-    lora: LoraSettings, settings: CausalLmSettings
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """``build_causal_lm`` once per process for the settings that shape the model (precision,
-    quantization, checkpointing); the adapters are overwritten before every use."""
-    return _cached(
-        lora,
-        CausalLmSettings(
-            precision=settings.precision,
-            quantization=settings.quantization,
-            gradient_checkpointing=settings.gradient_checkpointing,
-        ),
-    )
-
-
-@lru_cache(maxsize=1)
-def _cached(
-    lora: LoraSettings, settings: CausalLmSettings
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    return build_causal_lm(lora, settings)
 
 
 # ----------------------------------------------------------------------------- train / eval

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from client.tasks import load_data_file
+from workload.tasks import load_data_file
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from client.model import LoraSettings, build_lora_model, get_lora_state, set_lora_state
-from client.tasks import TaskData
-from client.training import TrainSettings, evaluate_lora, train_lora
+from workload.model import LoraSettings, build_lora_model, get_lora_state, set_lora_state
+from workload.tasks import TaskData
+from workload.training import TrainSettings, evaluate_lora, train_lora
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

@@ -7,15 +7,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from client.causal_lm import (
+from workload.causal_lm import (
     CausalLmSettings,
     build_causal_lm,
     evaluate_causal_lm,
     load_examples,
 )
-from client.model import LoraSettings, build_lora_model, set_lora_state
-from client.tasks import TaskData, load_task
-from client.training import TrainSettings, evaluate_lora
+from workload.model import LoraSettings, build_lora_model, set_lora_state
+from workload.tasks import TaskData, load_task
+from workload.training import TrainSettings, evaluate_lora
 
 
 class TaskEvaluator:
@@ -63,7 +63,7 @@ class TaskEvaluator:
 class CausalLmEvaluator:
     """Response-token loss and perplexity of an adapter on a server-side instruction file.
 
-    The file has the clients' JSONL schema (``client.causal_lm``); the first ``eval_examples``
+    The file has the clients' JSONL schema (``workload.causal_lm``); the first ``eval_examples``
     examples are scored every round. Loads the base model once (this is the one place the
     server reads base weights, and only when ``server-eval-data`` is set).
     """

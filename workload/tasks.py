@@ -1,7 +1,7 @@
 """Text-classification tasks of the offline default workload, and a site's own data files.
 
 Every task is a list of texts with integer labels and a readable name per label. The names are
-what the model classifies against (see ``client.training``): a text is assigned the label whose
+what the model classifies against (see ``workload.training``): a text is assigned the label whose
 name it is most similar to, so ``card_arrival`` must read ``card arrival`` and ``NCAATeamSeason``
 ``ncaa team season``; a task that was never trained on can then still be scored from its label
 names alone (the unseen tasks of the benchmark).

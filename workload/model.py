@@ -10,7 +10,7 @@ can be merged. Tensors are exchanged under PEFT's saved-adapter key names (what
 With run-config ``task = "causal-lm"`` the base model is instead a causal language model
 (``AutoModelForCausalLM``, keys like
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``); its training lives in
-``client.causal_lm``. ``target-modules = "auto"`` picks the
+``workload.causal_lm``. ``target-modules = "auto"`` picks the
 usual LoRA targets of the model's architecture (``DEFAULT_TARGET_MODULES``).
 
 Everything loads offline (``local_files_only=True``): ``model`` is a local folder or the name of
@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from client.config import TASK_KINDS, read_float, read_int, read_names, read_str
+from workload.config import read_float, read_int, read_names, read_str
+from workload.kinds.registry import available_task_kinds, get_task_kind
 
 ADAPTER_NAME = "default"
 AUTO_TARGETS = ("auto",)
@@ -114,8 +115,9 @@ class LoraSettings:
 
 def _read_task(config: Mapping[str, Any]) -> str:
     task = read_str(config, "task", "classification")
-    if task not in TASK_KINDS:
-        raise ValueError(f"run-config key 'task' must be one of {list(TASK_KINDS)}; got {task!r}")
+    kinds = available_task_kinds()
+    if task not in kinds:
+        raise ValueError(f"run-config key 'task' must be one of {list(kinds)}; got {task!r}")
     return task
 
 
@@ -162,7 +164,7 @@ def resolve_target_modules(
 
 def peft_task_type(settings: LoraSettings) -> TaskType:
     """PEFT's task type for the kind: written to ``adapter_config.json``."""
-    return TaskType.CAUSAL_LM if settings.task == "causal-lm" else TaskType.FEATURE_EXTRACTION
+    return get_task_kind(settings.task).peft_task_type
 
 
 def peft_config(settings: LoraSettings, config: PretrainedConfig | None = None) -> LoraConfig:
@@ -208,7 +210,7 @@ def build_lora_model(settings: LoraSettings, *, seed: int = 0) -> PeftModel:
     path = resolve_model_path(settings.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        auto = AutoModelForCausalLM if settings.task == "causal-lm" else AutoModel
+        auto = get_task_kind(settings.task).base_model_class
         base = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         model = wrap_lora(base, settings)
     model.eval()
@@ -282,7 +284,7 @@ def initial_adapter(settings: LoraSettings, *, seed: int) -> dict[str, torch.Ten
     zero, so the adapted model starts equal to the base model. fp32, CPU.
     """
     config = model_config(settings)
-    auto = AutoModelForCausalLM if settings.task == "causal-lm" else AutoModel
+    auto = get_task_kind(settings.task).base_model_class
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         base = auto.from_config(config)  # type: ignore[no-untyped-call]
         wrapped = wrap_lora(base, settings)
