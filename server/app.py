@@ -62,6 +62,7 @@ def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
         min_merge_replies=settings.min_merge_replies,
         seed=settings.seed,
         uplink=settings.uplink,
+        robust=settings.robust,
     )
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strategies.combinations import combination_refusal
+from strategies.combinations import combination_refusal, robust_refusal
 from strategies.merging import available_methods
 from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
+from strategies.robust import ROBUST_AGGREGATIONS, RobustSettings
+from strategies.robust.registry import DEFAULT_HISTORY, DEFAULT_NORM_FACTOR, DEFAULT_TRIM_FRACTION
 from strategies.sparse_uplink import UPLINKS
 from workload.kinds import available_task_kinds
 
@@ -67,11 +69,12 @@ class ServerSettings:
     secagg_reconstruction_threshold: float = 2
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
+    robust: RobustSettings = field(default_factory=RobustSettings)
 
     def __post_init__(self) -> None:
         refusal = combination_refusal(
             self.merge_method, self.merge_mode, self.merge_target, self.uplink
-        )
+        ) or robust_refusal(self.robust, self.uplink)
         if refusal is not None:
             raise ConfigError(f"run config: {refusal}")
         if self.dp != "none" and self.uplink == "sparse":
@@ -131,6 +134,17 @@ class ServerSettings:
                 "secagg-clipping-range", 8.0, low=0.0, low_open=True
             ),
             secagg_quantization_range=reader.integer("secagg-quantization-range", 4194304, low=2),
+            robust=RobustSettings(
+                aggregation=reader.choice("robust-aggregation", ROBUST_AGGREGATIONS, "norm"),
+                norm_factor=reader.number("robust-norm-factor", DEFAULT_NORM_FACTOR, low=1.0),
+                clip=reader.boolean("robust-clip", False),
+                history=reader.integer("robust-history", DEFAULT_HISTORY, low=0),
+                krum_malicious=reader.integer("robust-krum-malicious", 1, low=0),
+                krum_select=reader.integer("robust-krum-select", 0, low=0),
+                trim_fraction=reader.number(
+                    "robust-trim-fraction", DEFAULT_TRIM_FRACTION, low=0.0, high=0.5, high_open=True
+                ),
+            ),
         )
 
 

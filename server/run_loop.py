@@ -75,9 +75,12 @@ def run_federation(
     """
     files = RunFiles(settings.run_dir, summary, settings.seen_tasks, settings.unseen_tasks)
     global_tensors = {key: value.to(torch.float32) for key, value in initial.items()}
-    start, resumed, history = resume_or_archive(store, settings.run_dir, settings.resume)
+    start, resumed, history, saved_strategy = resume_or_archive(
+        store, settings.run_dir, settings.resume
+    )
     if resumed is not None:
         global_tensors = resumed
+        core_strategy(strategy).restore_robust_state(saved_strategy.get("robust", {}))
         if restore_privacy_ledger(strategy, history):
             log(INFO, "DP: privacy ledger restored from the history")
     elif evaluate is not None:
@@ -138,20 +141,27 @@ class RunFiles:
 
 def resume_or_archive(
     store: CheckpointStore, run_dir: Path, resume: bool
-) -> tuple[int, dict[str, torch.Tensor] | None, list[dict[str, Any]]]:
-    """Where a run starts: (rounds done, their global adapter, their history) from the newest
-    valid checkpoint when resuming, else (0, None, []) after moving earlier outputs aside."""
+) -> tuple[int, dict[str, torch.Tensor] | None, list[dict[str, Any]], dict[str, Any]]:
+    """Where a run starts: (rounds done, their global adapter, their history, the strategy state
+    saved with them) from the newest valid checkpoint when resuming, else (0, None, [], {})
+    after moving earlier outputs aside."""
     checkpoint = store.latest_valid() if resume else None
     if checkpoint is not None:
         log(INFO, "Resuming after round %d from %s", checkpoint.server_round, checkpoint.path)
         history = list(checkpoint.state.get("history", []))
-        return checkpoint.server_round, dict(checkpoint.tensors), history
+        saved = checkpoint.state.get("strategy", {})
+        return (
+            checkpoint.server_round,
+            dict(checkpoint.tensors),
+            history,
+            dict(saved) if isinstance(saved, dict) else {},
+        )
     if resume:
         log(INFO, "resume=true but no usable checkpoint in %s: starting over", store.checkpoint_dir)
     archived = archive_previous_run(run_dir)
     if archived is not None:
         log(INFO, "Earlier outputs moved to %s", archived)
-    return 0, None, []
+    return 0, None, [], {}
 
 
 def save_round(
@@ -181,7 +191,8 @@ def finish_run(
 
 
 def strategy_settings(strategy: FedRobustMerge) -> dict[str, Any]:
-    """The strategy's merge settings, stored with each checkpoint to detect a changed config."""
+    """The strategy's merge settings, stored with each checkpoint to detect a changed config,
+    and the robust screen's state (its norm history), restored on resume."""
     return {
         "merge-method": strategy.merge_method,
         "merge-hyperparameters": {k: _plain(v) for k, v in strategy.merge_hyperparameters.items()},
@@ -189,6 +200,8 @@ def strategy_settings(strategy: FedRobustMerge) -> dict[str, Any]:
         "server-lr": strategy.server_lr,
         "weight-by-examples": strategy.weight_by_examples,
         "seed": strategy.seed,
+        "robust-aggregation": strategy.robust.describe(),
+        "robust": strategy.robust_state(),
     }
 
 

@@ -61,8 +61,10 @@ at most 1023 clients per round with Q = 2**22 (checked every round). Q must also
 
 Refused combinations (``check_secure_aggregation``, ConfigError naming the key): see the
 messages there: merge-mode paper-equation, another merge-method, merge-target adapter,
-weight-by-examples, uplink sparse, dp != none, max-update-norm > 0, fraction-evaluate > 0,
-fewer than 2 clients per round.
+weight-by-examples, uplink sparse, dp != none, max-update-norm > 0, robust-aggregation krum /
+trimmed-mean / median, robust-clip, fraction-evaluate > 0, fewer than 2 clients per round. The
+default robust-aggregation 'norm' is accepted but not applied, with a warning at start
+(``SECAGG_SCREEN_WARNING``): the server cannot see an update's norm under SecAgg+.
 
 What the server holds: the aggregate only. The plaintext part of each client's reply is
 ``num_examples = 1``, an OK status and empty metrics; the train loss and the clipped flag
@@ -123,6 +125,17 @@ from strategies.secagg_layout import (
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 MODULUS_RANGE = 2**32  # Flower's default; its docs ask for at most 2**32
 MAX_QUANTIZATION_RANGE = 2**31 - 1  # the quantiser rounds into int32
+
+
+SECAGG_SCREEN_WARNING = (
+    "robust-aggregation 'norm' is NOT applied under secure aggregation: SecAgg+ shows the server "
+    "only the sum of the clients' terms, never one update or its norm. What bounds a client "
+    "instead is weaker: an honest client's secaggplus_mod clips every value it sends to "
+    "[-secagg-clipping-range, secagg-clipping-range] (8 by default, against update entries "
+    "around 1e-2), which caps a runaway honest site; a hostile site runs its own code and can "
+    "send any masked value, so nothing on the server bounds it. Where one site may be hostile, "
+    "run without secure aggregation (the screen is on by default there)."
+)
 
 
 def quantization_level(clipping_range: float, quantization_range: int) -> float:
@@ -187,6 +200,20 @@ def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | N
             "under secure aggregation; set max-update-norm = 0",
         ),
         (
+            settings.robust.selects or settings.robust.rewrites_coordinates,
+            "robust-aggregation",
+            f"is {settings.robust.aggregation!r}: multi-Krum and the coordinate-wise stages need "
+            "every client's update, and SecAgg+ shows the server only their sum; set "
+            "robust-aggregation = 'norm' (the default, not applied under SecAgg+, see the "
+            "warning at start) or 'none'",
+        ),
+        (
+            settings.robust.clip,
+            "robust-clip",
+            "is true: clipping an update to the robust bound needs its norm, which the server "
+            "never sees under secure aggregation; set robust-clip = false",
+        ),
+        (
             settings.fraction_evaluate > 0,
             "fraction-evaluate",
             f"is {settings.fraction_evaluate:g}: client-side evaluation is not wired into the "
@@ -205,6 +232,8 @@ def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | N
                 f"secure-aggregation = true cannot run with run config {key!r}, which {reason} "
                 "(or set secure-aggregation = false)"
             )
+    if settings.robust.screens:
+        log(WARNING, SECAGG_SCREEN_WARNING)
     if settings.secagg_quantization_range > MAX_QUANTIZATION_RANGE:
         raise ConfigError(
             "run config 'secagg-quantization-range' must be < 2**31 (SecAgg+ quantises into "
@@ -602,7 +631,7 @@ def run_secure_federation(
         settings.secagg_clipping_range,
         settings.secagg_quantization_range,
     )
-    start, resumed, history = resume_or_archive(store, settings.output_dir, settings.resume)
+    start, resumed, history, _ = resume_or_archive(store, settings.output_dir, settings.resume)
     record = RunRecord(
         store=store,
         files=RunFiles(settings.output_dir, summary, tuple(seen_tasks), tuple(unseen_tasks)),

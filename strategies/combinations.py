@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from strategies.merging import create_method
 from strategies.merging.method import MergeMethod, RoundFormError
+from strategies.robust import RobustSettings
 
 
 def combination_refusal(
@@ -59,3 +60,17 @@ def round_method(
         and hyperparameters.get("mode", "paper-exact") == "paper-exact"
     )
     return method if one_shot else method.round_form()
+
+
+def robust_refusal(robust: RobustSettings, uplink: str) -> str | None:
+    """Why these robust options cannot run with this uplink (a sentence naming the keys), or
+    None. Secure aggregation's refusals of them live with it, like its others."""
+    if uplink == "sparse" and (robust.clip or robust.rewrites_coordinates):
+        what = "robust-clip = true" if robust.clip else f"robust-aggregation {robust.aggregation!r}"
+        return (
+            f"{what} rewrites each client's update, but with uplink 'sparse' the clients have "
+            "already pruned their deltas and computed RobustMerge's scales from them, which a "
+            "rewrite on the server would not match; use uplink = 'dense', or robust-aggregation "
+            "'norm' or 'krum' with robust-clip = false (rejecting and selecting need no rewrite)"
+        )
+    return None

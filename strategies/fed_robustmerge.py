@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from strategies.combinations import combination_refusal, round_method
+from strategies.combinations import combination_refusal, robust_refusal, round_method
 from strategies.merging import (
     accepted_hyperparameters,
     available_methods,
@@ -40,6 +40,8 @@ from strategies.reply_checks import (
     check_train_reply,
     state_dict_to_record,
 )
+from strategies.robust import NormBound, RobustSettings, clip_scale, norm_bound
+from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
 from strategies.sparse_uplink import (
     UPLINKS,
     SparseReply,
@@ -72,6 +74,12 @@ class RoundReport:
     factorwise_gap: float | None = None
     direction_scores: dict[int, dict[str, float]] = field(default_factory=dict)
     skipped: bool = False
+    update_norms: dict[int, float] = field(default_factory=dict)
+    norm_bound: NormBound | None = None
+    screened: list[int] = field(default_factory=list)
+    clipped: list[int] = field(default_factory=list)
+    krum_dropped: list[int] = field(default_factory=list)
+    clamped_fraction: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy (node ids as strings)."""
@@ -87,6 +95,15 @@ class RoundReport:
             "factorwise-gap": self.factorwise_gap,
             "direction-scores": {str(n): s for n, s in self.direction_scores.items()},
             "skipped": self.skipped,
+            "update-norms": {str(node): norm for node, norm in self.update_norms.items()},
+            "robust": {
+                "norm-reference": self.norm_bound.reference if self.norm_bound else None,
+                "norm-bound": self.norm_bound.bound if self.norm_bound else None,
+                "screened": list(self.screened),
+                "clipped": list(self.clipped),
+                "krum-dropped": list(self.krum_dropped),
+                "clamped-fraction": self.clamped_fraction,
+            },
         }
 
 
@@ -131,6 +148,13 @@ class FedRobustMerge(FedAvg):
         Fewer accepted replies than this skip the round; the global stays as it was.
     max_update_norm : float, optional
         Replies whose update (delta) Frobenius norm exceeds this are rejected.
+    robust : RobustSettings, optional (default: the norm screen, factor 10, reject)
+        Byzantine-robust stages (``strategies.robust``): every option but "none" screens each
+        update norm against ``norm_factor`` x the lower median of this round's norms and the
+        last ``history`` accepted norms, rejecting (or, with ``clip``, clipping) outsized ones;
+        "krum" then keeps the multi-Krum selection, "trimmed-mean" and "median" clamp each
+        client's delta coordinate-wise before the merge. A lone first reply (no history yet)
+        is accepted and its norm recorded.
     max_num_examples : int (default: 1e9)
         Upper bound on a reply's num-examples (it weights the merge).
     diagnostics_modules : int (default: 8)
@@ -172,6 +196,7 @@ class FedRobustMerge(FedAvg):
         diagnostics_modules: int = 8,
         seed: int = 0,
         uplink: str = "dense",
+        robust: RobustSettings | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -197,6 +222,10 @@ class FedRobustMerge(FedAvg):
         if uplink not in UPLINKS:
             raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
         refusal = combination_refusal(merge_method, mode, merge_target, uplink)
+        if refusal is not None:
+            raise ValueError(refusal)
+        self.robust = robust if robust is not None else RobustSettings()
+        refusal = robust_refusal(self.robust, uplink)
         if refusal is not None:
             raise ValueError(refusal)
         if max_update_norm is not None and not max_update_norm > 0:
@@ -236,6 +265,10 @@ class FedRobustMerge(FedAvg):
         self.last_round: RoundReport | None = None
         # Rejections made by a wrapper's screen_train_replies, reported with the round.
         self.pending_rejections: dict[int, str] = {}
+        # The accepted update norms of earlier rounds (the screen's history; checkpointed).
+        self.norm_history: deque[float] = deque(maxlen=self.robust.history)
+        # The screen a wrapper's screen_train_replies ran on this round's raw replies.
+        self.prescreen: RoundReport | None = None
 
     def summary(self) -> None:
         """Log the configuration, FedAvg's and the merge's."""
@@ -256,6 +289,7 @@ class FedRobustMerge(FedAvg):
             self.min_merge_replies,
             self.uplink,
         )
+        log(INFO, "\t\t robust aggregation: %s", self.robust.describe())
         if self.merge_target == "adapter" and getattr(self.method, "form", "") == "one-shot":
             log(
                 WARNING,
@@ -354,7 +388,8 @@ class FedRobustMerge(FedAvg):
                 self.min_merge_replies,
             )
             return None, self._round_metrics(report, [])
-        new_global = self._merge(accepted, report)
+        self._remember_norms(report)
+        new_global = self._merge(self._rewrite(accepted, report), report)
         log(
             INFO,
             "round %d: merged %d replies (%d rejected) in %.3fs, |update| = %.4g",
@@ -395,19 +430,9 @@ class FedRobustMerge(FedAvg):
                         weighted_by_key=self.weighted_by_key,
                         max_num_examples=self.max_num_examples,
                     )
-                self._check_update_norm(reply)
+                self._check_update_norm(reply, report)
             except ReplyRejectedError as rejection:
-                report.rejected[node] = rejection.reason
-                level = WARNING
-                prefix = "PRIVACY: " if rejection.privacy else ""
-                log(
-                    level,
-                    "%sround %d: rejected reply from node %d: %s",
-                    prefix,
-                    report.server_round,
-                    node,
-                    rejection.reason,
-                )
+                _reject(report, node, rejection.reason, privacy=rejection.privacy)
                 continue
             report.bytes_received += reply.num_bytes
             report.accepted_nodes.append(node)
@@ -415,7 +440,119 @@ class FedRobustMerge(FedAvg):
         # Arrival order varies run to run; a content order makes the float sums, and so a
         # resumed run, bit-identical to an uninterrupted one.
         accepted.sort(key=lambda reply: (reply.arrays.object_id, reply.num_examples))
+        return self._screen(accepted, report)
+
+    def _screen(self, accepted: list[AcceptedReply], report: RoundReport) -> list[AcceptedReply]:
+        """The robust screen and selection: outsized updates rejected (or marked for clipping,
+        see ``_rewrite``), then multi-Krum's pick.
+
+        After a wrapper's ``screen_train_replies`` (DP) this round's replies are already
+        screened and selected on their raw updates, and the wrapper has clipped them since: the
+        pre-screen's bound is kept (reject mode then rejects nothing more), nothing is selected
+        again.
+        """
+        if not self.robust.screens:
+            return accepted
+        prescreen = self.prescreen
+        if prescreen is not None and prescreen.server_round == report.server_round:
+            report.norm_bound = prescreen.norm_bound
+            report.screened = list(prescreen.screened)
+            report.krum_dropped = list(prescreen.krum_dropped)
+        else:
+            prescreen = None
+            norms = [report.update_norms[reply.node_id] for reply in accepted]
+            report.norm_bound = norm_bound(norms, self.norm_history, self.robust.norm_factor)
+        kept: list[AcceptedReply] = []
+        for reply in accepted:
+            norm = report.update_norms[reply.node_id]
+            if report.norm_bound is None or norm <= report.norm_bound.bound:
+                kept.append(reply)
+                continue
+            bound = report.norm_bound
+            reason = (
+                f"update norm {norm:.4g} exceeds robust-norm-factor {self.robust.norm_factor:g} x "
+                f"the median update norm {bound.reference:.4g} (this round's and earlier "
+                f"rounds', {bound.pool} norms)"
+            )
+            if self.robust.clip:
+                log(
+                    WARNING,
+                    "round %d: clipped node %d: %s",
+                    report.server_round,
+                    reply.node_id,
+                    reason,
+                )
+                report.clipped.append(reply.node_id)
+                kept.append(reply)
+                continue
+            report.screened.append(reply.node_id)
+            _reject(report, reply.node_id, reason)
+        if self.robust.selects and prescreen is None:
+            assert self.current_global is not None
+            picked = set(
+                krum_keep(
+                    kept, self.current_global, self.robust.krum_malicious, self.robust.krum_select
+                )
+            )
+            for position, reply in enumerate(kept):
+                if position not in picked:
+                    report.krum_dropped.append(reply.node_id)
+                    _reject(
+                        report,
+                        reply.node_id,
+                        f"multi-Krum kept the {len(picked)} of {len(kept)} updates closest to "
+                        "the others (robust-aggregation 'krum')",
+                    )
+            kept = [reply for position, reply in enumerate(kept) if position in picked]
+        report.accepted_nodes[:] = [n for n in report.accepted_nodes if n not in report.rejected]
+        return kept
+
+    def _rewrite(self, accepted: list[AcceptedReply], report: RoundReport) -> list[AcceptedReply]:
+        """Clip the replies the screen marked (clip mode) to the bound, then the coordinate-wise
+        stage (trimmed-mean, median)."""
+        assert self.current_global is not None
+        bound = report.norm_bound
+        if self.robust.clip and bound is not None:
+            accepted = [
+                RewrittenReply.of(
+                    reply,
+                    self.current_global,
+                    scale=clip_scale(report.update_norms[reply.node_id], bound.bound),
+                )
+                if report.update_norms[reply.node_id] > bound.bound
+                else reply
+                for reply in accepted
+            ]
+        if self.robust.rewrites_coordinates:
+            clamped = clamp_coordinates(
+                accepted, self.current_global, self.robust.trim_fraction_or_median
+            )
+            report.clamped_fraction = clamped.clamped_fraction
+            accepted = clamped.replies
         return accepted
+
+    def _remember_norms(self, report: RoundReport) -> None:
+        """Add the merged replies' update norms (clipped ones at the bound) to the history; after
+        a pre-screen, the norms it saw (before a DP wrapper's clipping)."""
+        if not self.robust.screens:
+            return
+        seen = report.update_norms
+        if self.prescreen is not None and self.prescreen.server_round == report.server_round:
+            seen = self.prescreen.update_norms
+        bound = report.norm_bound.bound if report.norm_bound is not None else math.inf
+        for node in report.accepted_nodes:
+            if node in seen:
+                self.norm_history.append(min(seen[node], bound))
+        self.prescreen = None
+
+    def robust_state(self) -> dict[str, Any]:
+        """The screen's history, for checkpoints (restored by ``restore_robust_state``)."""
+        return {"norm-history": list(self.norm_history)}
+
+    def restore_robust_state(self, state: Mapping[str, Any]) -> None:
+        """Resume the screen's history from a checkpoint's ``robust_state``."""
+        self.norm_history.clear()
+        self.norm_history.extend(float(norm) for norm in state.get("norm-history", []))
 
     def screen_train_replies(
         self, server_round: int, replies: Iterable[Message]
@@ -429,22 +566,23 @@ class FedRobustMerge(FedAvg):
             raise RuntimeError("screen_train_replies called before configure_train")
         messages = list(replies)
         scratch = RoundReport(server_round=server_round)
+        self.prescreen = None
         self._accept(messages, scratch)
+        self.prescreen = scratch
         kept_nodes = set(scratch.accepted_nodes)
         return [m for m in messages if m.metadata.src_node_id in kept_nodes], scratch.rejected
 
-    def _check_update_norm(self, reply: AcceptedReply) -> None:
-        if self.max_update_norm is None:
+    def _check_update_norm(self, reply: AcceptedReply, report: RoundReport) -> None:
+        """Record the reply's update norm (for the screen) and apply max-update-norm."""
+        if self.max_update_norm is None and not self.robust.screens:
             return
         assert self.current_global is not None
-        squared = sum(
-            float((reply.tensor(key) - value).square().sum())
-            for key, value in self.current_global.items()
-        )
-        if squared**0.5 > self.max_update_norm:
+        norm = update_norm(reply, self.current_global)
+        if self.max_update_norm is not None and norm > self.max_update_norm:
             raise ReplyRejectedError(
-                f"update norm {squared**0.5:.4g} exceeds max-update-norm {self.max_update_norm:.4g}"
+                f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:.4g}"
             )
+        report.update_norms[reply.node_id] = norm
 
     def _merge(self, accepted: list[AcceptedReply], report: RoundReport) -> dict[str, torch.Tensor]:
         assert self.current_global is not None
@@ -539,6 +677,16 @@ class FedRobustMerge(FedAvg):
         metrics["merge-seconds"] = report.merge_seconds
         metrics["bytes-received"] = report.bytes_received
         metrics["merged-update-norm"] = report.merged_update_norm
+        if self.robust.screens:
+            metrics["robust-screened"] = len(report.screened)
+            metrics["robust-clipped"] = len(report.clipped)
+            if report.norm_bound is not None:
+                metrics["robust-norm-reference"] = report.norm_bound.reference
+                metrics["robust-norm-bound"] = report.norm_bound.bound
+        if self.robust.selects:
+            metrics["robust-krum-dropped"] = len(report.krum_dropped)
+        if report.clamped_fraction is not None:
+            metrics["robust-clamped-fraction"] = report.clamped_fraction
         if report.relative_error is not None:
             metrics["rank-truncation-error"] = report.relative_error
         if report.update_relative_error is not None:
@@ -553,6 +701,19 @@ class FedRobustMerge(FedAvg):
             metrics["singular-retained-mean"] = sum(retained) / len(retained)
             metrics["singular-retained-min"] = min(retained)
         return metrics
+
+
+def _reject(report: RoundReport, node: int, reason: str, *, privacy: bool = False) -> None:
+    """Record and log one rejected reply (PRIVACY-flagged when it carried non-LoRA tensors)."""
+    report.rejected[node] = reason
+    log(
+        WARNING,
+        "%sround %d: rejected reply from node %d: %s",
+        "PRIVACY: " if privacy else "",
+        report.server_round,
+        node,
+        reason,
+    )
 
 
 class ReplyTensors(Mapping[str, torch.Tensor]):

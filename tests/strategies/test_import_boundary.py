@@ -19,6 +19,9 @@ PROBE = textwrap.dedent(
     import strategies.merging
     assert not flower_modules(), f"import strategies.merging loaded {flower_modules()[:5]}"
 
+    import strategies.robust
+    assert not flower_modules(), f"import strategies.robust loaded {flower_modules()[:5]}"
+
     import strategies
     from strategies import MergeInputError, merge_lora, merge_lora_with_report
     assert not flower_modules(), f"import strategies loaded {flower_modules()[:5]}"

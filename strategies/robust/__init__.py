@@ -1,0 +1,38 @@
+"""Byzantine-robust stages for federated rounds: pure tensor math, no Flower.
+
+- ``norm_screen``: the default screen, an update norm against a robust reference (the median of
+  this round's norms and earlier rounds' accepted norms) times a factor.
+- ``krum``: multi-Krum selection, the replies whose updates lie closest to the others.
+- ``coordinatewise``: each client's delta clamped, coordinate by coordinate, to the range the
+  coordinate-wise median or trimmed mean trusts (so any merge method can follow).
+- ``registry``: the run-config names (``robust-aggregation``) and their checked parameters.
+
+The strategy (``strategies.fed_robustmerge``) applies them to replies; these modules only see
+tensors and floats.
+"""
+
+from strategies.robust.coordinatewise import clamp_to_range, trim_count, trimmed_range
+from strategies.robust.krum import multikrum_select, pairwise_squared_distances
+from strategies.robust.norm_screen import NormBound, clip_scale, lower_median, norm_bound
+from strategies.robust.registry import (
+    DEFAULT_HISTORY,
+    DEFAULT_NORM_FACTOR,
+    ROBUST_AGGREGATIONS,
+    RobustSettings,
+)
+
+__all__ = [
+    "DEFAULT_HISTORY",
+    "DEFAULT_NORM_FACTOR",
+    "ROBUST_AGGREGATIONS",
+    "NormBound",
+    "RobustSettings",
+    "clamp_to_range",
+    "clip_scale",
+    "lower_median",
+    "multikrum_select",
+    "norm_bound",
+    "pairwise_squared_distances",
+    "trim_count",
+    "trimmed_range",
+]

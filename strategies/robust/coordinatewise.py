@@ -1,0 +1,50 @@
+"""The coordinate-wise stage: each client's delta clamped to the range a robust statistic trusts.
+
+Flower's FedMedian and FedTrimmedAvg return one aggregate (the coordinate-wise median or trimmed
+mean) for dense FedAvg. A merge method such as RobustMerge, TIES or SVD needs the clients'
+deltas, one per client, so this stage keeps T deltas but takes from each coordinate what the
+statistic would discard: with k values trimmed on each side, every client's value is clamped to
+[k-th smallest + 1, k-th largest + 1] of that coordinate over the clients (winsorising). Then
+
+- k attackers cannot push any coordinate outside the range the honest clients span;
+- for the median (k = floor((T - 1) / 2)) the range is the median itself (T odd) or the two
+  middle values (T even), and the plain mean of the clamped deltas *is* the coordinate-wise
+  median: FedMedian's result when the merge is fedavg;
+- for the trimmed mean the plain mean of the clamped deltas is the winsorised mean, the trimmed
+  mean's sibling that keeps the trimmed clients at the boundary instead of dropping them;
+- the merge method still sees T clients (RobustMerge's per-client scales, TIES' sign election).
+
+This happens before RobustMerge's pruning: the merge prunes the clamped deltas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def trim_count(count: int, fraction: float | None) -> int:
+    """Values trimmed on each side of T = ``count``: floor(fraction x T) for a trimmed mean
+    (fraction in [0, 0.5), as Flower's ``trim_mean``), floor((T - 1) / 2) for the median
+    (``fraction`` None)."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if fraction is None:
+        return (count - 1) // 2
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
+    return int(fraction * count)
+
+
+def trimmed_range(stack: torch.Tensor, trim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise (low, high): the (trim + 1)-th smallest and largest of ``stack``'s rows
+    (T x ...); ``trim`` must leave at least one value (2 trim < T)."""
+    count = stack.shape[0]
+    if not 0 <= 2 * trim < count:
+        raise ValueError(f"cannot trim {trim} of {count} values on each side")
+    ordered = torch.sort(stack, dim=0).values
+    return ordered[trim], ordered[count - 1 - trim]
+
+
+def clamp_to_range(delta: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``delta`` with each coordinate clamped to [low, high] (same shapes)."""
+    return torch.minimum(torch.maximum(delta, low), high)
