@@ -1,7 +1,7 @@
 """The Flower ClientApp: train the global LoRA adapter on local data, reply with LoRA tensors only.
 
-Wire format (the server relies on it)
--------------------------------------
+Wire format (the server relies on it; the keys are spelled once in ``strategies.wire``)
+-------------------------------------------------------------------------------------
 Train instruction content:
     ``"arrays"``: ArrayRecord of the global LoRA tensors (keys as
     ``workload.model.get_lora_state``);
@@ -50,14 +50,11 @@ from flwr.common import log
 from client.privacy import clip_when_asked
 from client.secure_aggregation import secure_aggregation_mod
 from client.uplink import reply_records
+from strategies import wire
 from workload.config import read_float, read_int
 from workload.kinds import get_task_kind
 from workload.kinds.base import LocalRound
 from workload.model import LoraSettings
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
 
 app = ClientApp(mods=[clip_when_asked])
 
@@ -65,32 +62,32 @@ app = ClientApp(mods=[clip_when_asked])
 def _global_adapter(msg: Message) -> dict[str, torch.Tensor]:
     """The global LoRA tensors of an instruction, as fp32 CPU tensors in the received order."""
     records = msg.content.array_records
-    if ARRAYS_KEY not in records:
+    if wire.ARRAYS not in records:
         raise ValueError(
-            f"the instruction has no ArrayRecord {ARRAYS_KEY!r} with the global LoRA tensors "
+            f"the instruction has no ArrayRecord {wire.ARRAYS!r} with the global LoRA tensors "
             f"(records present: {sorted(msg.content.keys())})"
         )
-    state = records[ARRAYS_KEY].to_torch_state_dict()
+    state = records[wire.ARRAYS].to_torch_state_dict()
     return {key: tensor.to(dtype=torch.float32) for key, tensor in state.items()}
 
 
 def _message_config(msg: Message) -> ConfigRecord:
     records = msg.content.config_records
-    return records[CONFIG_KEY] if CONFIG_KEY in records else ConfigRecord()
+    return records[wire.CONFIG] if wire.CONFIG in records else ConfigRecord()
 
 
 def _train_config(msg: Message) -> tuple[int, float | None]:
     """The train instruction's ``server-round`` (required) and ``learning-rate`` (optional)."""
     config = _message_config(msg)
-    if "server-round" not in config:
+    if wire.SERVER_ROUND not in config:
         raise ValueError(
-            f"the train instruction's ConfigRecord {CONFIG_KEY!r} lacks 'server-round'"
+            f"the train instruction's ConfigRecord {wire.CONFIG!r} lacks {wire.SERVER_ROUND!r}"
         )
-    server_round = read_int(config, "server-round", 0, minimum=0, source="train config")
-    if "learning-rate" not in config:
+    server_round = read_int(config, wire.SERVER_ROUND, 0, minimum=0, source="train config")
+    if wire.LEARNING_RATE not in config:
         return server_round, None
     return server_round, read_float(
-        config, "learning-rate", 0.0, low=0.0, low_open=True, source="train config"
+        config, wire.LEARNING_RATE, 0.0, low=0.0, low_open=True, source="train config"
     )
 
 
@@ -105,7 +102,9 @@ def train(msg: Message, context: Context) -> Message:
     global_state = _global_adapter(msg)
     result = kind.train_round(lora, run, global_state)
     records = reply_records(result.trained, global_state, context.run_config)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.train_loss})
+    metrics = MetricRecord(
+        {wire.NUM_EXAMPLES: result.num_examples, wire.TRAIN_LOSS: result.train_loss}
+    )
     log(
         INFO,
         "client: round %d, %s, %d examples, train-loss %.4f, %.1f s",
@@ -115,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
         result.train_loss,
         time.perf_counter() - started,
     )
-    return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=msg)
+    return Message(RecordDict({**records, wire.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -126,4 +125,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     run = LocalRound(context.run_config, context.node_config)
     scores = kind.evaluate_local(lora, run, _global_adapter(msg))
     metrics = MetricRecord({name: value for name, value in scores.items()})
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -42,11 +42,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.uplink import ARRAYS_KEY, CONFIG_KEY
+from strategies import wire
 from strategies.merging.decomposed import client_terms
 from strategies.merging.robustmerge import RobustMerge
-from strategies.secagg_layout import ADAPTER_KEYS, KEY_SEPARATOR, TermLayout
-from strategies.sparse_uplink import UPLINK_KEY
+from strategies.secagg_layout import TermLayout
 from workload.config import read_float
 
 Handler = Callable[[Message, Context], Message]
@@ -81,43 +80,44 @@ def train_terms(msg: Message, context: Context, train: Handler) -> Message:
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(keys):
         raise ValueError(
-            f"the instruction has {len(arrays)} arrays but {len(keys)} names in {ADAPTER_KEYS!r}"
+            f"the instruction has {len(arrays)} arrays but {len(keys)} names in "
+            f"{wire.ADAPTER_KEYS!r}"
         )
     global_state = {
         key: torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
         for key, array in zip(keys, arrays, strict=True)
     }
     method = RobustMerge(
-        keep_ratio=read_float(config, "keep-ratio", 0.2, low=0.0, source="train config"),
-        scale_quantile=read_float(config, "scale-quantile", 0.2, low=0.0, source="train config"),
-        fuse_weight=read_float(config, "fuse-weight", 2.0, low=-math.inf, source="train config"),
+        keep_ratio=read_float(config, wire.KEEP_RATIO, 0.2, low=0.0, source="train config"),
+        scale_quantile=read_float(config, wire.SCALE_QUANTILE, 0.2, low=0.0, source="train config"),
+        fuse_weight=read_float(config, wire.FUSE_WEIGHT, 2.0, low=-math.inf, source="train config"),
         mode="paper-exact",
     )
     clipping_range = read_float(
-        config, "secagg-clipping-range", 8.0, low=0.0, low_open=True, source="train config"
+        config, wire.SECAGG_CLIPPING_RANGE, 8.0, low=0.0, low_open=True, source="train config"
     )
-    inner_config: dict[str, Any] = {"server-round": config.get("server-round", 0)}
-    if "learning-rate" in config:
-        inner_config["learning-rate"] = config["learning-rate"]
+    inner_config: dict[str, Any] = {wire.SERVER_ROUND: config.get(wire.SERVER_ROUND, 0)}
+    if wire.LEARNING_RATE in config:
+        inner_config[wire.LEARNING_RATE] = config[wire.LEARNING_RATE]
     # The normal train handler's view of this instruction: same metadata, the new-style content.
     inner = Message(  # type: ignore[call-overload]
         content=RecordDict(
-            {ARRAYS_KEY: ArrayRecord(global_state), CONFIG_KEY: ConfigRecord(inner_config)}
+            {wire.ARRAYS: ArrayRecord(global_state), wire.CONFIG: ConfigRecord(inner_config)}
         ),
         metadata=msg.metadata,
     )
     reply = train(inner, context)
     if reply.has_error():
         raise RuntimeError(f"local training failed: {reply.error.reason}")
-    reply_config = reply.content.config_records.get(CONFIG_KEY)
-    if reply_config is not None and reply_config.get(UPLINK_KEY, "dense") != "dense":
+    reply_config = reply.content.config_records.get(wire.CONFIG)
+    if reply_config is not None and reply_config.get(wire.UPLINK, wire.DENSE) != wire.DENSE:
         raise ValueError(
             "run config 'uplink' must be 'dense' under secure aggregation (the terms are built "
             "from the dense delta)"
         )
-    trained = reply.content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    metrics = reply.content.metric_records.get("metrics")
-    train_loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else 0.0  # type: ignore[arg-type]
+    trained = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    metrics = reply.content.metric_records.get(wire.METRICS)
+    train_loss = float(metrics[wire.TRAIN_LOSS]) if metrics and wire.TRAIN_LOSS in metrics else 0.0  # type: ignore[arg-type]
     delta = {key: trained[key].to(torch.float32) - value for key, value in global_state.items()}
     terms = client_terms(delta, method)
     layout = TermLayout.for_adapter(
@@ -133,10 +133,10 @@ def train_terms(msg: Message, context: Context, train: Handler) -> Message:
 
 
 def _adapter_keys(config: Mapping[str, Any]) -> list[str]:
-    value = config.get(ADAPTER_KEYS)
+    value = config.get(wire.ADAPTER_KEYS)
     if not isinstance(value, str) or not value:
         raise ValueError(
-            f"the secure-aggregation instruction lacks {ADAPTER_KEYS!r} (the adapter's key "
+            f"the secure-aggregation instruction lacks {wire.ADAPTER_KEYS!r} (the adapter's key "
             "names, newline-separated); is the server running server.secure_aggregation?"
         )
-    return value.split(KEY_SEPARATOR)
+    return value.split(wire.KEY_SEPARATOR)

@@ -22,21 +22,18 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from strategies import wire
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import MODES, RobustMerge
 from strategies.sparse_codec import encode_update
-from strategies.sparse_uplink import UPLINK_KEY, UPLINKS
 from workload.config import read_float, read_str
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
 
 
 def read_uplink(run_config: Mapping[str, Any]) -> str:
     """Run config ``uplink``: "dense" or "sparse"."""
-    uplink = read_str(run_config, UPLINK_KEY, "dense")
-    if uplink not in UPLINKS:
-        raise ValueError(f"run-config key 'uplink' must be one of {UPLINKS}; got {uplink!r}")
+    uplink = read_str(run_config, wire.UPLINK, wire.DENSE)
+    if uplink not in wire.UPLINKS:
+        raise ValueError(f"run-config key 'uplink' must be one of {wire.UPLINKS}; got {uplink!r}")
     return uplink
 
 
@@ -82,10 +79,10 @@ def reply_records(
     run_config: Mapping[str, Any],
 ) -> dict[str, ArrayRecord | ConfigRecord]:
     """The reply's array record (and, for the sparse uplink, its marker), metrics aside."""
-    if read_uplink(run_config) == "dense":
-        return {ARRAYS_KEY: ArrayRecord({key: trained[key] for key in global_state})}
-    wire = sparse_update(trained, global_state, pruning_method(run_config))
+    if read_uplink(run_config) == wire.DENSE:
+        return {wire.ARRAYS: ArrayRecord({key: trained[key] for key in global_state})}
+    update = sparse_update(trained, global_state, pruning_method(run_config))
     return {
-        ARRAYS_KEY: ArrayRecord(wire),
-        CONFIG_KEY: ConfigRecord({UPLINK_KEY: "sparse"}),
+        wire.ARRAYS: ArrayRecord(update),
+        wire.CONFIG: ConfigRecord({wire.UPLINK: wire.SPARSE}),
     }

@@ -15,7 +15,7 @@ from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
 from strategies.robust import ROBUST_AGGREGATIONS, RobustSettings
 from strategies.robust.registry import DEFAULT_HISTORY, DEFAULT_NORM_FACTOR, DEFAULT_TRIM_FRACTION
-from strategies.sparse_uplink import UPLINKS
+from strategies.wire import UPLINKS
 from workload.kinds import available_task_kinds
 
 OUTPUT_ROOT_ENV = "ROBUSTMERGE_FL_OUTPUT_ROOT"

@@ -111,16 +111,11 @@ from server.run_loop import (
     resume_or_archive,
     save_round,
 )
+from strategies import wire
 from strategies.fed_robustmerge import seeded_sample
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
-from strategies.secagg_layout import (
-    ADAPTER_KEYS,
-    CLIPPED_KEY,
-    KEY_SEPARATOR,
-    TRAIN_LOSS_KEY,
-    TermLayout,
-)
+from strategies.secagg_layout import CLIPPED_KEY, TRAIN_LOSS_KEY, TermLayout
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 MODULUS_RANGE = 2**32  # Flower's default; its docs ask for at most 2**32
@@ -409,12 +404,12 @@ class SecureRobustMerge(Strategy):
             )
         outgoing = self._parameters()
         config: dict[str, Scalar] = {
-            "server-round": round_number,
-            ADAPTER_KEYS: KEY_SEPARATOR.join(self.keys),
-            "keep-ratio": self.keep_ratio,
-            "scale-quantile": self.scale_quantile,
-            "fuse-weight": self.fuse_weight,
-            "secagg-clipping-range": self.clipping_range,
+            wire.SERVER_ROUND: round_number,
+            wire.ADAPTER_KEYS: wire.KEY_SEPARATOR.join(self.keys),
+            wire.KEEP_RATIO: self.keep_ratio,
+            wire.SCALE_QUANTILE: self.scale_quantile,
+            wire.FUSE_WEIGHT: self.fuse_weight,
+            wire.SECAGG_CLIPPING_RANGE: self.clipping_range,
         }
         self._entry = {
             "server-round": round_number,

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from strategies import wire
 from strategies.combinations import combination_refusal, robust_refusal, round_method
 from strategies.merging import (
     accepted_hyperparameters,
@@ -43,7 +44,6 @@ from strategies.reply_checks import (
 from strategies.robust import NormBound, RobustSettings, clip_scale, norm_bound
 from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
 from strategies.sparse_uplink import (
-    UPLINKS,
     SparseReply,
     check_sparse_train_reply,
     merge_sparse_replies,
@@ -175,9 +175,9 @@ class FedRobustMerge(FedAvg):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
+        weighted_by_key: str = wire.NUM_EXAMPLES,
+        arrayrecord_key: str = wire.ARRAYS,
+        configrecord_key: str = wire.CONFIG,
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         merge_method: str = "robustmerge",
@@ -219,8 +219,8 @@ class FedRobustMerge(FedAvg):
             raise ValueError(f"merge_target must be one of {TARGETS}, got {merge_target!r}")
         if min_merge_replies < 1:
             raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
-        if uplink not in UPLINKS:
-            raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
+        if uplink not in wire.UPLINKS:
+            raise ValueError(f"uplink must be one of {wire.UPLINKS}, got {uplink!r}")
         refusal = combination_refusal(merge_method, mode, merge_target, uplink)
         if refusal is not None:
             raise ValueError(refusal)
@@ -323,7 +323,7 @@ class FedRobustMerge(FedAvg):
             return []
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
-        config["server-round"] = server_round
+        config[wire.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
@@ -336,7 +336,7 @@ class FedRobustMerge(FedAvg):
         node_ids = self._sample(
             grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round + 500_009
         )
-        config["server-round"] = server_round
+        config[wire.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.EVALUATE)
 
@@ -750,7 +750,7 @@ def weighted_metrics(
     for count, content in replies:
         for record in content.metric_records.values():
             for key, value in record.items():
-                if key == "num-examples" or isinstance(value, (list, bool)):
+                if key == wire.NUM_EXAMPLES or isinstance(value, (list, bool)):
                     continue
                 number = float(value)
                 if not math.isfinite(number):
@@ -760,5 +760,5 @@ def weighted_metrics(
     result: dict[str, int | float | list[int] | list[float]] = {
         key: totals[key] / weights[key] for key in totals
     }
-    result["num-examples"] = sum(count for count, _ in replies)
+    result[wire.NUM_EXAMPLES] = sum(count for count, _ in replies)
     return result

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from strategies import wire
 from strategies.merging import is_lora_key
 from strategies.sparse_codec import is_wire_key
 
@@ -70,8 +71,8 @@ def check_train_reply(
     message: Message,
     global_shapes: Mapping[str, tuple[int, ...]],
     *,
-    arrayrecord_key: str = "arrays",
-    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str = wire.ARRAYS,
+    weighted_by_key: str = wire.NUM_EXAMPLES,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
 ) -> AcceptedReply:
     """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why."""

@@ -40,9 +40,6 @@ import torch
 from strategies.merging.decomposed import scale_key
 from strategies.merging.lora_keys import parse_layout
 
-# FitIns config keys the server sends (kebab-case like the run config).
-ADAPTER_KEYS = "adapter-keys"
-KEY_SEPARATOR = "\n"
 CLIPPED_KEY = "::clipped"
 TRAIN_LOSS_KEY = "::train-loss"
 LOSS_RANGE = 100.0

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from strategies import wire
 from strategies.merging import MergeInputError, MergeReport, MergeResult
 from strategies.merging.decomposed import merge_pruned, scale_key
 from strategies.merging.lora_keys import is_lora_key, parse_layout
@@ -44,10 +45,6 @@ from strategies.sparse_codec import (
     decode_tensor,
     is_wire_key,
 )
-
-UPLINKS = ("dense", "sparse")
-# The reply's ConfigRecord (under the strategy's configrecord_key) says which uplink it uses.
-UPLINK_KEY = "uplink"
 
 
 @dataclass(frozen=True)
@@ -99,9 +96,9 @@ def check_sparse_train_reply(
     base: Mapping[str, torch.Tensor],
     method: RobustMerge,
     *,
-    arrayrecord_key: str = "arrays",
-    configrecord_key: str = "config",
-    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str = wire.ARRAYS,
+    configrecord_key: str = wire.CONFIG,
+    weighted_by_key: str = wire.NUM_EXAMPLES,
     max_num_examples: int = 1_000_000_000,
 ) -> SparseReply:
     """The reply if it is a well-formed sparse update of ``base``; else ReplyRejectedError."""
@@ -111,11 +108,11 @@ def check_sparse_train_reply(
     shapes = {key: tuple(value.shape) for key, value in base.items()}
     _check_privacy(arrays.keys(), shapes)
     config = content.config_records.get(configrecord_key, ConfigRecord())
-    if config.get(UPLINK_KEY) != "sparse":
+    if config.get(wire.UPLINK) != wire.SPARSE:
         raise ReplyRejectedError(
             f"this run's uplink is sparse but the reply is not marked "
-            f"{UPLINK_KEY!r} = 'sparse' in its ConfigRecord {configrecord_key!r} (got "
-            f"{config.get(UPLINK_KEY)!r}); clients must read the same run config as the server"
+            f"{wire.UPLINK!r} = 'sparse' in its ConfigRecord {configrecord_key!r} (got "
+            f"{config.get(wire.UPLINK)!r}); clients must read the same run config as the server"
         )
     try:
         encodings = check_wire_keys(arrays.keys(), shapes)

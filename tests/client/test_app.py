@@ -21,6 +21,16 @@ from flwr.app import (
 )
 
 from client.app import app, evaluate, train
+from strategies.wire import (
+    ARRAYS,
+    CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+)
 from tests.workload.tiny_model import tiny_run_config
 from workload.model import LoraSettings, initial_adapter
 from workload.tasks import load_task
@@ -46,7 +56,7 @@ def instruction(
     adapter: dict[str, torch.Tensor], message_type: str, config: dict[str, Any]
 ) -> Message:
     """An instruction as the SuperLink delivers it (with the ids it sets)."""
-    content = RecordDict({"arrays": ArrayRecord(adapter), "config": ConfigRecord(config)})
+    content = RecordDict({ARRAYS: ArrayRecord(adapter), CONFIG: ConfigRecord(config)})
     metadata = Metadata(
         run_id=1,
         message_id=f"instruction-{message_type}",
@@ -66,14 +76,14 @@ def instruction(
 def test_train_reply_holds_only_lora_tensors_and_metrics(
     run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
 ) -> None:
-    msg = instruction(global_adapter, "train", {"server-round": 1})
+    msg = instruction(global_adapter, "train", {SERVER_ROUND: 1})
     reply = train(msg, context(run_config, **{"partition-id": 1, "num-partitions": 2}))
 
     assert not reply.has_error()
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
+    assert set(content.keys()) == {ARRAYS, METRICS}
     assert not content.config_records  # No place for texts, labels or paths.
-    arrays = content.array_records["arrays"]
+    arrays = content.array_records[ARRAYS]
     assert list(arrays.keys()) == list(global_adapter)  # Same keys, same order.
     received = arrays.to_torch_state_dict()
     for key, tensor in received.items():
@@ -82,10 +92,10 @@ def test_train_reply_holds_only_lora_tensors_and_metrics(
         assert tensor.shape == global_adapter[key].shape, key
     assert any(not torch.equal(received[k], global_adapter[k]) for k in received)  # It trained.
 
-    metrics = content.metric_records["metrics"]
-    assert set(metrics.keys()) == {"num-examples", "train-loss"}
-    assert metrics["num-examples"] == 16
-    assert isinstance(metrics["train-loss"], float)
+    metrics = content.metric_records[METRICS]
+    assert set(metrics.keys()) == {NUM_EXAMPLES, TRAIN_LOSS}
+    assert metrics[NUM_EXAMPLES] == 16
+    assert isinstance(metrics[TRAIN_LOSS], float)
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     assert reply.metadata.message_type == "train"
 
@@ -102,7 +112,7 @@ def test_train_is_reproducible_and_takes_the_server_learning_rate(
 
     def trained(config: dict[str, Any]) -> dict[str, torch.Tensor]:
         reply = train(instruction(global_adapter, "train", config), node)
-        return reply.content.array_records["arrays"].to_torch_state_dict()
+        return reply.content.array_records[ARRAYS].to_torch_state_dict()
 
     first = trained({"server-round": 2})
     again = trained({"server-round": 2})
@@ -118,28 +128,28 @@ def test_train_on_a_site_data_file(
     records = [{"text": f"secret record number {i}", "label": f"kind_{i % 3}"} for i in range(30)]
     path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     node = context(run_config, **{"data-path": str(path)})
-    reply = train(instruction(global_adapter, "train", {"server-round": 1}), node)
+    reply = train(instruction(global_adapter, "train", {SERVER_ROUND: 1}), node)
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
-    assert list(content.array_records["arrays"].keys()) == list(global_adapter)
-    assert content.metric_records["metrics"]["num-examples"] == 16  # train-examples of 27 kept
+    assert set(content.keys()) == {ARRAYS, METRICS}
+    assert list(content.array_records[ARRAYS].keys()) == list(global_adapter)
+    assert content.metric_records[METRICS][NUM_EXAMPLES] == 16  # train-examples of 27 kept
     assert "secret" not in repr(content)
     assert str(tmp_path) not in repr(content)
 
     evaluation = evaluate(instruction(global_adapter, "evaluate", {}), node)
-    assert evaluation.content.metric_records["metrics"]["num-examples"] == 3  # 10 % held out
+    assert evaluation.content.metric_records[METRICS][NUM_EXAMPLES] == 3  # 10 % held out
 
 
 def test_evaluate_replies_with_metrics_only(
     run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
 ) -> None:
-    msg = instruction(global_adapter, "evaluate", {"server-round": 1})
+    msg = instruction(global_adapter, "evaluate", {SERVER_ROUND: 1})
     reply = app(msg, context(run_config, **{"partition-id": 0}))  # Routed by message type.
-    assert set(reply.content.keys()) == {"metrics"}
-    metrics: MetricRecord = reply.content.metric_records["metrics"]
-    assert set(metrics.keys()) == {"num-examples", "eval-loss", "eval-accuracy"}
-    assert metrics["num-examples"] == 12
-    accuracy = metrics["eval-accuracy"]
+    assert set(reply.content.keys()) == {METRICS}
+    metrics: MetricRecord = reply.content.metric_records[METRICS]
+    assert set(metrics.keys()) == {NUM_EXAMPLES, EVAL_LOSS, EVAL_ACCURACY}
+    assert metrics[NUM_EXAMPLES] == 12
+    accuracy = metrics[EVAL_ACCURACY]
     assert isinstance(accuracy, float)
     assert 0.0 <= accuracy <= 1.0
 
@@ -152,15 +162,13 @@ def test_bad_instructions_fail_loudly(
         train(instruction(global_adapter, "train", {}), node)
     partial = dict(list(global_adapter.items())[1:])
     with pytest.raises(ValueError, match="lacks 1 of"):
-        train(instruction(partial, "train", {"server-round": 1}), node)
+        train(instruction(partial, "train", {SERVER_ROUND: 1}), node)
     with pytest.raises(ValueError, match=r"neither 'data-path'.*nor 'partition-id'"):
         train(instruction(global_adapter, "train", {"server-round": 1}), context(run_config))
     with pytest.raises(ValueError, match=r"'seen-tasks' has unknown name\(s\) \['trec'\]"):
         train(
-            instruction(global_adapter, "train", {"server-round": 1}),
+            instruction(global_adapter, "train", {SERVER_ROUND: 1}),
             context({**run_config, "seen-tasks": "trec"}, **{"partition-id": 0}),
         )
     with pytest.raises(ValueError, match=r"train config key 'learning-rate'"):
-        train(
-            instruction(global_adapter, "train", {"server-round": 1, "learning-rate": -1.0}), node
-        )
+        train(instruction(global_adapter, "train", {SERVER_ROUND: 1, "learning-rate": -1.0}), node)

@@ -11,6 +11,7 @@ from client.app import train
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import decode_update
+from strategies.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND, SPARSE, UPLINK
 from tests.client.test_app import context, instruction
 from tests.workload.tiny_model import tiny_run_config
 from workload.model import LoraSettings, initial_adapter
@@ -25,18 +26,18 @@ def test_sparse_reply_is_the_pruned_delta_of_the_dense_reply(tiny_model_dir: Pat
     node = {"partition-id": 0}
     dense = train(instruction(base, "train", {"server-round": 1}), context(run_config, **node))
     sparse = train(
-        instruction(base, "train", {"server-round": 1}),
+        instruction(base, "train", {SERVER_ROUND: 1}),
         context({**run_config, "uplink": "sparse"}, **node),
     )
     assert not sparse.has_error()
-    assert set(sparse.content.keys()) == {"arrays", "config", "metrics"}
-    assert dict(sparse.content.config_records["config"]) == {"uplink": "sparse"}
-    assert dict(sparse.content.metric_records["metrics"]) == dict(
-        dense.content.metric_records["metrics"]
+    assert set(sparse.content.keys()) == {ARRAYS, CONFIG, METRICS}
+    assert dict(sparse.content.config_records[CONFIG]) == {UPLINK: SPARSE}
+    assert dict(sparse.content.metric_records[METRICS]) == dict(
+        dense.content.metric_records[METRICS]
     )
 
-    trained = dense.content.array_records["arrays"].to_torch_state_dict()
-    wire = {k: v.numpy() for k, v in sparse.content.array_records["arrays"].items()}
+    trained = dense.content.array_records[ARRAYS].to_torch_state_dict()
+    wire = {k: v.numpy() for k, v in sparse.content.array_records[ARRAYS].items()}
     pruned, scales = decode_update(wire, {key: tuple(value.shape) for key, value in base.items()})
     method = RobustMerge(keep_ratio=0.3, scale_quantile=0.25)
     want, want_scales = prune_adapter({k: trained[k] - base[k] for k in base}, method)

@@ -23,6 +23,7 @@ from server.privacy import (
 )
 from strategies import FedRobustMerge
 from strategies.robust import RobustSettings
+from strategies.wire import ARRAYS, CONFIG, SERVER_ROUND
 from tests.strategies.test_fed_robustmerge import (
     as_tensors,
     expected_global,
@@ -172,11 +173,11 @@ def test_client_side_wrapper_sends_the_clipping_norm() -> None:
         strategy.configure_train(1, ArrayRecord(dict(base)), ConfigRecord(), FakeGrid([1, 2]))  # type: ignore[arg-type]
     )
     assert messages and all(asks_for_clipping(m) for m in messages)
-    assert messages[0].content["config"][KEY_CLIPPING_NORM] == CLIP
+    assert messages[0].content[CONFIG][KEY_CLIPPING_NORM] == CLIP
 
 
 def instruction(base: dict[str, torch.Tensor], config: dict[str, float], kind: str) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(dict(base)), "config": ConfigRecord(config)})
+    content = RecordDict({ARRAYS: ArrayRecord(dict(base)), CONFIG: ConfigRecord(config)})
     return Message(content, dst_node_id=1, message_type=kind)
 
 
@@ -185,15 +186,15 @@ def test_client_mod_clips_train_replies_only_when_asked() -> None:
     huge = {k: v + 50.0 for k, v in base.items()}
 
     def handler(msg: Message, _: Context) -> Message:
-        return Message(RecordDict({"arrays": ArrayRecord(dict(huge))}), reply_to=msg)
+        return Message(RecordDict({ARRAYS: ArrayRecord(dict(huge))}), reply_to=msg)
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     asked = instruction(base, {KEY_CLIPPING_NORM: CLIP, "server-round": 1}, MessageType.TRAIN)
-    out = as_tensors(clip_when_asked(asked, context, handler).content["arrays"])
+    out = as_tensors(clip_when_asked(asked, context, handler).content[ARRAYS])
     assert norm({k: out[k] - base[k] for k in base}) == pytest.approx(CLIP, rel=1e-5)
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-        plain = instruction(base, {"server-round": 1}, kind)
-        out = as_tensors(clip_when_asked(plain, context, handler).content["arrays"])
+        plain = instruction(base, {SERVER_ROUND: 1}, kind)
+        out = as_tensors(clip_when_asked(plain, context, handler).content[ARRAYS])
         assert all(torch.equal(out[k], huge[k]) for k in base)
 
 

@@ -20,6 +20,7 @@ from flwr.app import (
 
 from strategies import FedRobustMerge, merge_lora
 from strategies.merging import create_method
+from strategies.wire import ARRAYS, EVAL_ACCURACY, METRICS, NUM_EXAMPLES, TRAIN_LOSS
 
 A0 = "base_model.model.layer.0.query.lora_A.weight"
 B0 = "base_model.model.layer.0.query.lora_B.weight"
@@ -64,11 +65,11 @@ def reply(
     )
     content = RecordDict()
     if tensors is not None:
-        content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
-    metrics: dict[str, object] = {"train-loss": 1.0, **(extra_metrics or {})}
+        content[ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+    metrics: dict[str, object] = {TRAIN_LOSS: 1.0, **(extra_metrics or {})}
     if num_examples is not None:
-        metrics["num-examples"] = num_examples
-    content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+        metrics[NUM_EXAMPLES] = num_examples
+    content[METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
     return Message(content, metadata=metadata)
 
 
@@ -132,7 +133,7 @@ def test_good_replies_give_robustmerge_of_deltas_plus_server_step() -> None:
     assert metrics["clients-accepted"] == 3
     assert metrics["clients-rejected"] == 0
     assert metrics["bytes-received"] > 0
-    assert metrics["train-loss"] == pytest.approx(1.0)
+    assert metrics[TRAIN_LOSS] == pytest.approx(1.0)
     assert -1.0 <= metrics["direction-cosine-min"] <= metrics["direction-cosine-mean"] <= 1.0
     assert metrics["merged-update-norm"] > 0
 
@@ -228,7 +229,7 @@ def test_bad_num_examples_is_rejected(case: str) -> None:
     for key in base:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
     assert metrics is not None and metrics["clients-rejected"] == 1
-    assert strategy.last_round is not None and "num-examples" in strategy.last_round.rejected[3]
+    assert strategy.last_round is not None and NUM_EXAMPLES in strategy.last_round.rejected[3]
 
 
 def test_error_reply_and_duplicate_node_are_rejected() -> None:
@@ -349,13 +350,13 @@ def test_sampling_is_seeded_per_round() -> None:
 
 def test_aggregate_evaluate_ignores_malformed_replies() -> None:
     strategy = FedRobustMerge(device="cpu")
-    good = reply(1, None, 10, extra_metrics={"eval-accuracy": 0.5})
-    other = reply(2, None, 30, extra_metrics={"eval-accuracy": 0.9})
-    broken = reply(3, None, None, extra_metrics={"eval-accuracy": 0.0})
+    good = reply(1, None, 10, extra_metrics={EVAL_ACCURACY: 0.5})
+    other = reply(2, None, 30, extra_metrics={EVAL_ACCURACY: 0.9})
+    broken = reply(3, None, None, extra_metrics={EVAL_ACCURACY: 0.0})
     metrics = strategy.aggregate_evaluate(1, [good, other, broken, error_reply(4)])
     assert metrics is not None
-    assert metrics["eval-accuracy"] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
-    assert metrics["num-examples"] == 40
+    assert metrics[EVAL_ACCURACY] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
+    assert metrics[NUM_EXAMPLES] == 40
 
 
 # --- round forms through the strategy (issue: merge the right thing at any size) ---------------

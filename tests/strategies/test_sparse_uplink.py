@@ -16,6 +16,7 @@ from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX, VALUES_SUFFIX, encode_update
 from strategies.sparse_uplink import check_sparse_train_reply
+from strategies.wire import ARRAYS, CONFIG, SPARSE, UPLINK
 from tests.strategies.test_fed_robustmerge import (
     A0,
     A1,
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 def sparse_reply(node: int, wire: dict[str, torch.Tensor], num_examples: object = 100) -> Message:
     message = reply(node, wire, num_examples)
-    message.content["config"] = ConfigRecord({"uplink": "sparse"})
+    message.content[CONFIG] = ConfigRecord({UPLINK: SPARSE})
     return message
 
 
@@ -268,14 +269,14 @@ def test_client_reply_records() -> None:
     base = make_global()
     client = trained(base, 4)
     dense = reply_records(client, base, {})
-    assert set(dense) == {"arrays"}
-    assert list(dense["arrays"].keys()) == list(base)
+    assert set(dense) == {ARRAYS}
+    assert list(dense[ARRAYS].keys()) == list(base)
     records = reply_records(client, base, {**RUN_CONFIG, "merge-mode": "paper-exact"})
-    assert set(records) == {"arrays", "config"}
-    assert dict(records["config"]) == {"uplink": "sparse"}
-    keys = list(records["arrays"].keys())
+    assert set(records) == {ARRAYS, CONFIG}
+    assert dict(records[CONFIG]) == {UPLINK: SPARSE}
+    keys = list(records[ARRAYS].keys())
     assert all("::" in key for key in keys)
-    assert all(np.asarray(records["arrays"][k].numpy()).ndim == 1 for k in keys)
+    assert all(np.asarray(records[ARRAYS][k].numpy()).ndim == 1 for k in keys)
     with pytest.raises(ValueError, match="merge-method 'robustmerge'"):
         reply_records(client, base, {**RUN_CONFIG, "merge-method": "ties"})
     with pytest.raises(ValueError, match="'uplink' must be one of"):

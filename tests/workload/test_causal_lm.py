@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from client.app import evaluate, train
+from strategies.wire import ARRAYS, EVAL_LOSS, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from tests.client.test_app import context, instruction
 from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
 from workload.causal_lm import (
@@ -221,23 +222,23 @@ def test_handlers_reply_with_lora_tensors_and_perplexity(
     (data_file.parent / "0.jsonl").write_text(data_file.read_text())
     adapter = initial_adapter(LoraSettings.from_run_config(run_config), seed=0)
     reply = train(
-        instruction(adapter, "train", {"server-round": 1}),
+        instruction(adapter, "train", {SERVER_ROUND: 1}),
         context(run_config, **{"partition-id": 0}),
     )
-    arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+    arrays = reply.content.array_records[ARRAYS].to_torch_state_dict()
     assert list(arrays) == list(adapter)
     assert any(not torch.equal(arrays[k], adapter[k]) for k in adapter)
-    metrics = reply.content.metric_records["metrics"]
-    assert set(metrics) == {"num-examples", "train-loss"}
+    metrics = reply.content.metric_records[METRICS]
+    assert set(metrics) == {NUM_EXAMPLES, TRAIN_LOSS}
     scored = evaluate(
         instruction(arrays, "evaluate", {}), context(run_config, **{"data-path": str(data_file)})
     )
-    assert set(scored.content.metric_records["metrics"]) == {
-        "num-examples",
-        "eval-loss",
+    assert set(scored.content.metric_records[METRICS]) == {
+        NUM_EXAMPLES,
+        EVAL_LOSS,
         "eval-perplexity",
     }
-    assert set(scored.content.keys()) == {"metrics"}
+    assert set(scored.content.keys()) == {METRICS}
 
 
 def test_task_kind_is_read_and_checked_by_client_and_server() -> None:

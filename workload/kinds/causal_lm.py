@@ -19,6 +19,7 @@ from flwr.common import log
 from peft import TaskType
 from transformers import AutoModelForCausalLM
 
+from strategies import wire
 from workload.causal_lm import (
     CausalLmResult,
     CausalLmSettings,
@@ -99,9 +100,9 @@ class CausalLm(TaskKind):
             lambda model: evaluate_causal_lm(model.peft, model.tokenizer, examples, settings),
         )
         return {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-perplexity": result.perplexity,
+            wire.NUM_EXAMPLES: result.num_examples,
+            wire.EVAL_LOSS: result.loss,
+            wire.EVAL_PERPLEXITY: result.perplexity,
         }
 
     def check_server_workload(

@@ -21,6 +21,7 @@ import torch
 from peft import TaskType
 from transformers import AutoModel
 
+from strategies import wire
 from workload.config import read_int, read_names, read_str
 from workload.evaluation import TaskEvaluator
 from workload.kinds.base import (
@@ -152,9 +153,9 @@ class Classification(TaskKind):
             lambda model: evaluate_lora(model.peft, data, training),
         )
         return {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
+            wire.NUM_EXAMPLES: result.num_examples,
+            wire.EVAL_LOSS: result.loss,
+            wire.EVAL_ACCURACY: result.accuracy,
         }
 
     def check_server_workload(

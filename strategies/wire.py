@@ -1,0 +1,77 @@
+"""The wire protocol between ServerApp and ClientApp: every record and config key that travels.
+
+Server and client import these names from here, so a key is spelled once; the tensor layouts
+live beside the code that builds them (``strategies.sparse_codec`` for the sparse uplink,
+``strategies.secagg_layout`` for the SecAgg+ vector) and are named in the table.
+
+What travels (records of a Flower ``Message``; keys kebab-case like the run config)
+------------------------------------------------------------------------------------
+
+=====================  =============================================================================
+Direction              Content
+=====================  =============================================================================
+train instruction      ``ARRAYS`` ("arrays"): ArrayRecord of the global LoRA tensors (keys as
+(server -> client)     ``workload.model.get_lora_state``).
+                       ``CONFIG`` ("config"): ConfigRecord with ``SERVER_ROUND`` ("server-round",
+                       int, always), ``LEARNING_RATE`` ("learning-rate", optional), and with
+                       ``UPLINK`` ("uplink") = ``"sparse"`` the pruning settings
+                       ``KEEP_RATIO``, ``SCALE_QUANTILE``, ``MERGE_MODE``, ``FUSE_WEIGHT``
+                       (``SPARSE_SETTINGS``); with ``dp = "client-clipping"`` Flower's clipping
+                       norm.
+train reply            ``ARRAYS``: the trained LoRA tensors, fp32, the received keys in the received
+(client -> server)     order (dense), or the pruned delta in the wire form of
+                       ``strategies.sparse_codec`` (sparse, then ``CONFIG`` = {``UPLINK``:
+                       "sparse"}).
+                       ``METRICS`` ("metrics"): MetricRecord {``NUM_EXAMPLES``, ``TRAIN_LOSS``}.
+evaluate instruction   ``ARRAYS`` as above; ``CONFIG`` with ``SERVER_ROUND`` (read by nobody).
+evaluate reply         ``METRICS``: {``NUM_EXAMPLES``, ``EVAL_LOSS``, and ``EVAL_ACCURACY``
+                       (classification) or ``EVAL_PERPLEXITY`` (causal-lm)}.
+SecAgg+ instruction    Flower's legacy FitIns: the global adapter as ndarrays in the order of
+(server -> client)     ``ADAPTER_KEYS`` ("adapter-keys", names joined by ``KEY_SEPARATOR``), plus
+                       ``SERVER_ROUND``, ``KEEP_RATIO``, ``SCALE_QUANTILE``, ``FUSE_WEIGHT``,
+                       ``SECAGG_CLIPPING_RANGE``.
+SecAgg+ reply          one masked float64 vector laid out by
+(client -> server)     ``strategies.secagg_layout.TermLayout``
+                       (``num_examples`` = 1, no metrics).
+=====================  =============================================================================
+
+Nothing else leaves a client: no texts, labels, label names, base weights or file paths.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Record names inside a Message's RecordDict.
+ARRAYS: Final = "arrays"
+CONFIG: Final = "config"
+METRICS: Final = "metrics"
+
+# Train / evaluate instruction ConfigRecord keys.
+SERVER_ROUND: Final = "server-round"
+LEARNING_RATE: Final = "learning-rate"
+
+# Reply MetricRecord keys.
+NUM_EXAMPLES: Final = "num-examples"
+TRAIN_LOSS: Final = "train-loss"
+EVAL_LOSS: Final = "eval-loss"
+EVAL_ACCURACY: Final = "eval-accuracy"
+EVAL_PERPLEXITY: Final = "eval-perplexity"
+
+# Which uplink a train reply (and, for "sparse", the train instruction) uses.
+UPLINK: Final = "uplink"
+DENSE: Final = "dense"
+SPARSE: Final = "sparse"
+UPLINKS: Final = (DENSE, SPARSE)
+
+# The merge settings a client needs to prune (sparse uplink) or build its terms (SecAgg+).
+KEEP_RATIO: Final = "keep-ratio"
+SCALE_QUANTILE: Final = "scale-quantile"
+MERGE_MODE: Final = "merge-mode"
+FUSE_WEIGHT: Final = "fuse-weight"
+SPARSE_SETTINGS: Final = (KEEP_RATIO, SCALE_QUANTILE, MERGE_MODE, FUSE_WEIGHT)
+
+# SecAgg+ FitIns config keys.
+ADAPTER_KEYS: Final = "adapter-keys"
+KEY_SEPARATOR: Final = "\n"
+SECAGG_CLIPPING_RANGE: Final = "secagg-clipping-range"
