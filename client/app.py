@@ -5,13 +5,15 @@ Wire format (the server relies on it; the keys are spelled once in ``strategies.
 Train instruction content:
     ``"arrays"``: ArrayRecord of the global LoRA tensors (keys as
     ``workload.model.get_lora_state``);
-    ``"config"``: ConfigRecord with ``"server-round"`` (int) and optionally ``"learning-rate"``.
+    ``"config"``: ConfigRecord with ``"server-round"`` (int), optionally ``"learning-rate"``,
+    and ``"uplink"``; with ``"uplink" = "sparse"`` the merge settings the client prunes with
+    (``keep-ratio``, ``scale-quantile``, ``merge-mode``, ``fuse-weight``).
 Train reply content:
     ``"arrays"``: ArrayRecord of the trained LoRA tensors, fp32, exactly the received keys, in
     the received order, with the received shapes;
     ``"metrics"``: MetricRecord ``{"num-examples": int, "train-loss": float}``.
-    With run-config ``uplink = "sparse"``, ``"arrays"`` holds the pruned delta instead and a
-    ConfigRecord ``"config"`` says ``{"uplink": "sparse"}`` (``client.uplink``).
+    When the instruction says ``uplink = "sparse"``, ``"arrays"`` holds the pruned delta
+    instead and a ConfigRecord ``"config"`` says ``{"uplink": "sparse"}`` (``client.uplink``).
 Evaluate instruction content: ``"arrays"`` as above (a ``"config"`` is accepted and ignored).
 Evaluate reply content:
     ``"metrics"``: MetricRecord ``{"num-examples": int, "eval-loss": float,
@@ -101,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     run = LocalRound(context.run_config, context.node_config, server_round, learning_rate)
     global_state = _global_adapter(msg)
     result = kind.train_round(lora, run, global_state)
-    records = reply_records(result.trained, global_state, context.run_config)
+    records = reply_records(result.trained, global_state, _message_config(msg))
     metrics = MetricRecord(
         {wire.NUM_EXAMPLES: result.num_examples, wire.TRAIN_LOSS: result.train_loss}
     )

@@ -11,7 +11,7 @@ calls ``train_terms``, which
 
 1. reads the legacy ``FitIns``: the global adapter as ndarrays in the order of the config's
    ``adapter-keys`` and the merge settings (``keep-ratio``, ``scale-quantile``,
-   ``fuse-weight``, ``secagg-clipping-range``);
+   ``merge-mode``, ``fuse-weight``, ``secagg-clipping-range``; ``strategies.wire``);
 2. runs the ordinary train handler on it (``client.app.train``: same data, seeds and model,
    classification or causal-lm);
 3. takes the delta (trained - global) and computes its terms with
@@ -29,7 +29,6 @@ and lives in ``strategies.secagg_layout``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,9 +43,9 @@ from flwr.compat.common import recorddict_compat as compat
 
 from strategies import wire
 from strategies.merging.decomposed import client_terms
-from strategies.merging.robustmerge import RobustMerge
 from strategies.secagg_layout import TermLayout
-from workload.config import read_float
+from strategies.sparse_uplink import instructed_method
+from workload.config import Reader
 
 Handler = Callable[[Message, Context], Message]
 
@@ -87,15 +86,8 @@ def train_terms(msg: Message, context: Context, train: Handler) -> Message:
         key: torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
         for key, array in zip(keys, arrays, strict=True)
     }
-    method = RobustMerge(
-        keep_ratio=read_float(config, wire.KEEP_RATIO, 0.2, low=0.0, source="train config"),
-        scale_quantile=read_float(config, wire.SCALE_QUANTILE, 0.2, low=0.0, source="train config"),
-        fuse_weight=read_float(config, wire.FUSE_WEIGHT, 2.0, low=-math.inf, source="train config"),
-        mode="paper-exact",
-    )
-    clipping_range = read_float(
-        config, wire.SECAGG_CLIPPING_RANGE, 8.0, low=0.0, low_open=True, source="train config"
-    )
+    method = instructed_method(config)
+    clipping_range = Reader(config, "train config").number(wire.SECAGG_CLIPPING_RANGE)
     inner_config: dict[str, Any] = {wire.SERVER_ROUND: config.get(wire.SERVER_ROUND, 0)}
     if wire.LEARNING_RATE in config:
         inner_config[wire.LEARNING_RATE] = config[wire.LEARNING_RATE]

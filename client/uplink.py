@@ -1,16 +1,18 @@
 """What a train reply carries up: the trained LoRA tensors (dense), or the pruned delta (sparse).
 
-Run config ``uplink``:
+The server decides, in the train instruction's ConfigRecord (``strategies.wire``): ``uplink``
 
-- ``"dense"`` (default): ``"arrays"`` holds the trained LoRA tensors, fp32, the received keys in
-  the received order;
+- ``"dense"`` (or absent): ``"arrays"`` holds the trained LoRA tensors, fp32, the received keys
+  in the received order;
 - ``"sparse"``: the client takes its delta exactly as the server would (fp32 trained minus fp32
-  global), runs RobustMerge's steps 1-2 on it (``prune_adapter`` with run config
-  ``keep-ratio``, ``scale-quantile`` and ``merge-mode``) and sends ``"arrays"`` in the wire form
+  global), runs RobustMerge's steps 1-2 on it (``prune_adapter`` with the instruction's
+  ``keep-ratio``, ``scale-quantile`` and ``merge-mode``, which the server always sends with a
+  sparse instruction; one that lacks them is refused) and sends ``"arrays"`` in the wire form
   of ``strategies.sparse_codec`` (kept values, their positions, each module's s~) plus a
-  ConfigRecord ``"config"`` = ``{"uplink": "sparse"}``. About 27 % of the dense bytes at keep
-  ratio 0.2 (benchmarks/results/uplink_bytes.md); the server's merge is the dense one's.
+  ConfigRecord ``"config"`` = ``{"uplink": "sparse"}``. About 27 % of the dense bytes at the
+  default keep ratio (benchmarks/results/uplink_bytes.md); the server's merge is the dense one's.
 
+The client's own run config plays no part: the settings it prunes with are the server's.
 Either way only LoRA tensors, or numbers derived from them alone, leave the client.
 """
 
@@ -24,39 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from strategies import wire
 from strategies.merging.decomposed import prune_adapter
-from strategies.merging.robustmerge import MODES, RobustMerge
+from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import encode_update
-from workload.config import read_float, read_str
-
-
-def read_uplink(run_config: Mapping[str, Any]) -> str:
-    """Run config ``uplink``: "dense" or "sparse"."""
-    uplink = read_str(run_config, wire.UPLINK, wire.DENSE)
-    if uplink not in wire.UPLINKS:
-        raise ValueError(f"run-config key 'uplink' must be one of {wire.UPLINKS}; got {uplink!r}")
-    return uplink
-
-
-def pruning_method(run_config: Mapping[str, Any]) -> RobustMerge:
-    """The server's RobustMerge steps 1-2 as the run config sets them (merge-method robustmerge).
-
-    ``merge-mode`` decides the scale floor: on in "paper-exact", off in "paper-equation".
-    """
-    method = read_str(run_config, "merge-method", "robustmerge")
-    if method != "robustmerge":
-        raise ValueError(
-            f"run-config uplink 'sparse' needs merge-method 'robustmerge'; got {method!r}"
-        )
-    mode = read_str(run_config, "merge-mode", "paper-exact")
-    if mode not in MODES:
-        raise ValueError(f"run-config key 'merge-mode' must be one of {MODES}; got {mode!r}")
-    return RobustMerge(
-        keep_ratio=read_float(run_config, "keep-ratio", 0.2, low=0.0, high=1.0, low_open=True),
-        scale_quantile=read_float(
-            run_config, "scale-quantile", 0.2, low=0.0, high=1.0, high_open=True
-        ),
-        mode=mode,
-    )
+from strategies.sparse_uplink import instructed_method
+from workload.config import Reader
 
 
 def sparse_update(
@@ -76,12 +49,14 @@ def sparse_update(
 def reply_records(
     trained: Mapping[str, torch.Tensor],
     global_state: Mapping[str, torch.Tensor],
-    run_config: Mapping[str, Any],
+    instruction: Mapping[str, Any],
 ) -> dict[str, ArrayRecord | ConfigRecord]:
-    """The reply's array record (and, for the sparse uplink, its marker), metrics aside."""
-    if read_uplink(run_config) == wire.DENSE:
+    """The reply's array record (and, for the sparse uplink, its marker), metrics aside, as the
+    train instruction's config ``instruction`` asks."""
+    uplink = Reader(instruction, "train config").choice(wire.UPLINK, default=wire.DENSE)
+    if uplink == wire.DENSE:
         return {wire.ARRAYS: ArrayRecord({key: trained[key] for key in global_state})}
-    update = sparse_update(trained, global_state, pruning_method(run_config))
+    update = sparse_update(trained, global_state, instructed_method(instruction))
     return {
         wire.ARRAYS: ArrayRecord(update),
         wire.CONFIG: ConfigRecord({wire.UPLINK: wire.SPARSE}),

@@ -115,7 +115,9 @@ from strategies import wire
 from strategies.fed_robustmerge import seeded_sample
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
+from strategies.merging.robustmerge import RobustMerge
 from strategies.secagg_layout import CLIPPED_KEY, TRAIN_LOSS_KEY, TermLayout
+from strategies.sparse_uplink import merge_settings
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 MODULUS_RANGE = 2**32  # Flower's default; its docs ask for at most 2**32
@@ -406,9 +408,14 @@ class SecureRobustMerge(Strategy):
         config: dict[str, Scalar] = {
             wire.SERVER_ROUND: round_number,
             wire.ADAPTER_KEYS: wire.KEY_SEPARATOR.join(self.keys),
-            wire.KEEP_RATIO: self.keep_ratio,
-            wire.SCALE_QUANTILE: self.scale_quantile,
-            wire.FUSE_WEIGHT: self.fuse_weight,
+            **merge_settings(
+                RobustMerge(
+                    keep_ratio=self.keep_ratio,
+                    scale_quantile=self.scale_quantile,
+                    fuse_weight=self.fuse_weight,
+                    mode="paper-exact",
+                )
+            ),
             wire.SECAGG_CLIPPING_RANGE: self.clipping_range,
         }
         self._entry = {

@@ -46,6 +46,7 @@ from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_ke
 from strategies.sparse_uplink import (
     SparseReply,
     check_sparse_train_reply,
+    merge_settings,
     merge_sparse_replies,
 )
 
@@ -315,7 +316,11 @@ class FedRobustMerge(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Snapshot the global adapter and send it to the sampled nodes."""
+        """Snapshot the global adapter and send it to the sampled nodes.
+
+        The config carries what a client needs from the server (``strategies.wire``): the round,
+        the uplink, and for the sparse uplink the merge settings to prune with.
+        """
         self.current_global = {
             key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()
         }
@@ -324,6 +329,9 @@ class FedRobustMerge(FedAvg):
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         config[wire.SERVER_ROUND] = server_round
+        config[wire.UPLINK] = self.uplink
+        if self.sparse_method is not None:
+            config.update(merge_settings(self.sparse_method))
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 

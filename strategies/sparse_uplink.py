@@ -34,7 +34,7 @@ from strategies.merging import MergeInputError, MergeReport, MergeResult
 from strategies.merging.decomposed import merge_pruned, scale_key
 from strategies.merging.lora_keys import is_lora_key, parse_layout
 from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
-from strategies.merging.robustmerge import RobustMerge
+from strategies.merging.robustmerge import MODES, RobustMerge
 from strategies.reply_checks import AcceptedReply, ReplyRejectedError, reply_payload
 from strategies.sparse_codec import (
     ENCODING_SUFFIXES,
@@ -45,6 +45,47 @@ from strategies.sparse_codec import (
     decode_tensor,
     is_wire_key,
 )
+from workload.config import ConfigError, Reader
+
+
+def merge_settings(method: RobustMerge) -> dict[str, float | str]:
+    """The train-instruction config entries a client needs to prune (sparse uplink) or build its
+    terms (SecAgg+) exactly as the server merges: ``wire.SPARSE_SETTINGS``.
+
+    A federated run has one shared fuse weight (run config ``fuse-weight``); per-adapter weights
+    belong to offline merges and have no meaning for clients that join and leave.
+    """
+    if not isinstance(method.fuse_weight, float):
+        raise ValueError(f"a federated round needs one fuse weight, got {method.fuse_weight!r}")
+    return {
+        wire.KEEP_RATIO: method.keep_ratio,
+        wire.SCALE_QUANTILE: method.scale_quantile,
+        wire.MERGE_MODE: method.mode,
+        wire.FUSE_WEIGHT: method.fuse_weight,
+    }
+
+
+def instructed_method(config: Mapping[str, Any]) -> RobustMerge:
+    """The RobustMerge an instruction's config carries (``merge_settings``), validated.
+
+    The server always sends these with a sparse or SecAgg+ train instruction, so their absence
+    means a server that does not speak this protocol: refuse rather than guess defaults that
+    might differ from the server's merge.
+    """
+    missing = [key for key in wire.SPARSE_SETTINGS if key not in config]
+    if missing:
+        raise ConfigError(
+            f"the train instruction's config lacks {missing}, the merge settings a client needs "
+            "to prune or build its terms as the server merges; is the server older than this "
+            "client?"
+        )
+    reader = Reader(config, "train config")
+    return RobustMerge(
+        keep_ratio=reader.number(wire.KEEP_RATIO),
+        scale_quantile=reader.number(wire.SCALE_QUANTILE),
+        fuse_weight=reader.number(wire.FUSE_WEIGHT),
+        mode=reader.choice(wire.MERGE_MODE, MODES),
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +153,7 @@ def check_sparse_train_reply(
         raise ReplyRejectedError(
             f"this run's uplink is sparse but the reply is not marked "
             f"{wire.UPLINK!r} = 'sparse' in its ConfigRecord {configrecord_key!r} (got "
-            f"{config.get(wire.UPLINK)!r}); clients must read the same run config as the server"
+            f"{config.get(wire.UPLINK)!r}); the server's train instruction asked for it"
         )
     try:
         encodings = check_wire_keys(arrays.keys(), shapes)

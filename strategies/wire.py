@@ -13,8 +13,9 @@ Direction              Content
 train instruction      ``ARRAYS`` ("arrays"): ArrayRecord of the global LoRA tensors (keys as
 (server -> client)     ``workload.model.get_lora_state``).
                        ``CONFIG`` ("config"): ConfigRecord with ``SERVER_ROUND`` ("server-round",
-                       int, always), ``LEARNING_RATE`` ("learning-rate", optional), and with
-                       ``UPLINK`` ("uplink") = ``"sparse"`` the pruning settings
+                       int) and ``UPLINK`` ("uplink", "dense" or "sparse") always,
+                       ``LEARNING_RATE`` ("learning-rate") optionally; with a sparse
+                       ``UPLINK`` the server's merge settings
                        ``KEEP_RATIO``, ``SCALE_QUANTILE``, ``MERGE_MODE``, ``FUSE_WEIGHT``
                        (``SPARSE_SETTINGS``); with ``dp = "client-clipping"`` Flower's clipping
                        norm.
@@ -28,12 +29,15 @@ evaluate reply         ``METRICS``: {``NUM_EXAMPLES``, ``EVAL_LOSS``, and ``EVAL
                        (classification) or ``EVAL_PERPLEXITY`` (causal-lm)}.
 SecAgg+ instruction    Flower's legacy FitIns: the global adapter as ndarrays in the order of
 (server -> client)     ``ADAPTER_KEYS`` ("adapter-keys", names joined by ``KEY_SEPARATOR``), plus
-                       ``SERVER_ROUND``, ``KEEP_RATIO``, ``SCALE_QUANTILE``, ``FUSE_WEIGHT``,
-                       ``SECAGG_CLIPPING_RANGE``.
+                       ``SERVER_ROUND``, ``SPARSE_SETTINGS`` and ``SECAGG_CLIPPING_RANGE``.
 SecAgg+ reply          one masked float64 vector laid out by
 (client -> server)     ``strategies.secagg_layout.TermLayout``
                        (``num_examples`` = 1, no metrics).
 =====================  =============================================================================
+
+A client needs nothing from the server beyond these: it never reads a merge setting from its
+own run config (``strategies.sparse_uplink.merge_settings`` writes them, ``instructed_method``
+reads them back and refuses an instruction that lacks any).
 
 Nothing else leaves a client: no texts, labels, label names, base weights or file paths.
 """

@@ -244,7 +244,7 @@ def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     ``{partition-id}`` filled in from node-config ``partition-id``; ``""`` when neither."""
     key = "data-path"
     if key in node_config:
-        return read_str(node_config, key, "", source="node-config")
+        return read_str(node_config, key, "", source="node config")
     pattern = read_str(run_config, key, "")
     if "{partition-id}" in pattern:
         if "partition-id" not in node_config:
@@ -252,7 +252,7 @@ def site_data_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
                 f"run-config key {key!r} = {pattern!r} needs node-config 'partition-id' "
                 "(set by the simulation); a real site sets node-config 'data-path' instead"
             )
-        partition = read_int(node_config, "partition-id", 0, minimum=0, source="node-config")
+        partition = read_int(node_config, "partition-id", 0, minimum=0, source="node config")
         pattern = pattern.replace("{partition-id}", str(partition))
     return pattern
 
@@ -267,7 +267,7 @@ def site_examples(
             "task 'causal-lm' needs data: set node-config 'data-path' (a site's JSONL file) or "
             "run-config 'data-path' (in simulation, e.g. '/data/site-{partition-id}.jsonl')"
         )
-    eval_path = read_str(node_config, "eval-data-path", "", source="node-config")
+    eval_path = read_str(node_config, "eval-data-path", "", source="node config")
     if eval_path:
         return load_examples(path if split == "train" else eval_path)
     examples = [e for e in load_examples(path) if is_holdout(e) == (split == "eval")]

@@ -36,7 +36,7 @@ BAD_VALUES = [
     ("keep-ratio", 1.5, "(0, 1]"),
     ("scale-quantile", 1.0, "[0, 1)"),
     ("fuse-weight", "two", "number"),
-    ("fuse-weight", float("nan"), "must be in"),
+    ("fuse-weight", float("nan"), "a finite number in (-inf, inf)"),
     ("server-lr", 0.0, "(0, inf)"),
     ("merge-method", "fedprox", "one of"),
     ("merge-mode", "exact", "one of"),

@@ -3,6 +3,7 @@ merges, and the new global is the dense path's; hostile sparse replies are rejec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -10,25 +11,40 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from client.uplink import pruning_method, reply_records, sparse_update
+from client.uplink import reply_records, sparse_update
 from strategies import FedRobustMerge
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
 from strategies.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX, VALUES_SUFFIX, encode_update
-from strategies.sparse_uplink import check_sparse_train_reply
-from strategies.wire import ARRAYS, CONFIG, SPARSE, UPLINK
+from strategies.sparse_uplink import check_sparse_train_reply, instructed_method, merge_settings
+from strategies.wire import (
+    ARRAYS,
+    CONFIG,
+    DENSE,
+    FUSE_WEIGHT,
+    KEEP_RATIO,
+    MERGE_MODE,
+    SCALE_QUANTILE,
+    SERVER_ROUND,
+    SPARSE,
+    SPARSE_SETTINGS,
+    UPLINK,
+)
 from tests.strategies.test_fed_robustmerge import (
     A0,
     A1,
     B0,
+    FakeGrid,
     as_tensors,
     make_global,
     reply,
     start_round,
     trained,
 )
+from workload.config import ConfigError
 
-RUN_CONFIG = {"uplink": "sparse", "keep-ratio": 0.2, "scale-quantile": 0.2}
+# What the server sends with a sparse train instruction at the default settings.
+INSTRUCTION = {UPLINK: SPARSE, **merge_settings(RobustMerge())}
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -43,7 +59,7 @@ def sparse_reply(node: int, wire: dict[str, torch.Tensor], num_examples: object 
 def client_wire(
     base: dict[str, torch.Tensor], client: dict[str, torch.Tensor], **run_config: object
 ) -> dict[str, torch.Tensor]:
-    return sparse_update(client, base, pruning_method({**RUN_CONFIG, **run_config}))
+    return sparse_update(client, base, instructed_method({**INSTRUCTION, **run_config}))
 
 
 def assert_globals_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -271,13 +287,53 @@ def test_client_reply_records() -> None:
     dense = reply_records(client, base, {})
     assert set(dense) == {ARRAYS}
     assert list(dense[ARRAYS].keys()) == list(base)
-    records = reply_records(client, base, {**RUN_CONFIG, "merge-mode": "paper-exact"})
+    assert set(reply_records(client, base, {UPLINK: DENSE})) == {ARRAYS}
+    records = reply_records(client, base, INSTRUCTION)
     assert set(records) == {ARRAYS, CONFIG}
     assert dict(records[CONFIG]) == {UPLINK: SPARSE}
     keys = list(records[ARRAYS].keys())
     assert all("::" in key for key in keys)
     assert all(np.asarray(records[ARRAYS][k].numpy()).ndim == 1 for k in keys)
-    with pytest.raises(ValueError, match="merge-method 'robustmerge'"):
-        reply_records(client, base, {**RUN_CONFIG, "merge-method": "ties"})
-    with pytest.raises(ValueError, match="'uplink' must be one of"):
-        reply_records(client, base, {"uplink": "zip"})
+    with pytest.raises(ConfigError, match=r"train config key 'uplink' must be one of"):
+        reply_records(client, base, {UPLINK: "zip"})
+
+
+@pytest.mark.parametrize("missing", SPARSE_SETTINGS)
+def test_client_refuses_a_sparse_instruction_without_the_merge_settings(missing: str) -> None:
+    base = make_global()
+    instruction = {key: value for key, value in INSTRUCTION.items() if key != missing}
+    with pytest.raises(ConfigError, match=re.escape(f"lacks [{missing!r}]")):
+        reply_records(trained(base, 4), base, instruction)
+
+
+def test_the_server_sends_its_merge_settings_with_a_sparse_instruction() -> None:
+    """The client prunes with the server's settings, not its own run config's."""
+    settings = {"keep_ratio": 0.35, "scale_quantile": 0.5, "fuse_weight": 1.5}
+    base = make_global()
+    for uplink, expected in (
+        (DENSE, {UPLINK: DENSE}),
+        (
+            SPARSE,
+            {
+                UPLINK: SPARSE,
+                KEEP_RATIO: 0.35,
+                SCALE_QUANTILE: 0.5,
+                MERGE_MODE: "paper-exact",
+                FUSE_WEIGHT: 1.5,
+            },
+        ),
+    ):
+        strategy = FedRobustMerge(device="cpu", uplink=uplink, **settings)  # type: ignore[arg-type]
+        messages = list(
+            strategy.configure_train(
+                3,
+                ArrayRecord(dict(base)),
+                ConfigRecord(),
+                FakeGrid([1, 2]),  # type: ignore[arg-type]
+            )
+        )
+        assert len(messages) == 2
+        for message in messages:
+            assert dict(message.content.config_records[CONFIG]) == {SERVER_ROUND: 3, **expected}
+    method = instructed_method({UPLINK: SPARSE, **merge_settings(RobustMerge(**settings))})  # type: ignore[arg-type]
+    assert (method.keep_ratio, method.scale_quantile, method.fuse_weight) == (0.35, 0.5, 1.5)

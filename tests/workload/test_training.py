@@ -66,7 +66,7 @@ def test_settings_from_the_project_run_config() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("learning-rate", 0.0, r"'learning-rate' must be a finite number in \(0, inf\]; got 0.0"),
+        ("learning-rate", 0.0, r"'learning-rate' must be a finite number in \(0, inf\); got 0.0"),
         ("learning-rate", math.inf, r"'learning-rate'"),
         ("learning-rate", "1e-3", r"'learning-rate' .* got '1e-3' \(str\)"),
         ("local-epochs", 0, r"'local-epochs' must be an integer >= 1"),

@@ -59,7 +59,7 @@ class LocalRound:
         """Node-config ``partition-id`` (set by the simulation), ``None`` on a real site."""
         if "partition-id" not in self.node_config:
             return None
-        return read_int(self.node_config, "partition-id", 0, minimum=0, source="node-config")
+        return read_int(self.node_config, "partition-id", 0, minimum=0, source="node config")
 
     def seed(self) -> int:
         """Run-config ``seed`` + partition id + server round: a new draw for every node and

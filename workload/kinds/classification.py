@@ -88,8 +88,8 @@ def local_data(
     """The node's training or evaluation examples (see the module docstring)."""
     node = run.node_config
     if "data-path" in node:
-        data_path = read_str(node, "data-path", "", source="node-config")
-        eval_path = read_str(node, "eval-data-path", "", source="node-config")
+        data_path = read_str(node, "data-path", "", source="node config")
+        eval_path = read_str(node, "eval-data-path", "", source="node config")
         if eval_path:
             data = load_data_file(data_path if split == "train" else eval_path)
         else:
