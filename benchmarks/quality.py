@@ -332,12 +332,21 @@ def run_federated(
     split: str,
     tasks: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    client_tasks: Sequence[str] | None = None,
+    strategy_options: Mapping[str, Any] | None = None,
+    data_hook: Callable[[int, TaskData], TaskData] | None = None,
+    reply_hook: Callable[[int, Adapter, Adapter], Adapter] | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
 
     Each round: configure_train snapshots the global; every client loads it, trains one local
     epoch on a fresh subset of its task, and replies; aggregate_train merges the deltas
     (merge-target "delta", the app's default) and applies the server step.
+
+    ``client_tasks`` gives node i + 1 its task (default: one node per seen task; a task named
+    twice gets a different data draw per node). ``strategy_options`` go to FedRobustMerge (e.g.
+    ``robust``). The attack benchmark's hooks: ``data_hook(node, data)`` changes a node's
+    training data, ``reply_hook(node, global, trained)`` the adapter it replies with.
     """
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -345,7 +354,8 @@ def run_federated(
 
     _set_task_identity()
     config = work.config
-    nodes = list(range(1, len(config.seen) + 1))
+    node_tasks = list(client_tasks) if client_tasks is not None else list(config.seen)
+    nodes = list(range(1, len(node_tasks) + 1))
     strategy = FedRobustMerge(
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -358,6 +368,7 @@ def run_federated(
         device="cpu",
         diagnostics_modules=0,
         seed=seed,
+        **(strategy_options or {}),
     )
     global_adapter = initial_adapter(work.lora, seed=seed)
     history = []
@@ -374,8 +385,11 @@ def run_federated(
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            name = config.seen[node - 1]
-            data = train_data(name, config, seed, server_round)
+            name = node_tasks[node - 1]
+            copy = node_tasks[: node - 1].count(name)
+            data = train_data(name, config, seed, server_round + 100 * copy)
+            if data_hook is not None:
+                data = data_hook(node, data)
             start = dict(message.content.array_records["arrays"].to_torch_state_dict())
             set_lora_state(work.model, start)
             result = train_lora(
@@ -384,9 +398,10 @@ def run_federated(
                 replace(work.train, local_epochs=1),
                 seed=seed * 100 + server_round,
             )
-            replies.append(
-                _reply(node, get_lora_state(work.model), result.num_examples, result.mean_loss)
-            )
+            trained = get_lora_state(work.model)
+            if reply_hook is not None:
+                trained = reply_hook(node, start, trained)
+            replies.append(_reply(node, trained, result.num_examples, result.mean_loss))
         record, _ = strategy.aggregate_train(server_round, replies)
         if record is not None:
             global_adapter = {

@@ -15,7 +15,6 @@ checkpoint that fails to load or to match it is reported and the previous one is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -27,12 +26,15 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
+from strategies.adapter_io.digest import tensors_checksum
 from strategies.adapter_io.errors import AdapterFileError
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.adapter_io.writing import write_adapter_dir
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
+
+__all__ = ["STATE_FILE", "Checkpoint", "CheckpointStore", "tensors_checksum"]
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,6 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: Path
-
-
-def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes, in key order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class CheckpointStore:

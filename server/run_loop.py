@@ -22,15 +22,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from server.audit_log import AuditLog, reply_digests, train_round_fields
 from server.checkpoints import CheckpointStore
 from server.communication import bytes_by_node, round_communication
 from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
 from server.privacy import core_strategy, restore_privacy_ledger
+from strategies.audit import AUDIT_FILE
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.reply_checks import state_dict_to_record
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
-RUN_FILES = ("checkpoints", "final", METRICS_FILE, PLOT_FILE)
+RUN_FILES = ("checkpoints", "final", METRICS_FILE, PLOT_FILE, AUDIT_FILE)
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,12 @@ def run_federation(
     elif evaluate is not None:
         history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
         log_server_eval(0, history[-1]["server-eval"])
+    audit = open_audit(settings.run_dir, summary, start, global_tensors)
     for server_round in range(start + 1, settings.num_rounds + 1):
         started = time.perf_counter()
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
         entry, merged, traffic = _train_round(
-            grid, strategy, server_round, global_tensors, settings.round_timeout
+            grid, strategy, server_round, global_tensors, settings.round_timeout, audit
         )
         if merged is not None:
             global_tensors = merged
@@ -120,8 +123,16 @@ def run_federation(
             global_tensors,
             strategy_settings(core_strategy(strategy)),
         )
-    finish_run(store, files, history, global_tensors)
+    finish_run(store, files, history, global_tensors, audit)
     return global_tensors
+
+
+def open_audit(
+    run_dir: Path, summary: Mapping[str, Any], start: int, tensors: Mapping[str, torch.Tensor]
+) -> AuditLog:
+    """The run's audit log: a fresh one (``start`` 0) or the folder's, continued by a resume
+    record (see ``server.audit_log``)."""
+    return AuditLog.open(run_dir, summary.get("run-config", {}), start, tensors)
 
 
 @dataclass(frozen=True)
@@ -182,10 +193,12 @@ def finish_run(
     files: RunFiles,
     history: Sequence[dict[str, Any]],
     tensors: Mapping[str, torch.Tensor],
+    audit: AuditLog,
 ) -> Path:
-    """The run's last metrics.json and plot, and the final adapter folder."""
+    """The run's last metrics.json and plot, the final adapter folder, the run-end record."""
     files.write(history)
     final = store.save_final(tensors, {"run": dict(files.summary), "rounds": len(history)})
+    audit.end()
     log(INFO, "Final adapter: %s", final)
     return final
 
@@ -218,9 +231,10 @@ def _train_round(
     server_round: int,
     global_tensors: Mapping[str, torch.Tensor],
     timeout: float,
+    audit: AuditLog,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, Traffic]:
     """One training round: its history entry, the new global (None: unchanged), bytes down/up
-    per node."""
+    per node; its audit record is written before the loop checkpoints the round."""
     messages = list(
         strategy.configure_train(
             server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
@@ -229,8 +243,10 @@ def _train_round(
     replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
     # Counted before aggregation: a DP wrapper replaces reply contents with clipped copies.
     traffic = (bytes_by_node(messages, outgoing=True), bytes_by_node(replies, outgoing=False))
+    digests = reply_digests(replies)
     arrays, metrics = strategy.aggregate_train(server_round, replies)
-    report = core_strategy(strategy).last_round
+    core = core_strategy(strategy)
+    report = core.last_round
     entry: dict[str, Any] = {
         "server-round": server_round,
         "clients-sampled": len(messages),
@@ -248,9 +264,17 @@ def _train_round(
         len(report.rejected) if report else 0,
         " (skipped: global unchanged)" if arrays is None else "",
     )
-    if arrays is None:
-        return entry, None, traffic
-    merged = {key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()}
+    merged = (
+        None
+        if arrays is None
+        else {key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()}
+    )
+    sampled = [message.metadata.dst_node_id for message in messages]
+    audit.round(
+        server_round,
+        global_tensors if merged is None else merged,
+        train_round_fields(sampled, digests, report, core.prescreen, skipped=merged is None),
+    )
     return entry, merged, traffic
 
 

@@ -101,6 +101,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from server.audit_log import AuditLog, secure_round_fields
 from server.checkpoints import CheckpointStore
 from server.communication import round_communication
 from server.config import ConfigError, ServerSettings
@@ -108,6 +109,7 @@ from server.run_loop import (
     RunFiles,
     finish_run,
     log_server_eval,
+    open_audit,
     resume_or_archive,
     save_round,
 )
@@ -283,6 +285,7 @@ class RunRecord:
 
     store: CheckpointStore
     files: RunFiles
+    audit: AuditLog
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluate: Evaluate | None = None
 
@@ -567,6 +570,15 @@ class SecureRobustMerge(Strategy):
             history=record.history,
         )
         record.history.append(entry)
+        record.audit.round(
+            round_number,
+            self.global_tensors,
+            secure_round_fields(
+                self._sampled_nodes,
+                self._summed_nodes,
+                skipped=entry.get("merge", {}).get("secure-aggregation") != "completed",
+            ),
+        )
         save_round(
             record.store,
             record.files,
@@ -637,6 +649,9 @@ def run_secure_federation(
     record = RunRecord(
         store=store,
         files=RunFiles(settings.output_dir, summary, tuple(seen_tasks), tuple(unseen_tasks)),
+        audit=open_audit(
+            settings.output_dir, summary, start, resumed if resumed is not None else initial
+        ),
         history=history,
         evaluate=evaluate,
     )
@@ -670,5 +685,5 @@ def run_secure_federation(
             strategy=strategy,
         )
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-    finish_run(store, record.files, record.history, strategy.global_tensors)
+    finish_run(store, record.files, record.history, strategy.global_tensors, record.audit)
     return strategy.global_tensors

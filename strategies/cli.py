@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -38,6 +37,7 @@ from strategies.adapter_io.errors import AdapterFileError
 from strategies.adapter_io.layout import AdapterFolder
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.adapter_io.writing import check_target, write_adapter_dir
+from strategies.audit import AUDIT_FILE, AuditError, package_version, verify_run
 from strategies.merging import (
     MergeInputError,
     MergeReport,
@@ -107,12 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subcommand, ``merge``."""
+    """The argument parser: subcommands ``merge`` and ``audit verify``."""
     parser = _Parser(
         prog=PROG,
         description="Merge PEFT LoRA adapters (RobustMerge and baselines).",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     merge = commands.add_parser(
         "merge",
@@ -166,7 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out if it is an adapter folder"
     )
     merge.set_defaults(run=run_merge)
+    audit = commands.add_parser(
+        "audit",
+        help="check a run folder's audit log",
+        description=f"Check a federated run's tamper-evident audit log ({AUDIT_FILE}).",
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="verify the hash chain and that it agrees with the checkpoints",
+        description=(
+            f"Verify RUN_DIR/{AUDIT_FILE}: every record's hash and its link to the one before, "
+            "the rounds and global adapter digests in order, and each kept checkpoint and "
+            "final/ against the log. Exit 0 with a summary, or 2 naming the first bad record."
+        ),
+    )
+    verify.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output folder")
+    verify.set_defaults(run=run_audit_verify)
     return parser
+
+
+def run_audit_verify(args: argparse.Namespace) -> int:
+    """The ``audit verify`` subcommand: the summary on stdout, or the first fault as an error."""
+    try:
+        summary = verify_run(args.run_dir)
+    except AuditError as error:
+        raise CliError(f"audit log does not verify: {error}") from None
+    for line in summary.lines():
+        print(line)
+    return EXIT_OK
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -381,7 +409,7 @@ def _report(
     """What went into the merge and what came out, for ``merge_report.json``."""
     described = {key: _plain(value) for key, value in merge.method.items() if key != "method"}
     return {
-        "robustmerge_fl_version": _version(),
+        "robustmerge_fl_version": package_version(),
         "created_unix": time.time(),
         "method": method,
         "hyperparameters": described,
@@ -420,13 +448,6 @@ def _method_label(described: dict[str, object]) -> str:
     name = str(described.get("method", "?"))
     mode = described.get("mode")
     return f"{name} ({mode})" if mode else name
-
-
-def _version() -> str:
-    try:
-        return metadata.version("robustmerge-fl")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _Progress:

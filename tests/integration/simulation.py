@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +44,15 @@ def run_simulation(
         check=False,
     )
     return completed.returncode, completed.stdout + completed.stderr
+
+
+def audit_verify(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``robustmerge-fl audit verify run_dir``, run from this checkout, as CI runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "strategies.cli", "audit", "verify", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

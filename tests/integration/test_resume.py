@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from strategies.adapter_io.reading import read_adapter_dir
-from tests.integration.simulation import ROOT, simulation_env
+from tests.integration.simulation import ROOT, audit_verify, simulation_env
 
 OVERRIDES = (
     "num-server-rounds=3 train-examples=32 max-length=32 server-eval=false "
@@ -128,3 +128,15 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted_run(tmp_path: Path)
     assert reference.keys() == resumed.keys()
     for key, value in reference.items():
         assert torch.equal(value, resumed[key]), key
+
+    # The audit chain runs on through the crash and the resume, and agrees with the checkpoints.
+    for out in (reference_out, crashed_out):
+        verified = audit_verify(out)
+        assert verified.returncode == 0, verified.stderr
+    assert "1 resumes" in audit_verify(crashed_out).stdout
+    assert last_global(reference_out) == last_global(crashed_out)
+
+
+def last_global(run_dir: Path) -> list[str]:
+    """The verifier summary's 'last global' line (the final adapter's digest)."""
+    return [line for line in audit_verify(run_dir).stdout.splitlines() if "last global" in line]

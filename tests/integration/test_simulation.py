@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.simulation import run_simulation
+from tests.integration.simulation import audit_verify, run_simulation
 
 
 @pytest.mark.integration
@@ -36,6 +36,9 @@ def test_two_client_simulation_writes_loadable_adapter_and_metrics(tmp_path: Pat
         assert "mcid-accuracy" in entry["server-eval"]
     assert (out / "accuracy.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    verified = audit_verify(out)
+    assert verified.returncode == 0, verified.stderr
+    assert "4 records, 2 rounds" in verified.stdout and "4 accepted, 0 rejected" in verified.stdout
 
     from peft import PeftModel
     from transformers import AutoModel

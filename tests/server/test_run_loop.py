@@ -19,7 +19,9 @@ from server.checkpoints import CheckpointStore
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge, merge_lora
 from strategies.adapter_io.config import adapter_config_for
+from strategies.adapter_io.digest import tensors_checksum
 from strategies.adapter_io.reading import read_adapter_dir
+from strategies.audit import AUDIT_FILE, verify_run
 from strategies.reply_checks import state_dict_to_record
 from tests.messages import addressed
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
@@ -110,7 +112,12 @@ class ThreadGrid:
 
 
 def run(
-    tmp_path: Path, grid: ThreadGrid, rounds: int, run_config: dict[str, Any]
+    tmp_path: Path,
+    grid: ThreadGrid,
+    rounds: int,
+    run_config: dict[str, Any],
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     RELEASE_LATE_CLIENTS.clear()
     lora = LoraSettings.from_run_config(run_config)
@@ -125,7 +132,7 @@ def run(
             grid,  # type: ignore[arg-type]
             strategy,
             LoopSettings(
-                num_rounds=rounds, round_timeout=ROUND_TIMEOUT, run_dir=tmp_path, resume=False
+                num_rounds=rounds, round_timeout=ROUND_TIMEOUT, run_dir=tmp_path, resume=resume
             ),
             initial=initial_adapter(lora, seed=0),
             store=store,
@@ -169,6 +176,35 @@ def test_late_and_crashing_clients_are_left_out_and_the_round_merges_the_rest(
     final = read_adapter_dir(tmp_path / "final").tensors
     for key in start:
         torch.testing.assert_close(final[key], start[key] + merged[key], rtol=1e-6, atol=1e-7)
+
+    # The audit log: who replied with what, and what became of it.
+    assert verify_run(tmp_path).rounds == 1
+    record = json.loads((tmp_path / AUDIT_FILE).read_text().splitlines()[1])
+    assert record["sampled"] == [1, 2, 3, 4] and record["timed-out"] == [3]
+    replies = {reply["node"]: reply for reply in record["replies"]}
+    for node, tensors in zip((1, 2), good, strict=True):
+        digest = tensors_checksum({f"arrays/{key}": value for key, value in tensors.items()})
+        assert replies[node]["arrays-sha256"] == digest
+        assert replies[node]["status"] == "accepted"
+        assert replies[node]["update-norm"] > 0
+    assert replies[4]["status"] == "rejected" and "site disk full" in replies[4]["reason"]
+    assert replies[4]["arrays-sha256"] is None
+    assert record["global-before"] == tensors_checksum(start)
+    assert record["global-after"] == tensors_checksum(final)
+
+
+def test_a_resumed_run_continues_the_audit_chain(
+    tmp_path: Path, run_config: dict[str, Any]
+) -> None:
+    run(tmp_path, ThreadGrid({1: train, 2: train}, run_config), 1, run_config)
+    run(tmp_path, ThreadGrid({1: train, 2: train}, run_config), 2, run_config, resume=True)
+    records = [json.loads(line) for line in (tmp_path / AUDIT_FILE).read_text().splitlines()]
+    events = [record["event"] for record in records]
+    assert events == ["run-start", "round", "run-end", "resume", "round", "run-end"]
+    assert records[3]["from-round"] == 1
+    assert records[3]["checkpoint-sha256"] == records[1]["global-after"]
+    summary = verify_run(tmp_path)
+    assert (summary.rounds, summary.resumes, summary.checkpoints) == (2, 1, [1, 2])
 
 
 def test_round_with_no_usable_reply_keeps_the_global_and_the_run_goes_on(

@@ -42,6 +42,7 @@ from server.secure_aggregation import (
 )
 from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
+from strategies.audit import verify_run
 from strategies.merging import merge_lora
 from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
@@ -197,6 +198,8 @@ def run(
         strategy_type=RecordingStrategy,
     )
     metrics = json.loads((settings.output_dir / "metrics.json").read_text())
+    audit = verify_run(settings.output_dir)  # raises AuditError naming a bad record
+    assert audit.rejected == audit.accepted == 0  # SecAgg+: only sums, no per-reply verdicts
     return initial, final, metrics
 
 
