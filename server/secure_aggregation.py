@@ -22,9 +22,10 @@ So sums = T * mean. Weighting by examples would need each n_t (or a second secur
 is refused.
 
 Dropouts: Flower 1.41's SecAgg+ tolerates clients lost from the vector stage on (while
-training, or before unmasking), within the reconstruction threshold. A client lost in the
-setup or share-keys stage halts the round (the unmask stage asks its neighbours for shares
-they never received): the round is recorded as skipped, the global stays, the run goes on.
+training, or before unmasking), within the reconstruction threshold; 1.42 behaves the same (its
+SecAggPlusWorkflow, secaggplus_mod and SecAgg+ protocol code are identical to 1.41's). A client
+lost in the setup or share-keys stage halts the round (the unmask stage asks its neighbours for
+shares they never received): the round is recorded as skipped, the global stays, the run goes on.
 
 Error bound (stated for the defaults c = 8, Q = 2**22, M = 2**32)
 ----------------------------------------------------------------

@@ -76,7 +76,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "deploy-probe"
 version = "0.1.0"
-dependencies = ["flwr>=1.41,<1.42", "numpy"]
+dependencies = ["flwr>=1.42,<1.43", "numpy"]
 
 [tool.flwr.app]
 publisher = "robustmerge-fl"

@@ -62,7 +62,7 @@ OUTPUT_ROOT = "/app/robustmerge-fl"
 
 
 def _flwr_spec() -> SpecifierSet:
-    """The flwr requirement of pyproject.toml, e.g. `>=1.41,<1.42`."""
+    """The flwr requirement of pyproject.toml, e.g. `>=1.42,<1.43`."""
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     spec = next(d for d in deps if re.match(r"flwr(\[|[<>=!~ ]|$)", d))
     return SpecifierSet(re.sub(r"^flwr(\[[^\]]*\])?", "", spec).strip())
