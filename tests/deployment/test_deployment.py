@@ -52,8 +52,10 @@ from tests.deployment.harness import (
 
 pytestmark = pytest.mark.deployment
 
-# The whole module (setup, both runs, teardown excluded) must finish within this budget.
-MODULE_BUDGET_S = 300.0
+# The whole module (setup, its three runs, teardown excluded) must finish within this budget. On
+# the 2-core VM the module takes about 150 s idle and reached 300 s under load (the secure run
+# finishing just as a 300 s budget ran out), so the bound leaves room for a busy machine.
+MODULE_BUDGET_S = 600.0
 CONNECTION = "robustmerge"
 SITES = ("site-1", "site-2")
 ROGUE = "site-rogue"
