@@ -30,7 +30,7 @@ from strategies.merging import (
     parse_layout,
     resolve_device,
 )
-from strategies.merging.diagnostics import direction_score, factorwise_gap
+from strategies.merging.diagnostics import DirectionScore, direction_score, factorwise_gap
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import TARGETS, apply_server_step, global_change_norm, merge_round
 from strategies.reply_checks import (
@@ -638,36 +638,36 @@ class FedRobustMerge(FedAvg):
         count = min(self.diagnostics_modules, len(modules))
         picked = [modules[(i * len(modules)) // count] for i in range(count)]
         base = self.current_global
-        for reply in accepted:
-            scores = [
-                direction_score(
-                    client=(reply.tensor(m.a_key), reply.tensor(m.b_key)),
+        raw = torch.tensor(weights or [1.0] * len(accepted), dtype=torch.float64)
+        p = raw / raw.sum()
+        scores: dict[int, list[DirectionScore]] = {reply.node_id: [] for reply in accepted}
+        gap = exact = 0.0
+        for m in picked:
+            # Each reply's factors of this module, decoded once for both diagnostics.
+            factors = [(reply.tensor(m.a_key), reply.tensor(m.b_key)) for reply in accepted]
+            for reply, client in zip(accepted, factors, strict=True):
+                score = direction_score(
+                    client=client,
                     merged=(new_global[m.a_key], new_global[m.b_key]),
                     reference=(base[m.a_key], base[m.b_key]),
                 )
-                for m in picked
-            ]
-            valid = [s for s in scores if s is not None]
-            if valid:
-                report.direction_scores[reply.node_id] = {
-                    "cosine": sum(s.cosine for s in valid) / len(valid),
-                    "retained": sum(s.retained for s in valid) / len(valid),
-                }
-        raw = torch.tensor(weights or [1.0] * len(accepted), dtype=torch.float64)
-        p = raw / raw.sum()
-        gap = exact = 0.0
-        for m in picked:
+                if score is not None:
+                    scores[reply.node_id].append(score)
             rank = base[m.a_key].shape[0]
-            a_stack = torch.stack([reply.tensor(m.a_key).reshape(rank, -1) for reply in accepted])
-            b_stack = torch.stack([reply.tensor(m.b_key).reshape(-1, rank) for reply in accepted])
             module_gap = factorwise_gap(
                 (base[m.a_key].reshape(rank, -1), base[m.b_key].reshape(-1, rank)),
-                a_stack,
-                b_stack,
+                torch.stack([a.reshape(rank, -1) for a, _ in factors]),
+                torch.stack([b.reshape(-1, rank) for _, b in factors]),
                 p,
             )
             gap += module_gap.gap
             exact += module_gap.exact
+        for node, valid in scores.items():
+            if valid:
+                report.direction_scores[node] = {
+                    "cosine": sum(s.cosine for s in valid) / len(valid),
+                    "retained": sum(s.retained for s in valid) / len(valid),
+                }
         report.factorwise_gap = (gap / exact) ** 0.5 if exact > 0 else 0.0
 
     def _round_metrics(self, report: RoundReport, accepted: list[AcceptedReply]) -> MetricRecord:
