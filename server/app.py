@@ -10,14 +10,18 @@ from typing import Any
 import flwr
 import torch
 from flwr.app import Context
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
-from server.privacy import core_strategy, wrap_with_privacy
+from server.privacy import wrap_with_privacy
+from server.round_modes import MessageRounds, RoundMode
 from server.run_loop import LoopSettings, run_federation
+from server.secure_aggregation import check_secure_aggregation
+from server.secure_rounds import SecureRounds
 from strategies.adapter_io.config import adapter_config_for
 from strategies.fed_robustmerge import FedRobustMerge
 from workload.kinds import get_task_kind
@@ -27,11 +31,13 @@ from workload.model import LoraSettings, initial_adapter, resolve_model_path, re
 app = ServerApp()
 
 
-def build_strategy(settings: ServerSettings, rank: int = 8) -> Strategy:
-    """The strategy the run config describes: FedRobustMerge, inside a DP wrapper if asked
-    (``rank``, the LoRA rank, enters the DP sensitivity bound it logs)."""
+def build_strategy(
+    settings: ServerSettings, rank: int = 8, core: FedRobustMerge | None = None
+) -> Strategy:
+    """The strategy the run config describes: FedRobustMerge (``core``, or a new one), inside a
+    DP wrapper if asked (``rank``, the LoRA rank, enters the DP sensitivity bound it logs)."""
     return wrap_with_privacy(
-        build_merge_strategy(settings),
+        core if core is not None else build_merge_strategy(settings),
         settings.dp,
         clipping_norm=settings.dp_clipping_norm,
         noise_multiplier=settings.dp_noise_multiplier,
@@ -78,12 +84,31 @@ def server_workload(settings: ServerSettings) -> ServerWorkload:
     )
 
 
-def run_summary(context: Context, settings: ServerSettings, strategy: Strategy) -> dict[str, Any]:
+def build_round_mode(
+    settings: ServerSettings,
+    context: Context,
+    initial: dict[str, torch.Tensor],
+    rank: int = 8,
+    secure_workflow: SecAggPlusWorkflow | None = None,
+) -> RoundMode:
+    """How the rounds run: SecAgg+ with ``secure_workflow`` (what ``check_secure_aggregation``
+    built from the run config), else the Message API with FedRobustMerge, inside a DP wrapper
+    if asked. One core either way."""
+    core = build_merge_strategy(settings)
+    if secure_workflow is not None:
+        core.summary()
+        return SecureRounds(core, secure_workflow, context, settings, initial)
+    strategy = build_strategy(settings, rank, core)
+    strategy.summary()
+    return MessageRounds(strategy, settings.uplink)
+
+
+def run_summary(context: Context, settings: ServerSettings, core: FedRobustMerge) -> dict[str, Any]:
     """What metrics.json says about the run: config, versions, machine."""
     return {
         "run-config": dict(context.run_config),
         "output-dir": str(settings.output_dir),
-        "merge-device": core_strategy(strategy).device,
+        "merge-device": core.device,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
         "machine": {
@@ -98,10 +123,8 @@ def run_summary(context: Context, settings: ServerSettings, strategy: Strategy) 
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the initial adapter from the model config, run the rounds."""
     settings = ServerSettings.from_run_config(context.run_config)
-    if settings.secure_aggregation:
-        from server.secure_aggregation import check_secure_aggregation
-
-        check_secure_aggregation(settings)  # refuses what SecAgg+ cannot honour, before any load
+    # Refuses what SecAgg+ cannot honour, before anything is loaded.
+    secure_workflow = check_secure_aggregation(settings)
     lora = LoraSettings.from_run_config(context.run_config)
     kind = get_task_kind(settings.task)
     workload = server_workload(settings)
@@ -109,9 +132,8 @@ def main(grid: Grid, context: Context) -> None:
         kind.check_server_workload(workload, context.run_config)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    strategy = build_strategy(settings, lora.r)
-    if not settings.secure_aggregation:  # the secure path logs its own (SecAgg+) summary
-        strategy.summary()
+    initial = initial_adapter(lora, seed=settings.seed)
+    mode = build_round_mode(settings, context, initial, lora.r, secure_workflow)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Outputs: %s", settings.output_dir)
     store = CheckpointStore(
@@ -127,24 +149,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     evaluate = kind.server_evaluator(lora, context.run_config, workload)
     seen, unseen = kind.plotted_tasks(workload)
-    if settings.secure_aggregation:
-        from server.secure_aggregation import run_secure_federation
-
-        run_secure_federation(
-            grid,
-            context,
-            settings,
-            initial=initial_adapter(lora, seed=settings.seed),
-            store=store,
-            summary=run_summary(context, settings, strategy),
-            evaluate=evaluate,
-            seen_tasks=seen,
-            unseen_tasks=unseen,
-        )
-        return
     run_federation(
         grid,
-        strategy,
+        mode,
         LoopSettings(
             num_rounds=settings.num_server_rounds,
             round_timeout=settings.round_timeout,
@@ -152,10 +159,9 @@ def main(grid: Grid, context: Context) -> None:
             resume=settings.resume,
             seen_tasks=seen,
             unseen_tasks=unseen,
-            uplink=settings.uplink,
         ),
-        initial=initial_adapter(lora, seed=settings.seed),
+        initial=initial,
         store=store,
-        summary=run_summary(context, settings, strategy),
+        summary=run_summary(context, settings, mode.core),
         evaluate=evaluate,
     )

@@ -41,7 +41,7 @@ from strategies.audit import (
     python_version,
     seal,
 )
-from strategies.fed_robustmerge import RoundReport
+from strategies.round_report import RoundReport
 
 Tensors = Mapping[str, torch.Tensor]
 SECURE_NOTE = (

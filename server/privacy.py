@@ -91,9 +91,7 @@ class _ScreenedReplies:
     ledger: PrivacyLedger | None = None
 
     def _screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        core = core_strategy(self.strategy)
-        kept, rejected = core.screen_train_replies(server_round, replies)
-        core.pending_rejections = rejected
+        kept, _ = core_strategy(self.strategy).screen_train_replies(server_round, replies)
         return kept
 
     def _account(

@@ -12,7 +12,6 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -30,7 +29,9 @@ from strategies.merging import (
     parse_layout,
     resolve_device,
 )
+from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.diagnostics import DirectionScore, direction_score, factorwise_gap
+from strategies.merging.errors import MergeInputError
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import TARGETS, apply_server_step, global_change_norm, merge_round
 from strategies.reply_checks import (
@@ -41,8 +42,9 @@ from strategies.reply_checks import (
     check_train_reply,
     state_dict_to_record,
 )
-from strategies.robust import NormBound, RobustSettings, clip_scale, norm_bound
+from strategies.robust import RobustSettings, clip_scale, norm_bound
 from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
+from strategies.round_report import RoundReport, RoundState
 from strategies.sparse_uplink import (
     SparseReply,
     check_sparse_train_reply,
@@ -58,54 +60,6 @@ def seeded_sample(node_ids: Iterable[int], wanted: int, seed: int, server_round:
     resumed run asks the nodes an uninterrupted one would."""
     population = sorted(node_ids)
     return sorted(random.Random(seed * 1_000_003 + server_round).sample(population, wanted))
-
-
-@dataclass
-class RoundReport:
-    """What one training round did, kept for metrics.json and checkpoints."""
-
-    server_round: int
-    accepted_nodes: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    merge_seconds: float = 0.0
-    bytes_received: int = 0
-    merged_update_norm: float = 0.0
-    relative_error: float | None = None
-    update_relative_error: float | None = None
-    factorwise_gap: float | None = None
-    direction_scores: dict[int, dict[str, float]] = field(default_factory=dict)
-    skipped: bool = False
-    update_norms: dict[int, float] = field(default_factory=dict)
-    norm_bound: NormBound | None = None
-    screened: list[int] = field(default_factory=list)
-    clipped: list[int] = field(default_factory=list)
-    krum_dropped: list[int] = field(default_factory=list)
-    clamped_fraction: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready copy (node ids as strings)."""
-        return {
-            "server-round": self.server_round,
-            "accepted-nodes": list(self.accepted_nodes),
-            "rejected": {str(node): reason for node, reason in self.rejected.items()},
-            "merge-seconds": self.merge_seconds,
-            "bytes-received": self.bytes_received,
-            "merged-update-norm": self.merged_update_norm,
-            "relative-error": self.relative_error,
-            "update-relative-error": self.update_relative_error,
-            "factorwise-gap": self.factorwise_gap,
-            "direction-scores": {str(n): s for n, s in self.direction_scores.items()},
-            "skipped": self.skipped,
-            "update-norms": {str(node): norm for node, norm in self.update_norms.items()},
-            "robust": {
-                "norm-reference": self.norm_bound.reference if self.norm_bound else None,
-                "norm-bound": self.norm_bound.bound if self.norm_bound else None,
-                "screened": list(self.screened),
-                "clipped": list(self.clipped),
-                "krum-dropped": list(self.krum_dropped),
-                "clamped-fraction": self.clamped_fraction,
-            },
-        }
 
 
 class FedRobustMerge(FedAvg):
@@ -262,14 +216,46 @@ class FedRobustMerge(FedAvg):
         self.diagnostics_modules = diagnostics_modules
         self.seed = seed
         self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
-        self.current_global: dict[str, torch.Tensor] | None = None
-        self.last_round: RoundReport | None = None
-        # Rejections made by a wrapper's screen_train_replies, reported with the round.
-        self.pending_rejections: dict[int, str] = {}
+        # The training round in progress (or the last one closed); see ``round_report``.
+        self.round: RoundState | None = None
         # The accepted update norms of earlier rounds (the screen's history; checkpointed).
         self.norm_history: deque[float] = deque(maxlen=self.robust.history)
-        # The screen a wrapper's screen_train_replies ran on this round's raw replies.
-        self.prescreen: RoundReport | None = None
+
+    @property
+    def current_global(self) -> dict[str, torch.Tensor] | None:
+        """The global adapter sent in the open round (None before the first round)."""
+        return self.round.global_tensors if self.round is not None else None
+
+    def round_report(self, server_round: int | None = None) -> RoundReport:
+        """The report of a closed round: ``server_round`` (default: the last one opened).
+
+        Raises RuntimeError when that round is not the strategy's last, or is still open.
+        """
+        state = self.round
+        if state is None or (server_round is not None and state.server_round != server_round):
+            raise RuntimeError(f"round {server_round} is not this strategy's last round")
+        if not state.closed:
+            raise RuntimeError(f"round {state.server_round} is still open (not aggregated)")
+        return state.report
+
+    def open_round(self, server_round: int, global_tensors: ArrayRecord) -> None:
+        """Start round ``server_round`` on the global adapter that goes out to the clients."""
+        self.round = RoundState.open(
+            server_round,
+            {
+                key: value.to(torch.float32)
+                for key, value in global_tensors.to_torch_state_dict().items()
+            },
+        )
+
+    def _open(self, server_round: int) -> RoundState:
+        """The open round, which must be ``server_round``."""
+        state = self.round
+        if state is None or state.server_round != server_round or state.closed:
+            raise RuntimeError(
+                f"round {server_round} was not opened by configure_train (or is already closed)"
+            )
+        return state
 
     def summary(self) -> None:
         """Log the configuration, FedAvg's and the merge's."""
@@ -303,15 +289,37 @@ class FedRobustMerge(FedAvg):
             )
 
     def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int) -> list[int]:
-        """Seeded sampling, so a resumed run asks the same nodes as an uninterrupted one."""
-        nodes = sorted(grid.get_node_ids())
+        return self.sample_nodes(grid.get_node_ids, fraction, minimum, server_round)
+
+    def sample_nodes(
+        self,
+        connected: Callable[[], Iterable[int]],
+        fraction: float,
+        minimum: int,
+        server_round: int,
+    ) -> list[int]:
+        """Seeded sampling of the ``connected()`` node ids (waiting until enough are there), so a
+        resumed run asks the same nodes as an uninterrupted one, on every aggregation path."""
+        nodes = sorted(connected())
         wanted = max(int(len(nodes) * fraction), minimum)
         needed = max(self.min_available_nodes, wanted)
         while len(nodes) < needed:
             log(INFO, "Waiting for nodes to connect: %d connected (need %d).", len(nodes), needed)
             time.sleep(1)
-            nodes = sorted(grid.get_node_ids())
+            nodes = sorted(connected())
         return seeded_sample(nodes, wanted, self.seed, server_round)
+
+    def train_instruction(self, server_round: int) -> dict[str, int | float | str]:
+        """What a client needs from the server to train round ``server_round``
+        (``strategies.wire``): the round, the uplink, and the merge settings when the client
+        prunes (sparse uplink) or computes merge terms (secure aggregation)."""
+        instruction: dict[str, int | float | str] = {
+            wire.SERVER_ROUND: server_round,
+            wire.UPLINK: self.uplink,
+        }
+        if self.sparse_method is not None:
+            instruction.update(merge_settings(self.sparse_method))
+        return instruction
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -321,17 +329,12 @@ class FedRobustMerge(FedAvg):
         The config carries what a client needs from the server (``strategies.wire``): the round,
         the uplink, and for the sparse uplink the merge settings to prune with.
         """
-        self.current_global = {
-            key: value.to(torch.float32) for key, value in arrays.to_torch_state_dict().items()
-        }
+        self.open_round(server_round, arrays)
         if self.fraction_train == 0.0:
             return []
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
-        config[wire.SERVER_ROUND] = server_round
-        config[wire.UPLINK] = self.uplink
-        if self.sparse_method is not None:
-            config.update(merge_settings(self.sparse_method))
+        config.update(self.train_instruction(server_round))
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
@@ -378,14 +381,14 @@ class FedRobustMerge(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check each reply, merge the accepted ones, apply the server step."""
-        if self.current_global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        report = RoundReport(server_round=server_round)
-        self.last_round = report
-        report.rejected.update(self.pending_rejections)
-        self.pending_rejections = {}
+        """Check each reply, merge the accepted ones, apply the server step; closes the round
+        (its report: ``round_report``)."""
+        state = self._open(server_round)
+        report = state.report
+        if state.prescreen is not None:
+            report.rejected.update(state.prescreen.rejected)
         accepted = self._accept(list(replies), report)
+        state.closed = True
         if len(accepted) < self.min_merge_replies:
             report.skipped = True
             log(
@@ -396,7 +399,7 @@ class FedRobustMerge(FedAvg):
                 self.min_merge_replies,
             )
             return None, self._round_metrics(report, [])
-        self._remember_norms(report)
+        self._remember_norms(state)
         new_global = self._merge(self._rewrite(accepted, report), report)
         log(
             INFO,
@@ -408,6 +411,70 @@ class FedRobustMerge(FedAvg):
             report.merged_update_norm,
         )
         return state_dict_to_record(new_global), self._round_metrics(report, accepted)
+
+    def aggregate_sums(
+        self,
+        server_round: int,
+        sums: Mapping[str, torch.Tensor],
+        summed_nodes: list[int],
+        extra_metrics: Mapping[str, float] | None = None,
+        bytes_received: int = 0,
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Secure aggregation's ``aggregate_train``: finish RobustMerge paper-exact from the sums
+        over ``summed_nodes`` of their per-client terms (``strategies.merging.decomposed``), then
+        the same server step as every other path; closes the round.
+
+        Only the sums are ever seen, so there is no per-reply check, screen or diagnostic; the
+        clients are weighted equally. Unusable sums skip the round (the global stays).
+        """
+        state = self._open(server_round)
+        report = state.report
+        report.accepted_nodes[:] = list(summed_nodes)
+        report.bytes_received = bytes_received
+        state.closed = True
+        if len(summed_nodes) < max(self.min_merge_replies, 2):
+            return self.skip_secure_round(
+                server_round, f"{len(summed_nodes)} clients summed", extra_metrics
+            )
+        started = time.perf_counter()
+        try:
+            merged = finish_from_sums(sums, len(summed_nodes), form=self.method_form())
+        except MergeInputError as error:
+            return self.skip_secure_round(server_round, f"unusable sums: {error}", extra_metrics)
+        apply_server_step(state.global_tensors, merged, self.server_lr, self.merge_target)
+        report.merge_seconds = time.perf_counter() - started
+        report.merged_update_norm = global_change_norm(state.global_tensors, merged)
+        report.secure_status = "completed"
+        log(
+            INFO,
+            "round %d: merged the secure sum of %d clients, |update| = %.4g",
+            server_round,
+            len(summed_nodes),
+            report.merged_update_norm,
+        )
+        metrics = self._round_metrics(report, [])
+        metrics.update(dict(extra_metrics or {}))
+        return state_dict_to_record(merged), metrics
+
+    def skip_secure_round(
+        self, server_round: int, reason: str, extra_metrics: Mapping[str, float] | None = None
+    ) -> tuple[None, MetricRecord]:
+        """Close secure round ``server_round`` without a merge (the global stays), saying why
+        (e.g. SecAgg+ halted before any sum reached the strategy)."""
+        state = self.round
+        if state is None or state.server_round != server_round:
+            raise RuntimeError(f"round {server_round} was not opened")
+        state.closed = True
+        state.report.skipped = True
+        state.report.secure_status = reason
+        log(WARNING, "round %d: %s: round skipped, global unchanged", server_round, reason)
+        metrics = self._round_metrics(state.report, [])
+        metrics.update(dict(extra_metrics or {}))
+        return None, metrics
+
+    def method_form(self) -> str:
+        """The form the merge method runs in (``strategies.merging.method.FORMS``)."""
+        return str(getattr(self.method, "form", "round"))
 
     def _accept(self, replies: list[Message], report: RoundReport) -> list[AcceptedReply]:
         assert self.current_global is not None
@@ -461,13 +528,13 @@ class FedRobustMerge(FedAvg):
         """
         if not self.robust.screens:
             return accepted
-        prescreen = self.prescreen
-        if prescreen is not None and prescreen.server_round == report.server_round:
+        assert self.round is not None
+        prescreen = self.round.prescreen if report is self.round.report else None
+        if prescreen is not None:
             report.norm_bound = prescreen.norm_bound
             report.screened = list(prescreen.screened)
             report.krum_dropped = list(prescreen.krum_dropped)
         else:
-            prescreen = None
             norms = [report.update_norms[reply.node_id] for reply in accepted]
             report.norm_bound = norm_bound(norms, self.norm_history, self.robust.norm_factor)
         kept: list[AcceptedReply] = []
@@ -539,19 +606,17 @@ class FedRobustMerge(FedAvg):
             accepted = clamped.replies
         return accepted
 
-    def _remember_norms(self, report: RoundReport) -> None:
+    def _remember_norms(self, state: RoundState) -> None:
         """Add the merged replies' update norms (clipped ones at the bound) to the history; after
         a pre-screen, the norms it saw (before a DP wrapper's clipping)."""
         if not self.robust.screens:
             return
-        seen = report.update_norms
-        if self.prescreen is not None and self.prescreen.server_round == report.server_round:
-            seen = self.prescreen.update_norms
+        report = state.report
+        seen = state.prescreen.update_norms if state.prescreen is not None else report.update_norms
         bound = report.norm_bound.bound if report.norm_bound is not None else math.inf
         for node in report.accepted_nodes:
             if node in seen:
                 self.norm_history.append(min(seen[node], bound))
-        self.prescreen = None
 
     def robust_state(self) -> dict[str, Any]:
         """The screen's history, for checkpoints (restored by ``restore_robust_state``)."""
@@ -570,13 +635,12 @@ class FedRobustMerge(FedAvg):
         For wrappers that must touch replies before ``aggregate_train`` (DP clipping): they
         hand on only what would be accepted, and the rejections reach this round's report.
         """
-        if self.current_global is None:
-            raise RuntimeError("screen_train_replies called before configure_train")
+        state = self._open(server_round)
         messages = list(replies)
         scratch = RoundReport(server_round=server_round)
-        self.prescreen = None
+        state.prescreen = None
         self._accept(messages, scratch)
-        self.prescreen = scratch
+        state.prescreen = scratch
         kept_nodes = set(scratch.accepted_nodes)
         return [m for m in messages if m.metadata.src_node_id in kept_nodes], scratch.rejected
 

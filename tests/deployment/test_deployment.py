@@ -365,7 +365,9 @@ def test_secure_aggregation_runs_over_tls(federation: Federation) -> None:
         fed.fail(f"run {run_id} ended as {status}\n{_run_log(fed, run_id)}")
     metrics = json.loads((out / "metrics.json").read_text())
     (entry,) = [r for r in metrics["rounds"] if r.get("server-round") == 1]
-    assert entry["merge"] == {"secure-aggregation": "completed", "clients-summed": 2}, entry
+    assert entry["merge"]["secure-aggregation"] == "completed", entry
+    assert entry["merge"]["clients-summed"] == 2
+    assert sorted(entry["merge"]["accepted-nodes"]) == sorted(fed.node_ids.values())
     assert entry["train"]["secagg-clipped-clients"] == 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
     traffic = entry["communication"]

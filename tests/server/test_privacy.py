@@ -112,7 +112,7 @@ def test_a_malformed_reply_is_rejected_and_the_round_goes_on() -> None:
     replies = [reply(1, clients[0]), reply(2, bad), reply(3, clients[2])]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
-    report = core_strategy(strategy).last_round
+    report = core_strategy(strategy).round_report()
     assert report is not None
     assert set(report.rejected) == {2}
     assert "shape" in report.rejected[2]
@@ -259,7 +259,7 @@ def test_released_adapters_are_accounted_in_the_round_metrics() -> None:
     )
     epsilons = []
     for server_round in (1, 2, 3):
-        start_round(strategy, base, nodes=2)  # type: ignore[arg-type]
+        start_round(strategy, base, nodes=2, server_round=server_round)  # type: ignore[arg-type]
         clients = [trained(base, 10 * server_round + seed) for seed in (1, 2)]
         _, metrics = strategy.aggregate_train(
             server_round, [reply(i + 1, c) for i, c in enumerate(clients)]

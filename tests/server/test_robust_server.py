@@ -19,6 +19,7 @@ from server.app import build_merge_strategy
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
 from server.privacy import wrap_with_privacy
+from server.round_modes import MessageRounds
 from server.run_loop import LoopSettings, run_federation
 from server.secure_aggregation import check_secure_aggregation
 from strategies import FedRobustMerge
@@ -110,7 +111,7 @@ def test_under_server_clipping_the_screen_rejects_before_flowers_clipping() -> N
     assert metrics is not None
     assert metrics["clients-rejected"] == 1 and metrics["robust-screened"] == 1
     core = strategy.strategy
-    assert core.last_round is not None and "robust-norm-factor" in core.last_round.rejected[3]
+    assert "robust-norm-factor" in core.round_report().rejected[3]
     # the merge saw the two good clients, clipped by DP
     want = expected_global(base, [clipped(base, c) for c in clients[:2]])
     for key in base:
@@ -207,7 +208,7 @@ def _federate(run_dir: Path, rounds: int, resume: bool, grid: CannedGrid) -> Fed
     store = CheckpointStore(run_dir, ADAPTER_CONFIG)
     run_federation(
         grid,  # type: ignore[arg-type]
-        strategy,
+        MessageRounds(strategy),
         LoopSettings(num_rounds=rounds, round_timeout=1.0, run_dir=run_dir, resume=resume),
         initial=make_global(),
         store=store,
@@ -226,7 +227,7 @@ def test_resume_restores_the_norm_history_and_the_same_decisions(tmp_path: Path)
     resumed = _federate(tmp_path / "cut", 3, True, CannedGrid(2, scale))
     assert len(resumed.norm_history) == 6  # 4 restored from round 2's checkpoint, 2 new
     assert list(resumed.norm_history) == list(whole.norm_history)
-    assert resumed.last_round is not None and not resumed.last_round.rejected
+    assert not resumed.round_report().rejected
     final = {
         name: CheckpointStore(tmp_path / name, ADAPTER_CONFIG).latest_valid()
         for name in ("whole", "cut")

@@ -16,6 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import train
 from server.checkpoints import CheckpointStore
+from server.round_modes import MessageRounds
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge, merge_lora
 from strategies.adapter_io.config import adapter_config_for
@@ -130,7 +131,7 @@ def run(
     try:
         run_federation(
             grid,  # type: ignore[arg-type]
-            strategy,
+            MessageRounds(strategy),
             LoopSettings(
                 num_rounds=rounds, round_timeout=ROUND_TIMEOUT, run_dir=tmp_path, resume=resume
             ),

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import FitRes, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -31,15 +31,16 @@ from flwr.server.client_proxy import ClientProxy
 import client.secure_aggregation as client_secagg
 from client.app import app as client_app
 from client.secure_aggregation import is_secure_aggregation_message, secure_aggregation_mod
+from server.app import build_merge_strategy
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
+from server.run_loop import LoopSettings, run_federation
 from server.secure_aggregation import (
     MODULUS_RANGE,
-    SecureRobustMerge,
     check_secure_aggregation,
     quantization_level,
-    run_secure_federation,
 )
+from server.secure_rounds import SecAggPlusAdapter, SecureRounds
 from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.audit import verify_run
@@ -159,7 +160,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     return recorder
 
 
-class RecordingStrategy(SecureRobustMerge):
+class RecordingStrategy(SecAggPlusAdapter):
     """Keeps every argument aggregate_fit receives."""
 
     received: ClassVar[list[tuple[list[tuple[ClientProxy, FitRes]], list[Any]]]] = []
@@ -188,14 +189,21 @@ def run(
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
-    final = run_secure_federation(
+    mode = SecureRounds.from_settings(
+        build_merge_strategy(settings), context, settings, initial, RecordingStrategy
+    )
+    final = run_federation(
         grid,  # type: ignore[arg-type]
-        context,
-        settings,
+        mode,
+        LoopSettings(
+            num_rounds=settings.num_server_rounds,
+            round_timeout=settings.round_timeout,
+            run_dir=settings.output_dir,
+            resume=settings.resume,
+        ),
         initial=initial,
         store=store,
         summary={},
-        strategy_type=RecordingStrategy,
     )
     metrics = json.loads((settings.output_dir / "metrics.json").read_text())
     audit = verify_run(settings.output_dir)  # raises AuditError naming a bad record
@@ -253,6 +261,21 @@ def test_secure_merge_matches_the_plain_merge_within_the_quantisation_bound(
     assert 0.0 < largest < 1e-3  # quantisation noise is there, and small
 
     (entry,) = metrics["rounds"]
+    # one round record on every path: the plain loop's entry, merge report and train metrics
+    assert set(entry) == {
+        "server-round",
+        "clients-sampled",
+        "clients-timed-out",
+        "train",
+        "merge",
+        "communication",
+        "seconds",
+    }
+    assert entry["clients-sampled"] == 4 and entry["clients-timed-out"] == 0
+    assert entry["merge"]["secure-aggregation"] == "completed"
+    assert sorted(entry["merge"]["accepted-nodes"]) == list(NODES)
+    assert entry["merge"]["rejected"] == {} and not entry["merge"]["skipped"]
+    assert entry["merge"]["merged-update-norm"] == entry["train"]["merged-update-norm"] > 0
     train = entry["train"]
     assert train["clients-accepted"] == 4
     assert train["clients-dropped"] == 0
@@ -267,6 +290,7 @@ def test_secure_merge_matches_the_plain_merge_within_the_quantisation_bound(
         if stage == Stage.COLLECT_MASKED_VECTORS
     ]
     assert masked == [train["bytes-received-per-client"]] * 4
+    assert train["bytes-received"] == entry["merge"]["bytes-received"] == sum(masked)
     traffic = entry["communication"]
     assert traffic["uplink"] == "secure-aggregation"
     assert sorted(traffic["train-up-bytes"].values()) == masked
@@ -393,6 +417,40 @@ def test_resume_runs_only_the_missing_rounds(
     assert [entry["server-round"] for entry in metrics["rounds"]] == [1, 2]
     assert len(RecordingStrategy.received) == 1
     assert any(not torch.equal(final[key], first[key]) for key in first)
+
+
+def test_the_secure_path_samples_the_nodes_the_plain_path_would(tiny_model: Path) -> None:
+    """SecAggPlusAdapter asks the core: same seed and round, same nodes as FedRobustMerge."""
+    run_config = make_run_config(
+        tiny_model, Path("unused"), **{"fraction-train": 0.5, "min-train-nodes": 2, "seed": 3}
+    )
+    settings = ServerSettings.from_run_config(run_config)
+    initial = initial_adapter(LoraSettings.from_run_config(run_config), seed=0)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    nodes = list(range(11, 19))
+    manager = SimpleNamespace(all=lambda: {str(n): SimpleNamespace(node_id=n) for n in nodes})
+    for server_round in (1, 2, 7):
+        secure = SecureRounds.from_settings(
+            build_merge_strategy(settings), context, settings, initial
+        )
+        parameters = secure.adapter.begin(server_round, initial)
+        asked = [
+            proxy.node_id
+            for proxy, _ in secure.adapter.configure_fit(
+                server_round,
+                parameters,
+                manager,  # type: ignore[arg-type]
+            )
+        ]
+        plain = build_merge_strategy(settings)
+        messages = plain.configure_train(
+            server_round,
+            ArrayRecord(dict(initial)),
+            ConfigRecord(),
+            SimpleNamespace(get_node_ids=lambda: nodes),  # type: ignore[arg-type]
+        )
+        assert asked == [m.metadata.dst_node_id for m in messages]
+        assert len(asked) == 4
 
 
 def test_normal_train_messages_pass_the_mod_unchanged() -> None:

@@ -88,10 +88,15 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def start_round(strategy: FedRobustMerge, base: dict[str, torch.Tensor], nodes: int = 3) -> None:
+def start_round(
+    strategy: FedRobustMerge,
+    base: dict[str, torch.Tensor],
+    nodes: int = 3,
+    server_round: int = 1,
+) -> None:
     list(
         strategy.configure_train(
-            1,
+            server_round,
             ArrayRecord(dict(base)),
             ConfigRecord(),
             FakeGrid(list(range(1, nodes + 1))),  # type: ignore[arg-type]
@@ -179,6 +184,28 @@ TENSOR_CASES = {
 }
 
 
+def test_a_rounds_report_is_handed_out_only_once_the_round_is_closed() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(device="cpu")
+    with pytest.raises(RuntimeError, match="not this strategy's last round"):
+        strategy.round_report(1)
+    with pytest.raises(RuntimeError, match="not opened by configure_train"):
+        strategy.aggregate_train(1, [reply(1, trained(base, 1))])
+    start_round(strategy, base, server_round=4)
+    with pytest.raises(RuntimeError, match="still open"):
+        strategy.round_report(4)
+    with pytest.raises(RuntimeError, match="round 5 was not opened"):
+        strategy.aggregate_train(5, [reply(1, trained(base, 1))])
+    strategy.aggregate_train(4, [reply(1, trained(base, 1)), reply(2, trained(base, 2))])
+    report = strategy.round_report(4)
+    assert report.server_round == 4 and sorted(report.accepted_nodes) == [1, 2]
+    assert strategy.round_report() is report
+    with pytest.raises(RuntimeError, match="not this strategy's last round"):
+        strategy.round_report(3)
+    with pytest.raises(RuntimeError, match="already closed"):
+        strategy.aggregate_train(4, [reply(1, trained(base, 1))])
+
+
 @pytest.mark.parametrize("case", sorted(TENSOR_CASES))
 def test_bad_reply_is_rejected_and_round_goes_on(
     case: str, caplog: pytest.LogCaptureFixture
@@ -197,10 +224,9 @@ def test_bad_reply_is_rejected_and_round_goes_on(
     for key in base:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
     assert metrics is not None and metrics["clients-rejected"] == 1
-    assert strategy.last_round is not None
-    assert reason in strategy.last_round.rejected[7]
+    assert reason in strategy.round_report().rejected[7]
     if case.startswith("non-LoRA"):
-        assert "PRIVACY" in caplog.text or "non-LoRA" in strategy.last_round.rejected[7]
+        assert "PRIVACY" in caplog.text or "non-LoRA" in strategy.round_report().rejected[7]
 
 
 NUM_EXAMPLE_CASES = {
@@ -229,7 +255,7 @@ def test_bad_num_examples_is_rejected(case: str) -> None:
     for key in base:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
     assert metrics is not None and metrics["clients-rejected"] == 1
-    assert strategy.last_round is not None and NUM_EXAMPLES in strategy.last_round.rejected[3]
+    assert NUM_EXAMPLES in strategy.round_report().rejected[3]
 
 
 def test_error_reply_and_duplicate_node_are_rejected() -> None:
@@ -244,9 +270,8 @@ def test_error_reply_and_duplicate_node_are_rejected() -> None:
         reply(3, trained(base, 4)),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.last_round is not None
-    assert "out of memory" in strategy.last_round.rejected[2]
-    assert "2 replies" in strategy.last_round.rejected[3]
+    assert "out of memory" in strategy.round_report().rejected[2]
+    assert "2 replies" in strategy.round_report().rejected[3]
     got = as_tensors(arrays)
     want = expected_global(base, [good])
     for key in base:
@@ -281,7 +306,7 @@ def test_max_update_norm_rejects_outlier() -> None:
     start_round(strategy, base)
     huge = {k: v + 100.0 for k, v in base.items()}
     arrays, _ = strategy.aggregate_train(1, [reply(1, trained(base, 1)), reply(2, huge)])
-    assert strategy.last_round is not None and "max-update-norm" in strategy.last_round.rejected[2]
+    assert "max-update-norm" in strategy.round_report().rejected[2]
     want = expected_global(base, [trained(base, 1)])
     torch.testing.assert_close(as_tensors(arrays)[A0], want[A0])
 
@@ -440,5 +465,4 @@ def test_factorwise_gap_is_reported_when_both_factors_move() -> None:
     start_round(strategy, base)
     _, metrics = strategy.aggregate_train(1, [reply(n, trained(base, n)) for n in (1, 2, 3)])
     assert metrics is not None and metrics["factorwise-gap"] > 0
-    assert strategy.last_round is not None
-    assert strategy.last_round.to_json()["factorwise-gap"] == metrics["factorwise-gap"]
+    assert strategy.round_report().to_json()["factorwise-gap"] == metrics["factorwise-gap"]

@@ -1,0 +1,95 @@
+"""The record of one training round, on every aggregation path (plain, DP, sparse, SecAgg+).
+
+``RoundReport`` is what metrics.json's ``merge`` entry, the train metrics and the audit record
+are made from. ``RoundState`` is the round the strategy has open: Flower's
+``Strategy.aggregate_train`` returns only (ArrayRecord, MetricRecord), and wrappers (Flower's
+DP strategies) sit between the round loop and FedRobustMerge, so the loop asks the strategy for
+a closed round's report by its number (``FedRobustMerge.round_report``) instead of receiving it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from strategies.robust import NormBound
+
+
+@dataclass
+class RoundReport:
+    """What one training round did, kept for metrics.json, the audit log and checkpoints.
+
+    Under secure aggregation there are no individual replies: ``accepted_nodes`` are the nodes
+    whose terms were summed, and ``secure_status`` says how the SecAgg+ round ended.
+    """
+
+    server_round: int
+    accepted_nodes: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    bytes_received: int = 0
+    merged_update_norm: float = 0.0
+    relative_error: float | None = None
+    update_relative_error: float | None = None
+    factorwise_gap: float | None = None
+    direction_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    skipped: bool = False
+    update_norms: dict[int, float] = field(default_factory=dict)
+    norm_bound: NormBound | None = None
+    screened: list[int] = field(default_factory=list)
+    clipped: list[int] = field(default_factory=list)
+    krum_dropped: list[int] = field(default_factory=list)
+    clamped_fraction: float | None = None
+    secure_status: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready copy (node ids as strings)."""
+        record: dict[str, Any] = {
+            "server-round": self.server_round,
+            "accepted-nodes": list(self.accepted_nodes),
+            "rejected": {str(node): reason for node, reason in self.rejected.items()},
+            "merge-seconds": self.merge_seconds,
+            "bytes-received": self.bytes_received,
+            "merged-update-norm": self.merged_update_norm,
+            "relative-error": self.relative_error,
+            "update-relative-error": self.update_relative_error,
+            "factorwise-gap": self.factorwise_gap,
+            "direction-scores": {str(n): s for n, s in self.direction_scores.items()},
+            "skipped": self.skipped,
+            "update-norms": {str(node): norm for node, norm in self.update_norms.items()},
+            "robust": {
+                "norm-reference": self.norm_bound.reference if self.norm_bound else None,
+                "norm-bound": self.norm_bound.bound if self.norm_bound else None,
+                "screened": list(self.screened),
+                "clipped": list(self.clipped),
+                "krum-dropped": list(self.krum_dropped),
+                "clamped-fraction": self.clamped_fraction,
+            },
+        }
+        if self.secure_status is not None:
+            record["secure-aggregation"] = self.secure_status
+            record["clients-summed"] = len(self.accepted_nodes)
+        return record
+
+
+@dataclass
+class RoundState:
+    """The training round a strategy has open, from ``configure_train`` to its aggregation.
+
+    ``prescreen`` holds what a wrapper's ``screen_train_replies`` found on the raw replies
+    (before DP clipping rewrote them); ``closed`` turns true once the round is aggregated or
+    skipped, and only then is ``report`` final.
+    """
+
+    server_round: int
+    global_tensors: dict[str, torch.Tensor]
+    report: RoundReport
+    prescreen: RoundReport | None = None
+    closed: bool = False
+
+    @classmethod
+    def open(cls, server_round: int, global_tensors: dict[str, torch.Tensor]) -> RoundState:
+        """A fresh round on ``global_tensors`` (the adapter sent to the clients)."""
+        return cls(server_round, global_tensors, RoundReport(server_round=server_round))
