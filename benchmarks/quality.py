@@ -336,6 +336,7 @@ def run_federated(
     strategy_options: Mapping[str, Any] | None = None,
     data_hook: Callable[[int, TaskData], TaskData] | None = None,
     reply_hook: Callable[[int, Adapter, Adapter], Adapter] | None = None,
+    train_factors: str | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
 
@@ -347,6 +348,12 @@ def run_federated(
     twice gets a different data draw per node). ``strategy_options`` go to FedRobustMerge (e.g.
     ``robust``). The attack benchmark's hooks: ``data_hook(node, data)`` changes a node's
     training data, ``reply_hook(node, global, trained)`` the adapter it replies with.
+    ``train_factors`` is the clients' run-config ``train-factors`` (``"ab"``, or ``"b"`` for
+    FFA-LoRA: every lora_A frozen); ``None`` keeps ``work.train``'s (``"ab"`` by default).
+
+    Per-client data (e.g. the Dirichlet shards of ``benchmarks.partitioning``): name each node's
+    task in ``client_tasks`` and return the node's own data from ``data_hook``, which replaces
+    the round's draw; ``benchmarks.partitioning.shard_data_hook`` builds such a hook.
     """
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -354,6 +361,9 @@ def run_federated(
 
     _set_task_identity()
     config = work.config
+    local = replace(work.train, local_epochs=1)
+    if train_factors is not None:
+        local = replace(local, train_factors=train_factors)
     node_tasks = list(client_tasks) if client_tasks is not None else list(config.seen)
     nodes = list(range(1, len(node_tasks) + 1))
     strategy = FedRobustMerge(
@@ -392,12 +402,7 @@ def run_federated(
                 data = data_hook(node, data)
             start = dict(message.content.array_records["arrays"].to_torch_state_dict())
             set_lora_state(work.model, start)
-            result = train_lora(
-                work.model,
-                data,
-                replace(work.train, local_epochs=1),
-                seed=seed * 100 + server_round,
-            )
+            result = train_lora(work.model, data, local, seed=seed * 100 + server_round)
             trained = get_lora_state(work.model)
             if reply_hook is not None:
                 trained = reply_hook(node, start, trained)

@@ -45,8 +45,8 @@ from peft import PeftModel
 from torch.nn import functional
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from workload.config import read_float, read_int, read_str
-from workload.model import LoraSettings, resolve_model_path, wrap_lora
+from workload.config import Reader, read_float, read_int, read_str
+from workload.model import LoraSettings, resolve_model_path, trainable_parameters, wrap_lora
 
 DEFAULT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 DEFAULT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -98,6 +98,9 @@ class CausalLmSettings:
         At most this many training examples per round (a seeded draw; all when fewer).
     eval_examples : int (default: 256)
         At most this many held-out examples per evaluation (the first ones, fixed).
+    train_factors : str (default: "ab")
+        ``"ab"`` trains both LoRA factors; ``"b"`` freezes every ``lora_A`` and trains only
+        ``lora_B`` (FFA-LoRA; ``workload.model.trainable_parameters``).
     """
 
     learning_rate: float = 5e-4
@@ -111,6 +114,7 @@ class CausalLmSettings:
     quantization: str = "none"
     train_examples: int = 512
     eval_examples: int = 256
+    train_factors: str = "ab"
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> CausalLmSettings:
@@ -138,6 +142,7 @@ class CausalLmSettings:
             quantization=_choice(config, "quantization", QUANTIZATIONS),
             train_examples=read_int(config, "train-examples", default.train_examples, minimum=1),
             eval_examples=read_int(config, "eval-examples", default.eval_examples, minimum=1),
+            train_factors=Reader(config).choice("train-factors", default=default.train_factors),
         )
         if not isinstance(settings.prompt_template, str):
             raise ValueError(
@@ -460,7 +465,8 @@ def train_causal_lm(
 
     Per round: up to ``train_examples`` examples (a draw seeded by ``seed``), ``local_epochs``
     passes in a seeded order, ``gradient_accumulation`` micro-batches per step, gradient norm
-    clipped at 1. The caller's torch RNG state is kept.
+    clipped at 1. With ``train_factors = "b"`` only the ``lora_B`` factors are trained (every
+    ``lora_A`` stays exactly as it came). The caller's torch RNG state is kept.
     """
     encoded = encode(
         examples, tokenizer, max_length=settings.max_length, template=settings.prompt_template
@@ -472,32 +478,34 @@ def train_causal_lm(
     pad_id = _pad_id(tokenizer)
     device = next(p.device for p in model.parameters())
     dtype = compute_dtype(settings.precision, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     total_loss, total_tokens = 0.0, 0
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(settings.local_epochs):
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-            batches = [
-                collate([encoded[i] for i in order[start : start + settings.batch_size]], pad_id)
-                for start in range(0, len(order), settings.batch_size)
-            ]
-            step = settings.gradient_accumulation
-            for first in range(0, len(batches), step):
-                window = batches[first : first + step]
-                tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-                optimizer.zero_grad(set_to_none=True)
-                for batch in window:
-                    loss_sum, count = _loss_sum(model, batch, dtype)
-                    (loss_sum / tokens).backward()  # type: ignore[no-untyped-call]
-                    total_loss += float(loss_sum.detach())
-                    total_tokens += count
-                torch.nn.utils.clip_grad_norm_(trainable, _MAX_GRAD_NORM)
-                optimizer.step()
-    model.eval()
-    optimizer.zero_grad(set_to_none=True)
+    with trainable_parameters(model, settings.train_factors) as trainable:
+        optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(settings.local_epochs):
+                order = torch.randperm(len(encoded), generator=generator).tolist()
+                batches = [
+                    collate(
+                        [encoded[i] for i in order[start : start + settings.batch_size]], pad_id
+                    )
+                    for start in range(0, len(order), settings.batch_size)
+                ]
+                step = settings.gradient_accumulation
+                for first in range(0, len(batches), step):
+                    window = batches[first : first + step]
+                    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+                    optimizer.zero_grad(set_to_none=True)
+                    for batch in window:
+                        loss_sum, count = _loss_sum(model, batch, dtype)
+                        (loss_sum / tokens).backward()  # type: ignore[no-untyped-call]
+                        total_loss += float(loss_sum.detach())
+                        total_tokens += count
+                    torch.nn.utils.clip_grad_norm_(trainable, _MAX_GRAD_NORM)
+                    optimizer.step()
+        model.eval()
+        optimizer.zero_grad(set_to_none=True)
     return CausalLmResult(total_loss / max(total_tokens, 1), len(encoded), total_tokens)
 
 

@@ -29,6 +29,10 @@ from strategies import wire
 
 Kind = Literal["integer", "number", "boolean", "string", "choice", "names"]
 
+# Run-config ``train-factors``: which LoRA factors a client trains. "ab" both; "b" only every
+# lora_B, with every lora_A frozen at the global value (FFA-LoRA, Sun et al., ICLR 2024).
+TRAIN_FACTORS: tuple[str, ...] = ("ab", "b")
+
 
 class ConfigError(ValueError):
     """A config value of the wrong type or out of range; names the key, the source, what is
@@ -142,6 +146,7 @@ SCHEMA: Mapping[str, Setting] = {
     # Local training
     "local-epochs": _i(1, "local epochs per round", low=1),
     "learning-rate": _n(0.0005, "local learning rate", 0.0, low_open=True),
+    "train-factors": _c("ab", "LoRA factors trained: ab, or b (A frozen)", TRAIN_FACTORS),
     "batch-size": _i(32, "local batch size", low=1),
     "temperature": _n(0.05, "contrastive temperature", 0.0, low_open=True),
     "max-length": _i(64, "tokens per example", low=2),

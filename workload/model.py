@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, PretrainedConfig
 
-from workload.config import read_float, read_int, read_names, read_str
+from workload.config import TRAIN_FACTORS, read_float, read_int, read_names, read_str
 from workload.kinds.registry import available_task_kinds, get_task_kind
 
 ADAPTER_NAME = "default"
@@ -227,6 +228,46 @@ def _lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     if not parameters:
         raise ValueError("the model has no LoRA parameters; build it with build_lora_model")
     return parameters
+
+
+@contextmanager
+def trainable_parameters(
+    model: torch.nn.Module, train_factors: str = "ab"
+) -> Iterator[list[torch.nn.Parameter]]:
+    """The parameters a local optimizer steps while the block runs, as run-config
+    ``train-factors`` says.
+
+    ``"ab"``: every parameter that requires grad (the LoRA factors of a model from
+    ``build_lora_model``). ``"b"`` (FFA-LoRA, Sun et al., *Improving LoRA in Privacy-preserving
+    Federated Learning*, ICLR 2024): every ``lora_A`` factor is frozen (``requires_grad`` False,
+    so it gets no gradient and is not in the list) and only the ``lora_B`` factors are trained.
+    Every client then keeps the global A, so its update is ``(alpha / r) (B_i - B) A`` and the
+    mean of the clients' B's gives exactly the mean of their updates. The A factors frozen here
+    are unfrozen when the block ends, so the (shared) model is left as it was found.
+
+    Raises ValueError for another ``train_factors``, or when nothing would be trained.
+    """
+    if train_factors not in TRAIN_FACTORS:
+        raise ValueError(
+            f"run config key 'train-factors' must be one of {', '.join(TRAIN_FACTORS)}; got "
+            f"{train_factors!r}"
+        )
+    frozen: list[torch.nn.Parameter] = []
+    if train_factors == "b":
+        for key, parameter in _lora_parameters(model).items():
+            if ".lora_A." in key and parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(parameter)
+    try:
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        if not parameters:
+            raise ValueError(
+                "the model has no trainable parameters; build it with build_lora_model"
+            )
+        yield parameters
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 def get_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

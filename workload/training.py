@@ -27,8 +27,8 @@ import torch
 from torch.nn import functional
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from workload.config import read_float, read_int
-from workload.model import ADAPTER_NAME
+from workload.config import Reader, read_float, read_int
+from workload.model import ADAPTER_NAME, trainable_parameters
 from workload.tasks import TaskData
 
 # Texts are cut to this many characters per token of max_length before tokenising: a word
@@ -59,6 +59,9 @@ class TrainSettings:
         Divides the cosine similarities before the softmax.
     max_length : int (default: 64)
         Tokens per text (and per label name) after truncation.
+    train_factors : str (default: "ab")
+        ``"ab"`` trains both LoRA factors; ``"b"`` freezes every ``lora_A`` and trains only
+        ``lora_B`` (FFA-LoRA; ``workload.model.trainable_parameters``).
     """
 
     learning_rate: float = 5e-4
@@ -66,11 +69,12 @@ class TrainSettings:
     batch_size: int = 32
     temperature: float = 0.05
     max_length: int = 64
+    train_factors: str = "ab"
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> TrainSettings:
-        """Read ``learning-rate``, ``local-epochs``, ``batch-size``, ``temperature`` and
-        ``max-length``.
+        """Read ``learning-rate``, ``local-epochs``, ``batch-size``, ``temperature``,
+        ``max-length`` and ``train-factors``.
 
         Absent keys take the defaults above; a wrong type or range raises ValueError naming the
         key and the allowed values.
@@ -86,6 +90,7 @@ class TrainSettings:
                 config, "temperature", default.temperature, low=0.0, low_open=True
             ),
             max_length=read_int(config, "max-length", default.max_length, minimum=4, maximum=8192),
+            train_factors=Reader(config).choice("train-factors", default=default.train_factors),
         )
 
 
@@ -223,17 +228,14 @@ def train_lora(
     """Train the LoRA factors of ``model`` on ``data`` in place (CPU, fp32).
 
     AdamW (no weight decay, so the update is only what the data asks for) over the trainable
-    parameters, which are the LoRA factors of a model from ``build_lora_model``; a fresh
-    optimizer per call, as every round starts from the global adapter. Each local epoch visits
-    the examples in a new seeded order. Same model state, data, settings and seed give the same
-    result.
+    parameters, which are the LoRA factors of a model from ``build_lora_model`` (only the
+    ``lora_B`` ones with ``settings.train_factors = "b"``: every ``lora_A`` then stays exactly
+    as it came); a fresh optimizer per call, as every round starts from the global adapter.
+    Each local epoch visits the examples in a new seeded order. Same model state, data, settings
+    and seed give the same result.
     """
     _check_data(data)
     tokenizer = load_tokenizer(model_path(model))
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if not parameters:
-        raise ValueError("the model has no trainable parameters; build it with build_lora_model")
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     pad_id = _pad_id(tokenizer)
     label_ids = _token_ids(tokenizer, data.label_names, settings.max_length)
     text_ids = _token_ids(tokenizer, data.texts, settings.max_length)
@@ -242,31 +244,33 @@ def train_lora(
     order_generator = torch.Generator().manual_seed(seed)
     loss_sum, seen = 0.0, 0
     was_training = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for _ in range(settings.local_epochs):
-                for positions in _length_grouped_batches(
-                    lengths, settings.batch_size, order_generator
-                ):
-                    texts = embed(model, _collate([text_ids[i] for i in positions], pad_id))
-                    labels = _embed_sequences(model, label_ids, pad_id, _LABEL_CHUNK)
-                    logits = texts @ labels.T / settings.temperature
-                    loss = functional.cross_entropy(logits, targets[positions])
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"task {data.name!r}: the training loss became {float(loss)}; lower "
-                            "learning-rate or raise temperature"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    torch.nn.utils.clip_grad_norm_(parameters, _MAX_GRAD_NORM)
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * len(positions)
-                    seen += len(positions)
-    finally:
-        model.train(was_training)
+    with trainable_parameters(model, settings.train_factors) as parameters:
+        optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for _ in range(settings.local_epochs):
+                    for positions in _length_grouped_batches(
+                        lengths, settings.batch_size, order_generator
+                    ):
+                        texts = embed(model, _collate([text_ids[i] for i in positions], pad_id))
+                        labels = _embed_sequences(model, label_ids, pad_id, _LABEL_CHUNK)
+                        logits = texts @ labels.T / settings.temperature
+                        loss = functional.cross_entropy(logits, targets[positions])
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"task {data.name!r}: the training loss became {float(loss)}; "
+                                "lower learning-rate or raise temperature"
+                            )
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()  # type: ignore[no-untyped-call]
+                        torch.nn.utils.clip_grad_norm_(parameters, _MAX_GRAD_NORM)
+                        optimizer.step()
+                        loss_sum += float(loss.detach()) * len(positions)
+                        seen += len(positions)
+        finally:
+            model.train(was_training)
     return TrainResult(num_examples=len(data.texts), mean_loss=loss_sum / seen)
 
 

@@ -121,6 +121,22 @@ def test_train_is_reproducible_and_takes_the_server_learning_rate(
     assert any(not torch.equal(first[k], other_rate[k]) for k in first)
 
 
+@pytest.mark.parametrize("train_factors", ["ab", "b"])
+def test_train_factors_b_replies_the_received_lora_a_bit_for_bit(
+    run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor], train_factors: str
+) -> None:
+    """FFA-LoRA (run-config train-factors = "b"): every lora_A comes back exactly as sent."""
+    node = context({**run_config, "train-factors": train_factors}, **{"partition-id": 0})
+    reply = train(instruction(global_adapter, "train", {SERVER_ROUND: 1}), node)
+    received = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    assert list(received) == list(global_adapter)
+    a_kept = [torch.equal(received[k], global_adapter[k]) for k in received if ".lora_A." in k]
+    b_kept = [torch.equal(received[k], global_adapter[k]) for k in received if ".lora_B." in k]
+    assert a_kept and b_kept
+    assert not any(b_kept)
+    assert all(a_kept) if train_factors == "b" else not any(a_kept)
+
+
 def test_train_on_a_site_data_file(
     tmp_path: Path, run_config: dict[str, Any], global_adapter: dict[str, torch.Tensor]
 ) -> None:
@@ -169,6 +185,11 @@ def test_bad_instructions_fail_loudly(
         train(
             instruction(global_adapter, "train", {SERVER_ROUND: 1}),
             context({**run_config, "seen-tasks": "trec"}, **{"partition-id": 0}),
+        )
+    with pytest.raises(ValueError, match=r"run config key 'train-factors' must be one of ab, b"):
+        train(
+            instruction(global_adapter, "train", {SERVER_ROUND: 1}),
+            context({**run_config, "train-factors": "a"}, **{"partition-id": 0}),
         )
     with pytest.raises(ValueError, match=r"train config key 'learning-rate'"):
         train(instruction(global_adapter, "train", {SERVER_ROUND: 1, "learning-rate": -1.0}), node)

@@ -201,6 +201,29 @@ def test_gradient_accumulation_equals_one_big_batch(lora: LoraSettings, data_fil
         torch.testing.assert_close(states[0][key], states[1][key], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("train_factors", ["ab", "b"])
+def test_train_factors_b_trains_only_lora_b(
+    lora: LoraSettings, data_file: Path, train_factors: str
+) -> None:
+    model, tokenizer = build_causal_lm(lora, SETTINGS)
+    start = initial_adapter(lora, seed=0)
+    start = {k: v + 0.01 if "lora_B" in k else v for k, v in start.items()}
+    set_lora_state(model, start)
+    settings = replace(SETTINGS, train_factors=train_factors)
+    train_causal_lm(model, tokenizer, load_examples(data_file)[:16], settings, seed=0)
+    trained = get_lora_state(model)
+    a_keys = [k for k in trained if ".lora_A." in k]
+    b_keys = [k for k in trained if ".lora_B." in k]
+    assert len(a_keys) == len(b_keys) == 2 * 7
+    assert all(not torch.equal(trained[k], start[k]) for k in b_keys)
+    a_kept = [torch.equal(trained[k], start[k]) for k in a_keys]
+    assert all(a_kept) if train_factors == "b" else not any(a_kept)
+    assert all(p.requires_grad for name, p in model.named_parameters() if "lora_" in name)
+    assert CausalLmSettings.from_run_config({"train-factors": "b"}).train_factors == "b"
+    with pytest.raises(ValueError, match="'train-factors' must be one of ab, b; got 'B'"):
+        CausalLmSettings.from_run_config({"train-factors": "B"})
+
+
 # ----------------------------------------------------------------------------- handlers
 
 

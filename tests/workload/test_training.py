@@ -1,4 +1,5 @@
-"""Local training: settings, the loss goes down, determinism, and only LoRA factors change."""
+"""Local training: settings, the loss goes down, determinism, only LoRA factors change, and
+with train-factors = "b" (FFA-LoRA) only the lora_B ones."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from workload.model import LoraSettings, build_lora_model, get_lora_state, set_lora_state
+from workload.kinds import get_task_kind
+from workload.kinds.base import ServerWorkload
+from workload.model import (
+    LoraSettings,
+    build_lora_model,
+    get_lora_state,
+    set_lora_state,
+    trainable_parameters,
+)
 from workload.tasks import TaskData
 from workload.training import TrainSettings, evaluate_lora, train_lora
 
@@ -61,6 +70,8 @@ def test_settings_from_the_project_run_config() -> None:
     assert TrainSettings.from_run_config({"learning-rate": 1, "max-length": 128}) == TrainSettings(
         learning_rate=1.0, max_length=128
     )
+    assert TrainSettings.from_run_config({"train-factors": " b "}).train_factors == "b"
+    assert TrainSettings().train_factors == "ab"
 
 
 @pytest.mark.parametrize(
@@ -73,6 +84,9 @@ def test_settings_from_the_project_run_config() -> None:
         ("batch-size", 2.0, r"'batch-size' must be an integer >= 1"),
         ("temperature", -1.0, r"'temperature'"),
         ("max-length", 2, r"'max-length' must be an integer in \[4, 8192\]"),
+        ("train-factors", "a", r"run config key 'train-factors' must be one of ab, b; got 'a'"),
+        ("train-factors", "ba", r"'train-factors' must be one of ab, b; got 'ba' \(str\)"),
+        ("train-factors", 1, r"'train-factors' must be one of ab, b; got 1 \(int\)"),
     ],
 )
 def test_settings_reject_bad_values(key: str, value: Any, message: str) -> None:
@@ -148,3 +162,61 @@ def test_a_diverging_loss_stops_training(model: PeftModel) -> None:
     settings = TrainSettings(temperature=1e-45, batch_size=8, max_length=16)  # logits overflow
     with pytest.raises(FloatingPointError, match="raise temperature"):
         train_lora(model, toy_data(8, seed=5), settings, seed=0)
+
+
+# ----------------------------------------------------------------------------- train-factors
+
+
+def _split_factors(state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    a_keys = [key for key in state if ".lora_A." in key]
+    b_keys = [key for key in state if ".lora_B." in key]
+    assert a_keys and len(a_keys) == len(b_keys)
+    return a_keys, b_keys
+
+
+@pytest.mark.parametrize("train_factors", ["ab", "b"])
+def test_train_factors_b_keeps_every_lora_a_bit_identical(
+    model: PeftModel, train_factors: str
+) -> None:
+    # B nonzero from the start, so with "ab" the A factors get a gradient from the first step
+    start = {
+        key: value + 0.01 if ".lora_B." in key else value
+        for key, value in get_lora_state(model).items()
+    }
+    set_lora_state(model, start)
+    settings = TrainSettings(
+        learning_rate=2e-2, local_epochs=2, batch_size=8, max_length=16, train_factors=train_factors
+    )
+    train_lora(model, toy_data(16, seed=6), settings, seed=0)
+    trained = get_lora_state(model)
+    a_keys, b_keys = _split_factors(trained)
+    assert all(not torch.equal(trained[key], start[key]) for key in b_keys)
+    if train_factors == "b":
+        assert all(torch.equal(trained[key], start[key]) for key in a_keys)
+    else:
+        assert all(not torch.equal(trained[key], start[key]) for key in a_keys)
+    # the frozen A factors are trainable again afterwards (the model is shared across rounds)
+    assert all(p.requires_grad for name, p in model.named_parameters() if "lora_" in name)
+
+
+def test_train_factors_b_leaves_lora_a_out_of_the_optimizer(model: PeftModel) -> None:
+    names = {id(p): name for name, p in model.named_parameters()}
+    with trainable_parameters(model, "b") as parameters:
+        trained = sorted(names[id(p)] for p in parameters)
+        a_factors = {n: p for n, p in model.named_parameters() if ".lora_A." in n}
+        assert a_factors and not any(p.requires_grad for p in a_factors.values())
+        frozen = list(a_factors)
+    assert trained and all(".lora_B." in name for name in trained)
+    with trainable_parameters(model, "ab") as parameters:
+        both = sorted(names[id(p)] for p in parameters)
+    assert both == sorted(trained + frozen)
+    with pytest.raises(ValueError, match="'train-factors' must be one of ab, b; got 'a'"):
+        trainable_parameters(model, "a").__enter__()
+
+
+def test_the_server_refuses_a_bad_train_factors_at_start() -> None:
+    workload = ServerWorkload(("banking77",), ("mcid",), 8, 0, False)
+    for kind in ("classification", "causal-lm"):
+        get_task_kind(kind).check_server_workload(workload, {"train-factors": "b"})
+        with pytest.raises(ValueError, match="'train-factors' must be one of ab, b"):
+            get_task_kind(kind).check_server_workload(workload, {"train-factors": "A"})
