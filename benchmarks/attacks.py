@@ -256,6 +256,52 @@ def table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TOLERANCE = 0.02  # the issue's bar: within 2 seen points of the no-attack run
+
+
+def _points(change: float) -> str:
+    """A change in accuracy as signed points, one decimal (no "-0.0")."""
+    return f"{round(100 * change, 1) + 0.0:+.1f}"
+
+
+def verdicts(results: Mapping[str, Any], tolerance: float = TOLERANCE) -> str:
+    """Markdown: per setup and defence, what it costs with nobody attacking (seen points against
+    the undefended no-attack run), its worst attack, and the attacks that take the seen accuracy
+    more than ``tolerance`` below the undefended no-attack run."""
+    runs = results.get("runs", {})
+    lines: list[str] = []
+    for setup in SETUPS:
+        base = runs.get(f"{setup}/none/none")
+        if base is None:
+            continue
+        lines += [
+            f"### {setup}: against the undefended no-attack run ({100 * base['seen']:.1f} seen)",
+            "",
+            "| defence | cost with no attacker | worst attack | attacks beyond "
+            f"{100 * tolerance:.0f} points |",
+            "|---|---|---|---|",
+        ]
+        for defence in DEFENCES:
+            clean = runs.get(f"{setup}/none/{defence}")
+            drops = {
+                attack: base["seen"] - row["seen"]
+                for attack in ATTACKS
+                if attack != "none" and (row := runs.get(f"{setup}/{attack}/{defence}"))
+            }
+            if clean is None or not drops:
+                continue
+            worst = max(drops, key=lambda attack: drops[attack])
+            beyond = [f"{a} ({_points(-d)})" for a, d in drops.items() if d > tolerance]
+            missing = len(ATTACKS) - 1 - len(drops)
+            lines.append(
+                f"| {defence} | {_points(clean['seen'] - base['seen'])} | {worst} "
+                f"({_points(-drops[worst])}) | {', '.join(beyond) or 'none'}"
+                f"{f' ({missing} attacks not run)' if missing else ''} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run what is missing, then rewrite the results table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -279,7 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.out_dir / f"{stem}.md").write_text(
         "# Attack benchmark\n\nFinal seen / unseen test accuracy (%) after "
         f"{config.rounds} rounds; in brackets the seen change against the same defence without "
-        "an attack. Sizes and machine: see the JSON beside this file.\n\n" + table(results)
+        "an attack. Sizes and machine: see the JSON beside this file.\n\n"
+        + table(results)
+        + "\n## Verdicts\n\n"
+        + verdicts(results)
     )
 
 

@@ -21,6 +21,7 @@ from benchmarks.attacks import (
     scaled,
     sign_flip,
     table,
+    verdicts,
 )
 from strategies import FedRobustMerge
 from tests.strategies.test_fed_robustmerge import (
@@ -101,3 +102,18 @@ def test_tiny_real_run_resumes_and_tabulates(tmp_path: Path) -> None:
     text = table(again)
     assert "### 1-of-4" in text and "scaled-x1000" in text
     assert SETUPS["2-of-8"].malicious == 2
+
+
+def test_verdicts_name_the_attacks_a_defence_does_not_stop() -> None:
+    def row(seen: float) -> dict[str, float]:
+        return {"seen": seen, "unseen": 0.5, "seconds": 1.0}
+
+    runs = {"1-of-4/none/none": row(0.640), "1-of-4/none/norm": row(0.636)}
+    runs |= {f"1-of-4/{a}/none": row(0.30 if a == "scaled-x1000" else 0.63) for a in ATTACKS}
+    runs |= {f"1-of-4/{a}/norm": row(0.61 if a == "label-flip" else 0.635) for a in ATTACKS}
+    runs["1-of-4/none/none"], runs["1-of-4/none/norm"] = row(0.640), row(0.636)
+    text = verdicts({"runs": runs})
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert lines["none"] == "| none | +0.0 | scaled-x1000 (-34.0) | scaled-x1000 (-34.0) |"
+    assert lines["norm"] == "| norm | -0.4 | label-flip (-3.0) | label-flip (-3.0) |"
+    assert "krum" not in lines  # never run: no row
