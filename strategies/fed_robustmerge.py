@@ -232,6 +232,9 @@ class FedRobustMerge(FedAvg):
         self.round: RoundState | None = None
         # The accepted update norms of earlier rounds (the screen's history; checkpointed).
         self.norm_history: deque[float] = deque(maxlen=self.robust.history)
+        # Each node's LoRA rank, from its first checked reply (checkpointed with the screen's
+        # history): a later reply of another rank is rejected.
+        self.node_ranks: dict[int, int] = {}
 
     @property
     def current_global(self) -> dict[str, torch.Tensor] | None:
@@ -528,6 +531,7 @@ class FedRobustMerge(FedAvg):
                         max_num_examples=self.max_num_examples,
                         other_ranks_refused=other_ranks_refused,
                     )
+                self._check_site_rank(reply)
                 self._check_update_norm(reply, report)
                 self._record_rank(reply, report)
             except ReplyRejectedError as rejection:
@@ -643,13 +647,21 @@ class FedRobustMerge(FedAvg):
                 self.norm_history.append(min(seen[node], bound))
 
     def robust_state(self) -> dict[str, Any]:
-        """The screen's history, for checkpoints (restored by ``restore_robust_state``)."""
-        return {"norm-history": list(self.norm_history)}
+        """The screen's history and each node's rank, for checkpoints (restored by
+        ``restore_robust_state``)."""
+        return {
+            "norm-history": list(self.norm_history),
+            "node-ranks": {str(node): rank for node, rank in self.node_ranks.items()},
+        }
 
     def restore_robust_state(self, state: Mapping[str, Any]) -> None:
-        """Resume the screen's history from a checkpoint's ``robust_state``."""
+        """Resume the screen's history and the nodes' ranks from a checkpoint's
+        ``robust_state``."""
         self.norm_history.clear()
         self.norm_history.extend(float(norm) for norm in state.get("norm-history", []))
+        self.node_ranks = {
+            int(node): int(rank) for node, rank in state.get("node-ranks", {}).items()
+        }
 
     def screen_train_replies(
         self, server_round: int, replies: Iterable[Message]
@@ -702,6 +714,21 @@ class FedRobustMerge(FedAvg):
         """The open round's global LoRA rank."""
         assert self.current_global is not None
         return global_rank({k: tuple(v.shape) for k, v in self.current_global.items()})
+
+    def _check_site_rank(self, reply: AcceptedReply) -> None:
+        """A node trains one rank for the whole run: the first rank it replied with is its own,
+        and a reply of another rank is rejected (its rank decides what the server takes it to
+        have started from)."""
+        rank = reply_rank(reply)
+        if rank is None:
+            return
+        own = self.node_ranks.setdefault(reply.node_id, rank)
+        if rank != own:
+            raise ReplyRejectedError(
+                f"{wire.LORA_RANK} {rank}, but this node trained rank {own} in earlier rounds: a "
+                "site keeps one rank for the whole run (restart the run to change a node's "
+                "node-config 'lora-r')"
+            )
 
     def _record_rank(self, reply: AcceptedReply, report: RoundReport) -> None:
         """Each site's rank and the truncation error of what it started from (metrics.json)."""

@@ -188,3 +188,19 @@ def test_mixed_rank_refusals_name_the_setting(settings: dict[str, object], needl
 def test_product_methods_with_the_norm_screen_take_mixed_ranks(method: str, mode: str) -> None:
     assert mixed_rank_refusal(method, mode, "delta", "dense", RobustSettings()) is None
     assert mixed_rank_refusal(method, mode, "delta", "dense", RobustSettings("none")) is None
+
+
+def test_a_node_that_changes_its_rank_is_rejected_and_the_ranks_are_checkpointed() -> None:
+    base = make_global()
+    strategy = FedRobustMerge(merge_method="svd", device="cpu")
+    start_round(strategy, base, nodes=2)
+    strategy.aggregate_train(1, [site_reply(1, base, 4, 1)[1], site_reply(2, base, 16, 2)[1]])
+    assert strategy.robust_state()["node-ranks"] == {"1": 4, "2": 16}
+    start_round(strategy, base, nodes=2, server_round=2)
+    strategy.aggregate_train(2, [site_reply(1, base, 8, 3)[1], site_reply(2, base, 16, 4)[1]])
+    report = strategy.round_report(2)
+    assert report.accepted_nodes == [2]
+    assert "lora-rank 8, but this node trained rank 4 in earlier rounds" in report.rejected[1]
+    resumed = FedRobustMerge(merge_method="svd", device="cpu")
+    resumed.restore_robust_state(strategy.robust_state())
+    assert resumed.node_ranks == {1: 4, 2: 16}
