@@ -204,3 +204,16 @@ def test_a_node_that_changes_its_rank_is_rejected_and_the_ranks_are_checkpointed
     resumed = FedRobustMerge(merge_method="svd", device="cpu")
     resumed.restore_robust_state(strategy.robust_state())
     assert resumed.node_ranks == {1: 4, 2: 16}
+
+
+def test_a_dp_wrapper_prescreen_takes_only_the_global_rank() -> None:
+    """Flower's DP wrappers clip each update against the global's shapes, so the pre-screen
+    they call rejects a reply of another rank, saying why."""
+    base = make_global()
+    strategy = FedRobustMerge(merge_method="svd", device="cpu")
+    start_round(strategy, base, nodes=2)
+    kept, rejected = strategy.screen_train_replies(
+        1, [site_reply(1, base, 4, 1)[1], site_reply(2, base, 16, 2)[1]]
+    )
+    assert [m.metadata.src_node_id for m in kept] == [2]
+    assert "Flower's DP wrappers clip each update against the global adapter" in rejected[1]
