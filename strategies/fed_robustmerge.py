@@ -82,6 +82,12 @@ class FedRobustMerge(FedAvg):
     instead (round 1 is then the paper's one-shot merge, bit for bit) and
     ``global <- global + server_lr * (merged - global)``.
 
+    Sites may train lower LoRA ranks than the global's (issue 16, docs/strategy.md "Mixed
+    ranks"): a reply's ``lora-rank`` sets the shapes it must have, each site is taken to have
+    started from the global truncated to its rank (``ranks.adapter_at_rank``, as the client
+    computes it), and product-space methods merge them (``ranks.merge_mixed_ranks``); settings
+    that cannot (``combinations.mixed_rank_refusal``) reject such replies with the reason.
+
     Parameters
     ----------
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,

@@ -100,9 +100,10 @@ def declared_rank(content: RecordDict, default: int) -> int:
     if len(records) > 1:
         raise ReplyRejectedError(f"{len(records)} MetricRecords carry {wire.LORA_RANK!r}")
     value = records[0][wire.LORA_RANK]
-    if isinstance(value, (list, bool)) or float(value) != int(value) or int(value) < 1:
+    number = float(value) if not isinstance(value, (list, bool)) else math.nan
+    if not math.isfinite(number) or number != int(number) or number < 1:
         raise ReplyRejectedError(f"{wire.LORA_RANK} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return int(number)
 
 
 def check_train_reply(

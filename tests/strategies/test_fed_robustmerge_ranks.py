@@ -96,7 +96,7 @@ def test_a_round_of_ranks_4_8_16_is_merge_mixed_ranks(method: str, mode: str) ->
 def test_wrong_declared_rank_or_shapes_are_rejected_with_a_reason() -> None:
     base = make_global()
     strategy = FedRobustMerge(merge_method="svd", device="cpu", robust=RobustSettings("none"))
-    start_round(strategy, base, nodes=6)
+    start_round(strategy, base, nodes=7)
     _, good = site_reply(1, base, 8, seed=1)
     _, lies = site_reply(2, base, 8, seed=2, declared=4)  # tensors of rank 8, says 4
     _, above = site_reply(3, base, 8, seed=3, declared=32)
@@ -105,7 +105,8 @@ def test_wrong_declared_rank_or_shapes_are_rejected_with_a_reason() -> None:
     tensors[f"{MODULES[1]}.lora_B.weight"] = torch.zeros(D_OUT, 4)
     mixed = reply(5, tensors, extra_metrics={LORA_RANK: 8})
     _, fractional = site_reply(6, base, 8, seed=6, declared=7.5)
-    strategy.aggregate_train(1, [good, lies, above, undeclared, mixed, fractional])
+    _, not_a_number = site_reply(7, base, 8, seed=7, declared=float("nan"))
+    strategy.aggregate_train(1, [good, lies, above, undeclared, mixed, fractional, not_a_number])
     report = strategy.round_report(1)
     assert report.accepted_nodes == [1]
     assert "shape (4, 24)" not in report.rejected[2]
@@ -114,6 +115,7 @@ def test_wrong_declared_rank_or_shapes_are_rejected_with_a_reason() -> None:
     assert "expected (16, 24) at the declared lora-rank 16" in report.rejected[4]
     assert "expected (20, 8) at the declared lora-rank 8" in report.rejected[5]
     assert "lora-rank must be an integer >= 1, got 7.5" in report.rejected[6]
+    assert "lora-rank must be an integer >= 1, got nan" in report.rejected[7]
 
 
 def test_a_factor_wise_method_rejects_other_ranks_with_the_reason() -> None:
