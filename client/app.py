@@ -11,7 +11,11 @@ Train instruction content:
 Train reply content:
     ``"arrays"``: ArrayRecord of the trained LoRA tensors, fp32, exactly the received keys, in
     the received order, with the received shapes;
-    ``"metrics"``: MetricRecord ``{"num-examples": int, "train-loss": float}``.
+    ``"metrics"``: MetricRecord ``{"num-examples": int, "train-loss": float, "lora-rank": int}``.
+    The site trains at its own rank (``workload.model.site_rank``: node-config ``lora-r``, else
+    run-config ``client-ranks[partition-id mod len]``, else ``lora-r``): it receives the global
+    at the federation's largest rank and starts from its truncation to its own rank
+    (``strategies.merging.ranks.adapter_at_rank``), so its reply's tensors have its rank.
     When the instruction says ``uplink = "sparse"``, ``"arrays"`` holds the pruned delta
     instead and a ConfigRecord ``"config"`` says ``{"uplink": "sparse"}`` (``client.uplink``).
 Evaluate instruction content: ``"arrays"`` as above (a ``"config"`` is accepted and ignored).
@@ -53,6 +57,7 @@ from client.privacy import clip_when_asked
 from client.secure_aggregation import secure_aggregation_mod
 from client.uplink import reply_records
 from strategies import wire
+from strategies.merging.ranks import adapter_at_rank
 from workload.config import read_float, read_int
 from workload.kinds import get_task_kind
 from workload.kinds.base import LocalRound
@@ -71,6 +76,28 @@ def _global_adapter(msg: Message) -> dict[str, torch.Tensor]:
         )
     state = records[wire.ARRAYS].to_torch_state_dict()
     return {key: tensor.to(dtype=torch.float32) for key, tensor in state.items()}
+
+
+def site_start(
+    global_state: dict[str, torch.Tensor], lora: LoraSettings
+) -> dict[str, torch.Tensor]:
+    """The adapter this site starts from: the global truncated to the site's rank
+    (``adapter_at_rank``; the global itself at its own rank). A site whose rank is above the
+    global's is refused: the server keeps the global at the largest rank in use."""
+    a_keys = [key for key in global_state if ".lora_A." in key]
+    if not a_keys:
+        return global_state  # set_lora_state says what is missing
+    global_rank = int(global_state[a_keys[0]].shape[0])
+    if lora.r == global_rank:
+        return global_state
+    if lora.r > global_rank:
+        raise ValueError(
+            f"this site's LoRA rank {lora.r} (node-config 'lora-r', or run-config "
+            f"'client-ranks') is above the global adapter's rank {global_rank}; the server keeps "
+            "the global at max(client-ranks) (or lora-r): list this rank in run-config "
+            "'client-ranks', or lower the node's 'lora-r'"
+        )
+    return adapter_at_rank(global_state, lora.r).tensors
 
 
 def _message_config(msg: Message) -> ConfigRecord:
@@ -97,15 +124,19 @@ def _train_config(msg: Message) -> tuple[int, float | None]:
 def train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train it on local data, reply with its LoRA tensors and metrics."""
     started = time.perf_counter()
-    lora = LoraSettings.from_run_config(context.run_config)
+    lora = LoraSettings.for_site(context.run_config, context.node_config)
     kind = get_task_kind(lora.task)
     server_round, learning_rate = _train_config(msg)
     run = LocalRound(context.run_config, context.node_config, server_round, learning_rate)
-    global_state = _global_adapter(msg)
-    result = kind.train_round(lora, run, global_state)
-    records = reply_records(result.trained, global_state, _message_config(msg))
+    start = site_start(_global_adapter(msg), lora)
+    result = kind.train_round(lora, run, start)
+    records = reply_records(result.trained, start, _message_config(msg))
     metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: result.num_examples, wire.TRAIN_LOSS: result.train_loss}
+        {
+            wire.NUM_EXAMPLES: result.num_examples,
+            wire.TRAIN_LOSS: result.train_loss,
+            wire.LORA_RANK: lora.r,
+        }
     )
     log(
         INFO,
@@ -121,10 +152,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Load the global adapter, score it on local held-out data, reply with metrics only."""
-    lora = LoraSettings.from_run_config(context.run_config)
+    """Load the global adapter, score it (truncated to this site's rank) on local held-out data,
+    reply with metrics only."""
+    lora = LoraSettings.for_site(context.run_config, context.node_config)
     kind = get_task_kind(lora.task)
     run = LocalRound(context.run_config, context.node_config)
-    scores = kind.evaluate_local(lora, run, _global_adapter(msg))
+    scores = kind.evaluate_local(lora, run, site_start(_global_adapter(msg), lora))
     metrics = MetricRecord({name: value for name, value in scores.items()})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

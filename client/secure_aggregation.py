@@ -110,6 +110,14 @@ def train_terms(msg: Message, context: Context, train: Handler) -> Message:
     trained = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
     metrics = reply.content.metric_records.get(wire.METRICS)
     train_loss = float(metrics[wire.TRAIN_LOSS]) if metrics and wire.TRAIN_LOSS in metrics else 0.0  # type: ignore[arg-type]
+    odd = [key for key, value in global_state.items() if trained[key].shape != value.shape]
+    if odd:
+        raise ValueError(
+            f"this site trained shape {tuple(trained[odd[0]].shape)} for {odd[0]!r} but the global "
+            f"is {tuple(global_state[odd[0]].shape)}: secure aggregation sums same-shaped terms, "
+            "so every site must train the global's rank (no node-config 'lora-r', no run-config "
+            "'client-ranks' with different ranks)"
+        )
     delta = {key: trained[key].to(torch.float32) - value for key, value in global_state.items()}
     terms = client_terms(delta, method)
     layout = TermLayout.for_adapter(

@@ -125,7 +125,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
     # Refuses what SecAgg+ cannot honour, before anything is loaded.
     secure_workflow = check_secure_aggregation(settings)
-    lora = LoraSettings.from_run_config(context.run_config)
+    # The global adapter lives at the largest rank in use (run-config client-ranks, else
+    # lora-r), at the run config's alpha / r; every site starts from its truncation.
+    lora = LoraSettings.for_global(context.run_config)
     kind = get_task_kind(settings.task)
     workload = server_workload(settings)
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strategies.combinations import combination_refusal, robust_refusal
+from strategies.combinations import combination_refusal, mixed_rank_refusal, robust_refusal
 from strategies.merging import available_methods
 from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
@@ -66,6 +66,7 @@ class ServerSettings:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
     robust: RobustSettings = field(default_factory=RobustSettings)
+    client_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         refusal = combination_refusal(
@@ -73,6 +74,20 @@ class ServerSettings:
         ) or robust_refusal(self.robust, self.uplink)
         if refusal is not None:
             raise ConfigError(f"run config: {refusal}")
+        if len(set(self.client_ranks)) > 1 and not self.secure_aggregation:
+            mixed = mixed_rank_refusal(
+                self.merge_method,
+                self.merge_mode,
+                self.merge_target,
+                self.uplink,
+                self.robust,
+                self.dp,
+            )
+            if mixed is not None:
+                raise ConfigError(
+                    f"run config 'client-ranks' = {','.join(map(str, self.client_ranks))!r} "
+                    f"mixes LoRA ranks, refused: {mixed} (or give every site one rank)"
+                )
         if self.dp != "none" and self.uplink == "sparse":
             raise ConfigError(
                 f"run config 'dp' = {self.dp!r} needs uplink = 'dense': Flower's DP wrappers "
@@ -133,6 +148,7 @@ class ServerSettings:
                 krum_select=reader.integer("robust-krum-select"),
                 trim_fraction=reader.number("robust-trim-fraction"),
             ),
+            client_ranks=reader.ranks("client-ranks"),
         )
 
 

@@ -178,6 +178,14 @@ def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | N
             "never sees under secure aggregation; set robust-clip = false",
         ),
         (
+            len(set(settings.client_ranks)) > 1,
+            "client-ranks",
+            f"is {','.join(map(str, settings.client_ranks))!r}: SecAgg+ sums every client's "
+            "terms entry by entry, so every site must train the same rank (terms of different "
+            "ranks do not line up, and each site's truncation of the global would have to be "
+            "known to the sum); set client-ranks = '' or one rank",
+        ),
+        (
             settings.fraction_evaluate > 0,
             "fraction-evaluate",
             f"is {settings.fraction_evaluate:g}: client-side evaluation is not wired into the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from strategies.merging import create_method
 from strategies.merging.method import MergeMethod, RoundFormError
+from strategies.merging.ranks import mixed_rank_support
 from strategies.robust import RobustSettings
 
 
@@ -72,5 +73,52 @@ def robust_refusal(robust: RobustSettings, uplink: str) -> str | None:
             "already pruned their deltas and computed RobustMerge's scales from them, which a "
             "rewrite on the server would not match; use uplink = 'dense', or robust-aggregation "
             "'norm' or 'krum' with robust-clip = false (rejecting and selecting need no rewrite)"
+        )
+    return None
+
+
+def mixed_rank_refusal(
+    merge_method: str,
+    mode: str,
+    merge_target: str,
+    uplink: str,
+    robust: RobustSettings,
+    dp: str = "none",
+) -> str | None:
+    """Why these settings cannot merge sites of different LoRA ranks (run-config
+    ``client-ranks`` with different entries, or a node-config ``lora-r`` other than the
+    global's), a sentence naming the keys; None when they can (docs: strategy, "Mixed ranks").
+
+    The server refuses such a run at start-up, and a reply of another rank at run time.
+    """
+    try:
+        method = round_method(merge_method, merge_target, {"mode": mode})
+    except (RoundFormError, TypeError, ValueError):
+        method = create_method(merge_method)
+    support = mixed_rank_support(method)
+    if not support.mixed_ranks:
+        return f"merge-method {merge_method!r} (merge-mode {mode!r}): {support.reason}"
+    if merge_target != "delta":
+        return (
+            "merge-target 'adapter' averages full products, of which lower-rank sites were sent "
+            "only a truncation (FlexLoRA's form, which shrinks the global's trailing directions "
+            "every round); set merge-target = 'delta'"
+        )
+    if uplink != "dense":
+        return (
+            "uplink 'sparse' sends pruned factor deltas laid out at the global's rank; set "
+            "uplink = 'dense'"
+        )
+    if robust.selects or robust.rewrites_coordinates or robust.clip:
+        what = "robust-clip = true" if robust.clip else f"robust-aggregation {robust.aggregation!r}"
+        return (
+            f"{what} compares or rewrites the clients' factors coordinate by coordinate, and "
+            "factors of different ranks do not line up; use robust-aggregation 'norm' (the "
+            "screen works on each site's own update norm) or 'none', with robust-clip = false"
+        )
+    if dp != "none":
+        return (
+            f"dp {dp!r}: Flower's DP wrappers clip each update against the global adapter, "
+            "which needs its shapes; set dp = 'none'"
         )
     return None

@@ -22,7 +22,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies import wire
-from strategies.combinations import combination_refusal, robust_refusal, round_method
+from strategies.combinations import (
+    combination_refusal,
+    mixed_rank_refusal,
+    robust_refusal,
+    round_method,
+)
 from strategies.merging import (
     accepted_hyperparameters,
     available_methods,
@@ -32,6 +37,7 @@ from strategies.merging import (
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.diagnostics import DirectionScore, direction_score, factorwise_gap
 from strategies.merging.errors import MergeInputError
+from strategies.merging.ranks import SiteAdapter, adapter_at_rank
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import TARGETS, apply_server_step, global_change_norm, merge_round
 from strategies.reply_checks import (
@@ -40,6 +46,8 @@ from strategies.reply_checks import (
     ReplyRejectedError,
     check_num_examples,
     check_train_reply,
+    global_rank,
+    reply_rank,
     state_dict_to_record,
 )
 from strategies.robust import RobustSettings, clip_scale, norm_bound
@@ -73,6 +81,12 @@ class FedRobustMerge(FedAvg):
     global back to rank r. With ``merge_target="adapter"`` the clients' full adapters are merged
     instead (round 1 is then the paper's one-shot merge, bit for bit) and
     ``global <- global + server_lr * (merged - global)``.
+
+    Sites may train lower LoRA ranks than the global's (issue 16, docs/strategy.md "Mixed
+    ranks"): a reply's ``lora-rank`` sets the shapes it must have, each site is taken to have
+    started from the global truncated to its rank (``ranks.adapter_at_rank``, as the client
+    computes it), and product-space methods merge them (``ranks.merge_mixed_ranks``); settings
+    that cannot (``combinations.mixed_rank_refusal``) reject such replies with the reason.
 
     Parameters
     ----------
@@ -216,10 +230,17 @@ class FedRobustMerge(FedAvg):
         self.diagnostics_modules = diagnostics_modules
         self.seed = seed
         self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
+        # Why a reply of another LoRA rank than the global's is refused (None: accepted).
+        self.other_ranks_refused = mixed_rank_refusal(
+            merge_method, mode, merge_target, uplink, self.robust
+        )
         # The training round in progress (or the last one closed); see ``round_report``.
         self.round: RoundState | None = None
         # The accepted update norms of earlier rounds (the screen's history; checkpointed).
         self.norm_history: deque[float] = deque(maxlen=self.robust.history)
+        # Each node's LoRA rank, from its first checked reply (checkpointed with the screen's
+        # history): a later reply of another rank is rejected.
+        self.node_ranks: dict[int, int] = {}
 
     @property
     def current_global(self) -> dict[str, torch.Tensor] | None:
@@ -476,8 +497,18 @@ class FedRobustMerge(FedAvg):
         """The form the merge method runs in (``strategies.merging.method.FORMS``)."""
         return str(getattr(self.method, "form", "round"))
 
-    def _accept(self, replies: list[Message], report: RoundReport) -> list[AcceptedReply]:
+    def _accept(
+        self, replies: list[Message], report: RoundReport, *, wrapped: bool = False
+    ) -> list[AcceptedReply]:
+        """The replies that pass every check, in content order, screened; ``wrapped``: a DP
+        wrapper will clip them against the global, so only the global's rank is accepted."""
         assert self.current_global is not None
+        other_ranks_refused = self.other_ranks_refused
+        if wrapped and other_ranks_refused is None:
+            other_ranks_refused = (
+                "Flower's DP wrappers clip each update against the global adapter, which needs "
+                "its shapes (dp with mixed ranks is refused)"
+            )
         shapes = {key: tuple(value.shape) for key, value in self.current_global.items()}
         senders = Counter(msg.metadata.src_node_id for msg in replies)
         accepted: list[AcceptedReply] = []
@@ -504,8 +535,11 @@ class FedRobustMerge(FedAvg):
                         arrayrecord_key=self.arrayrecord_key,
                         weighted_by_key=self.weighted_by_key,
                         max_num_examples=self.max_num_examples,
+                        other_ranks_refused=other_ranks_refused,
                     )
+                self._check_site_rank(reply)
                 self._check_update_norm(reply, report)
+                self._record_rank(reply, report)
             except ReplyRejectedError as rejection:
                 _reject(report, node, rejection.reason, privacy=rejection.privacy)
                 continue
@@ -619,13 +653,21 @@ class FedRobustMerge(FedAvg):
                 self.norm_history.append(min(seen[node], bound))
 
     def robust_state(self) -> dict[str, Any]:
-        """The screen's history, for checkpoints (restored by ``restore_robust_state``)."""
-        return {"norm-history": list(self.norm_history)}
+        """The screen's history and each node's rank, for checkpoints (restored by
+        ``restore_robust_state``)."""
+        return {
+            "norm-history": list(self.norm_history),
+            "node-ranks": {str(node): rank for node, rank in self.node_ranks.items()},
+        }
 
     def restore_robust_state(self, state: Mapping[str, Any]) -> None:
-        """Resume the screen's history from a checkpoint's ``robust_state``."""
+        """Resume the screen's history and the nodes' ranks from a checkpoint's
+        ``robust_state``."""
         self.norm_history.clear()
         self.norm_history.extend(float(norm) for norm in state.get("norm-history", []))
+        self.node_ranks = {
+            int(node): int(rank) for node, rank in state.get("node-ranks", {}).items()
+        }
 
     def screen_train_replies(
         self, server_round: int, replies: Iterable[Message]
@@ -639,7 +681,7 @@ class FedRobustMerge(FedAvg):
         messages = list(replies)
         scratch = RoundReport(server_round=server_round)
         state.prescreen = None
-        self._accept(messages, scratch)
+        self._accept(messages, scratch, wrapped=True)
         state.prescreen = scratch
         kept_nodes = set(scratch.accepted_nodes)
         return [m for m in messages if m.metadata.src_node_id in kept_nodes], scratch.rejected
@@ -648,13 +690,61 @@ class FedRobustMerge(FedAvg):
         """Record the reply's update norm (for the screen) and apply max-update-norm."""
         if self.max_update_norm is None and not self.robust.screens:
             return
-        assert self.current_global is not None
-        norm = update_norm(reply, self.current_global)
+        norm = update_norm(reply, self.start_of(reply))
         if self.max_update_norm is not None and norm > self.max_update_norm:
             raise ReplyRejectedError(
                 f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:.4g}"
             )
         report.update_norms[reply.node_id] = norm
+
+    def site_start(self, rank: int) -> SiteAdapter:
+        """What a site of LoRA rank ``rank`` started this round from: the global truncated to
+        its rank (``ranks.adapter_at_rank``, what the client computes on receipt; cached for the
+        round)."""
+        state = self.round
+        assert state is not None
+        if rank not in state.site_starts:
+            state.site_starts[rank] = adapter_at_rank(state.global_tensors, rank)
+        return state.site_starts[rank]
+
+    def start_of(self, reply: AcceptedReply) -> Mapping[str, torch.Tensor]:
+        """The adapter ``reply``'s site started from: the global, or its truncation to the
+        reply's rank."""
+        assert self.current_global is not None
+        rank = reply_rank(reply)
+        if rank is None or rank == self.global_rank():
+            return self.current_global
+        return self.site_start(rank).tensors
+
+    def global_rank(self) -> int | None:
+        """The open round's global LoRA rank."""
+        assert self.current_global is not None
+        return global_rank({k: tuple(v.shape) for k, v in self.current_global.items()})
+
+    def _check_site_rank(self, reply: AcceptedReply) -> None:
+        """A node trains one rank for the whole run: the first rank it replied with is its own,
+        and a reply of another rank is rejected (its rank decides what the server takes it to
+        have started from)."""
+        rank = reply_rank(reply)
+        if rank is None:
+            return
+        own = self.node_ranks.setdefault(reply.node_id, rank)
+        if rank != own:
+            raise ReplyRejectedError(
+                f"{wire.LORA_RANK} {rank}, but this node trained rank {own} in earlier rounds: a "
+                "site keeps one rank for the whole run (restart the run to change a node's "
+                "node-config 'lora-r')"
+            )
+
+    def _record_rank(self, reply: AcceptedReply, report: RoundReport) -> None:
+        """Each site's rank and the truncation error of what it started from (metrics.json)."""
+        rank = reply_rank(reply)
+        if rank is None:
+            return
+        report.site_ranks[reply.node_id] = rank
+        report.site_truncation_errors[reply.node_id] = (
+            0.0 if rank == self.global_rank() else self.site_start(rank).relative_error
+        )
 
     def _merge(self, accepted: list[AcceptedReply], report: RoundReport) -> dict[str, torch.Tensor]:
         assert self.current_global is not None
@@ -667,6 +757,7 @@ class FedRobustMerge(FedAvg):
             result = merge_sparse_replies(sparse, self.sparse_method, weights, self.device)
             apply_server_step(base, result.tensors, self.server_lr, self.merge_target)
         else:
+            ranks = {reply_rank(reply) for reply in accepted} - {self.global_rank()}
             result = merge_round(
                 base,
                 [ReplyTensors(reply) for reply in accepted],
@@ -676,13 +767,16 @@ class FedRobustMerge(FedAvg):
                 target=self.merge_target,
                 device=self.device,
                 labels=[f"node {reply.node_id}" for reply in accepted],
+                sent={rank: self.site_start(rank).tensors for rank in ranks if rank is not None},
             )
         report.merge_seconds = result.report.seconds
         report.relative_error = result.report.relative_error
         report.update_relative_error = result.report.update_relative_error
         new_global = result.tensors
         report.merged_update_norm = global_change_norm(base, new_global)
-        self._score_directions(accepted, new_global, report, weights)
+        if all(reply_rank(reply) == self.global_rank() for reply in accepted):
+            # The diagnostics compare factors with the global's: equal ranks only.
+            self._score_directions(accepted, new_global, report, weights)
         return new_global
 
     def _score_directions(
@@ -765,6 +859,10 @@ class FedRobustMerge(FedAvg):
             metrics["update-truncation-error"] = report.update_relative_error
         if report.factorwise_gap is not None:
             metrics["factorwise-gap"] = report.factorwise_gap
+        if len(set(report.site_ranks.values())) > 1 or any(report.site_truncation_errors.values()):
+            errors = list(report.site_truncation_errors.values())
+            metrics["site-truncation-error-max"] = max(errors)
+            metrics["site-rank-min"] = min(report.site_ranks.values())
         if report.direction_scores:
             cosines = [s["cosine"] for s in report.direction_scores.values()]
             retained = [s["retained"] for s in report.direction_scores.values()]
@@ -822,7 +920,7 @@ def weighted_metrics(
     for count, content in replies:
         for record in content.metric_records.values():
             for key, value in record.items():
-                if key == wire.NUM_EXAMPLES or isinstance(value, (list, bool)):
+                if key in (wire.NUM_EXAMPLES, wire.LORA_RANK) or isinstance(value, (list, bool)):
                     continue
                 number = float(value)
                 if not math.isfinite(number):

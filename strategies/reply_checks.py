@@ -67,6 +67,45 @@ def reply_payload(
     return content, arrays, num_examples
 
 
+def global_rank(global_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The global adapter's LoRA rank (rows of its first lora_A), None without LoRA factors."""
+    for key, shape in global_shapes.items():
+        if ".lora_A." in key and is_lora_key(key) and shape:
+            return int(shape[0])
+    return None
+
+
+def shapes_at_rank(
+    global_shapes: Mapping[str, tuple[int, ...]], rank: int
+) -> dict[str, tuple[int, ...]]:
+    """The global's shapes at LoRA rank ``rank``: lora_A (rank, d_in), lora_B (d_out, rank),
+    every other key unchanged."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, shape in global_shapes.items():
+        if is_lora_key(key) and ".lora_A." in key and len(shape) == 2:
+            shapes[key] = (rank, shape[1])
+        elif is_lora_key(key) and ".lora_B." in key and len(shape) == 2:
+            shapes[key] = (shape[0], rank)
+        else:
+            shapes[key] = tuple(shape)
+    return shapes
+
+
+def declared_rank(content: RecordDict, default: int) -> int:
+    """The reply's ``lora-rank`` metric (an integer >= 1), or ``default`` when no MetricRecord
+    carries it (a client from before mixed ranks trains the global's rank)."""
+    records = [r for r in content.metric_records.values() if wire.LORA_RANK in r]
+    if not records:
+        return default
+    if len(records) > 1:
+        raise ReplyRejectedError(f"{len(records)} MetricRecords carry {wire.LORA_RANK!r}")
+    value = records[0][wire.LORA_RANK]
+    number = float(value) if not isinstance(value, (list, bool)) else math.nan
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        raise ReplyRejectedError(f"{wire.LORA_RANK} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
 def check_train_reply(
     message: Message,
     global_shapes: Mapping[str, tuple[int, ...]],
@@ -74,11 +113,34 @@ def check_train_reply(
     arrayrecord_key: str = wire.ARRAYS,
     weighted_by_key: str = wire.NUM_EXAMPLES,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+    other_ranks_refused: str | None = "",
 ) -> AcceptedReply:
-    """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why."""
+    """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why.
+
+    The reply's ``lora-rank`` (default: the global's) sets the shapes its LoRA tensors must
+    have (``shapes_at_rank``); it may not exceed the global's rank. A rank other than the
+    global's is accepted only when ``other_ranks_refused`` is None; otherwise the reply is
+    rejected with that reason (default "": this caller takes the global's rank only).
+    """
     content, arrays, num_examples = reply_payload(
         message, arrayrecord_key, weighted_by_key, max_num_examples
     )
+    rank_of_global = global_rank(global_shapes)
+    if rank_of_global is not None:
+        rank = declared_rank(content, rank_of_global)
+        if rank > rank_of_global:
+            raise ReplyRejectedError(
+                f"{wire.LORA_RANK} {rank} is above the global adapter's rank {rank_of_global}: "
+                "the server keeps the global at the largest rank in use (run-config "
+                "'client-ranks', or 'lora-r'); list this site's rank there or lower its "
+                "node-config 'lora-r'"
+            )
+        if rank != rank_of_global and other_ranks_refused is not None:
+            raise ReplyRejectedError(
+                f"{wire.LORA_RANK} {rank} differs from the global adapter's rank "
+                f"{rank_of_global}" + (f": {other_ranks_refused}" if other_ranks_refused else "")
+            )
+        global_shapes = shapes_at_rank(global_shapes, rank)
     keys = set(arrays.keys())
     expected = set(global_shapes)
     sparse = sorted(key for key in keys - expected if is_wire_key(key))
@@ -107,8 +169,12 @@ def check_train_reply(
                 f"key {key!r}: dtype {values.dtype.name} (expected float16 or float32)"
             )
         if tuple(values.shape) != tuple(global_shapes[key]):
+            at_rank = (
+                f" at the declared {wire.LORA_RANK} {rank}" if rank_of_global is not None else ""
+            )
             raise ReplyRejectedError(
-                f"key {key!r}: shape {tuple(values.shape)} (expected {tuple(global_shapes[key])})"
+                f"key {key!r}: shape {tuple(values.shape)} (expected "
+                f"{tuple(global_shapes[key])}{at_rank})"
             )
         if not bool(np.isfinite(values).all()):
             raise ReplyRejectedError(f"key {key!r}: non-finite values (NaN or Inf)")
@@ -119,6 +185,16 @@ def check_train_reply(
         num_bytes=arrays.count_bytes(),
         content=content,
     )
+
+
+def reply_rank(reply: AcceptedReply) -> int | None:
+    """An accepted reply's LoRA rank (rows of its first lora_A; checked against its declared
+    ``lora-rank`` on acceptance), None without LoRA factors or for a sparse-uplink reply
+    (whose wire keys are at the global's rank)."""
+    for key in reply.arrays:
+        if ".lora_A." in key and is_lora_key(key) and not is_wire_key(key):
+            return int(reply.tensor(key).shape[0])
+    return None
 
 
 def decode_float32(arrays: ArrayRecord, key: str) -> torch.Tensor:

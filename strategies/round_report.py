@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from strategies.merging.ranks import SiteAdapter
 from strategies.robust import NormBound
 
 
@@ -43,6 +44,11 @@ class RoundReport:
     krum_dropped: list[int] = field(default_factory=list)
     clamped_fraction: float | None = None
     secure_status: str | None = None
+    # Mixed ranks (issue 16): each accepted site's LoRA rank and the relative truncation error
+    # of the global it started from, ||B_G A_G - B_k A_k||_F / ||B_G A_G||_F over every module
+    # (0 at the global's rank).
+    site_ranks: dict[int, int] = field(default_factory=dict)
+    site_truncation_errors: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy (node ids as strings)."""
@@ -68,6 +74,11 @@ class RoundReport:
                 "clamped-fraction": self.clamped_fraction,
             },
         }
+        if self.site_ranks:
+            record["site-ranks"] = {str(node): rank for node, rank in self.site_ranks.items()}
+            record["site-truncation-errors"] = {
+                str(node): error for node, error in self.site_truncation_errors.items()
+            }
         if self.secure_status is not None:
             record["secure-aggregation"] = self.secure_status
             record["clients-summed"] = len(self.accepted_nodes)
@@ -88,6 +99,9 @@ class RoundState:
     report: RoundReport
     prescreen: RoundReport | None = None
     closed: bool = False
+    # The adapter a site of each rank below the global's started from (mixed ranks; computed
+    # on first use, the same ``ranks.adapter_at_rank`` the clients run).
+    site_starts: dict[int, SiteAdapter] = field(default_factory=dict)
 
     @classmethod
     def open(cls, server_round: int, global_tensors: dict[str, torch.Tensor]) -> RoundState:

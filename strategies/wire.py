@@ -23,7 +23,9 @@ train reply            ``ARRAYS``: the trained LoRA tensors, fp32, the received 
 (client -> server)     order (dense), or the pruned delta in the wire form of
                        ``strategies.sparse_codec`` (sparse, then ``CONFIG`` = {``UPLINK``:
                        "sparse"}).
-                       ``METRICS`` ("metrics"): MetricRecord {``NUM_EXAMPLES``, ``TRAIN_LOSS``}.
+                       ``METRICS`` ("metrics"): MetricRecord {``NUM_EXAMPLES``, ``TRAIN_LOSS``,
+                       ``LORA_RANK`` ("lora-rank", int: the rank the site trained; its tensors
+                       are A r x d_in, B d_out x r at that rank, see ``strategies.merging.ranks``)}.
 evaluate instruction   ``ARRAYS`` as above; ``CONFIG`` with ``SERVER_ROUND`` (read by nobody).
 evaluate reply         ``METRICS``: {``NUM_EXAMPLES``, ``EVAL_LOSS``, and ``EVAL_ACCURACY``
                        (classification) or ``EVAL_PERPLEXITY`` (causal-lm)}.
@@ -58,6 +60,8 @@ LEARNING_RATE: Final = "learning-rate"
 # Reply MetricRecord keys.
 NUM_EXAMPLES: Final = "num-examples"
 TRAIN_LOSS: Final = "train-loss"
+# The LoRA rank the site trained at (its reply's tensors have that rank; issue 16).
+LORA_RANK: Final = "lora-rank"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACCURACY: Final = "eval-accuracy"
 EVAL_PERPLEXITY: Final = "eval-perplexity"

@@ -27,7 +27,11 @@ from typing import Any, Literal
 
 from strategies import wire
 
-Kind = Literal["integer", "number", "boolean", "string", "choice", "names"]
+Kind = Literal["integer", "number", "boolean", "string", "choice", "names", "ranks"]
+
+# The largest LoRA rank a site may choose (run-config ``client-ranks``, node-config ``lora-r``):
+# far above what LoRA fine-tuning uses (4-256), low enough that a typo (8000) is caught.
+MAX_LORA_RANK = 1024
 
 # Run-config ``train-factors``: which LoRA factors a client trains. "ab" both; "b" only every
 # lora_B, with every lora_A frozen at the global value (FFA-LoRA, Sun et al., ICLR 2024).
@@ -139,8 +143,11 @@ SCHEMA: Mapping[str, Setting] = {
     # Task kind, model and LoRA
     "task": _c("classification", "task kind (workload.kinds registry)"),
     "model": _s("", "base model; '' = the embedded all-MiniLM-L6-v2"),
-    "lora-r": _i(8, "LoRA rank", low=1),
+    "lora-r": _i(8, "LoRA rank", low=1, high=MAX_LORA_RANK),
     "lora-alpha": _i(16, "LoRA alpha", low=1),
+    "client-ranks": Setting(
+        "ranks", "", "simulation: partition i trains rank i mod len ('' = lora-r)", 1, MAX_LORA_RANK
+    ),
     "lora-dropout": _n(0.0, "LoRA dropout", 0.0, 1.0, high_open=True),
     "target-modules": _s("auto", "modules LoRA wraps (comma-separated, or auto)"),
     # Local training
@@ -320,6 +327,31 @@ class Reader:
                 f"allowed: {list(allowed or ())}"
             )
         return names
+
+    def ranks(self, key: str, default: str | None = None) -> tuple[int, ...]:
+        """A comma-separated list of LoRA ranks (integers within the key's bounds, repeats
+        allowed, order kept); "" is no ranks."""
+        value = self._value(key, default)
+        low, high, _, _ = self._bounds(key, 1, None, False, False)
+        setting = SCHEMA.get(key)
+        if setting is not None and setting.high is not None:
+            high = setting.high
+        allowed = f"a comma-separated list of ranks, each {_int_range(low, high)} (e.g. '4,8,16')"
+        if not isinstance(value, str):
+            raise self._fail(key, f"{allowed} or ''", value)
+        raw = value.strip()
+        if not raw:
+            return ()
+        parts = [part.strip() for part in raw.split(",")]
+        ranks: list[int] = []
+        for part in parts:
+            if not part.isdigit():
+                raise self._fail(key, allowed, value)
+            rank = int(part)
+            if (low is not None and rank < low) or (high is not None and rank > high):
+                raise self._fail(key, allowed, value)
+            ranks.append(rank)
+        return tuple(ranks)
 
 
 def read_int(

@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,15 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, PretrainedConfig
 
-from workload.config import TRAIN_FACTORS, read_float, read_int, read_names, read_str
+from workload.config import (
+    MAX_LORA_RANK,
+    TRAIN_FACTORS,
+    Reader,
+    read_float,
+    read_int,
+    read_names,
+    read_str,
+)
 from workload.kinds.registry import available_task_kinds, get_task_kind
 
 ADAPTER_NAME = "default"
@@ -74,8 +82,10 @@ class LoraSettings:
         ``""`` for the embedded all-MiniLM-L6-v2, else a local model folder or a cached name.
     r : int (default: 8)
         LoRA rank.
-    alpha : int (default: 16)
-        LoRA scaling numerator; the update is ``(alpha / r) * B @ A``.
+    alpha : float (default: 16)
+        LoRA scaling numerator; the update is ``(alpha / r) * B @ A``. Sites of other ranks
+        than run-config ``lora-r`` keep alpha / r fixed (``with_rank``), so alpha may be a
+        fraction there.
     dropout : float (default: 0.0)
         Dropout on the LoRA input during training, in [0, 1).
     target_modules : tuple[str, ...] (default: ("auto",))
@@ -88,7 +98,7 @@ class LoraSettings:
 
     model: str = ""
     r: int = 8
-    alpha: int = 16
+    alpha: float = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = AUTO_TARGETS
     task: str = "classification"
@@ -104,14 +114,56 @@ class LoraSettings:
         default = cls()
         return cls(
             model=read_str(config, "model", default.model),
-            r=read_int(config, "lora-r", default.r, minimum=1),
-            alpha=read_int(config, "lora-alpha", default.alpha, minimum=1),
+            r=read_int(config, "lora-r", default.r, minimum=1, maximum=MAX_LORA_RANK),
+            alpha=read_int(config, "lora-alpha", int(default.alpha), minimum=1),
             dropout=read_float(
                 config, "lora-dropout", default.dropout, low=0.0, high=1.0, high_open=True
             ),
             target_modules=read_names(config, "target-modules", ",".join(default.target_modules)),
             task=_read_task(config),
         )
+
+    def with_rank(self, rank: int) -> LoraSettings:
+        """These settings at LoRA rank ``rank`` with the same scaling alpha / r.
+
+        Every site of a mixed-rank federation, and the global adapter, scales its update by the
+        run config's lora-alpha / lora-r, so a product B A means the same weight change at every
+        rank and the server merges and truncates products without per-site factors (docs:
+        strategy, "Mixed ranks"). ``alpha`` stays an int when alpha * rank / r is whole.
+        """
+        if rank == self.r:
+            return self
+        alpha = self.alpha * rank / self.r
+        return replace(self, r=rank, alpha=int(alpha) if float(alpha).is_integer() else alpha)
+
+    @classmethod
+    def for_global(cls, config: Mapping[str, Any]) -> LoraSettings:
+        """The global adapter's settings: rank max(run-config ``client-ranks``), or ``lora-r``
+        when that is empty (the largest rank in use), at the run config's alpha / r."""
+        settings = cls.from_run_config(config)
+        ranks = Reader(config).ranks("client-ranks")
+        return settings.with_rank(max(ranks)) if ranks else settings
+
+    @classmethod
+    def for_site(
+        cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    ) -> LoraSettings:
+        """A site's settings: at ``site_rank`` (see there), at the run config's alpha / r."""
+        return cls.from_run_config(run_config).with_rank(site_rank(run_config, node_config))
+
+
+def site_rank(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int:
+    """The LoRA rank a site trains: node-config ``lora-r`` when the node sets it (deployment),
+    else run-config ``client-ranks[partition-id mod len]`` (simulation), else run-config
+    ``lora-r``. Each is an integer in [1, MAX_LORA_RANK]; a bad one raises ConfigError naming
+    the key and where it came from."""
+    if "lora-r" in node_config:
+        return Reader(node_config, "node config").integer("lora-r", 8, low=1, high=MAX_LORA_RANK)
+    ranks = Reader(run_config).ranks("client-ranks")
+    if ranks and "partition-id" in node_config:
+        partition = Reader(node_config, "node config").integer("partition-id", 0, low=0)
+        return ranks[partition % len(ranks)]
+    return Reader(run_config).integer("lora-r")
 
 
 def _read_task(config: Mapping[str, Any]) -> str:
@@ -173,7 +225,7 @@ def peft_config(settings: LoraSettings, config: PretrainedConfig | None = None) 
     return LoraConfig(
         task_type=peft_task_type(settings),
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT computes alpha / r; a float works
         lora_dropout=settings.dropout,
         target_modules=list(resolve_target_modules(settings, config)),
         bias="none",

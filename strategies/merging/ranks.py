@@ -107,6 +107,7 @@ import torch
 from strategies.merging.api import normalised_weights
 from strategies.merging.errors import MergeInputError
 from strategies.merging.exact_mean import ExactMean
+from strategies.merging.lora_keys import parse_layout
 from strategies.merging.lowrank import low_rank_energy, truncate_product
 from strategies.merging.method import MergeMethod, PairMerge, task_coefficients
 from strategies.merging.robustmerge import RobustMerge
@@ -273,6 +274,77 @@ def dead_directions(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """
     _check_pair(b, a)
     return (b == 0).all(dim=0) & (a == 0).all(dim=1)
+
+
+def site_pair(b: torch.Tensor, a: torch.Tensor, rank: int) -> PairMerge:
+    """The pair a site of rank ``rank`` starts its round from (what it was "sent").
+
+    ``truncate_to_rank(B, A, rank)``, then every dead direction (``dead_directions``: zero B
+    column and zero A row, because B A has rank below ``rank``) takes the global's own A row
+    of that index (``slice_to_rank``), so it trains. The product is unchanged (those B columns
+    stay zero), so ``relative_error`` is the truncation's. At round 0 (PEFT's B = 0) every
+    direction is dead and this is the global's leading ``rank`` rows of A with B = 0, the
+    slice; a site whose rank equals the global's gets the global bit for bit. Deterministic,
+    so the server recomputes exactly what a site started from. float32.
+    """
+    pair = truncate_to_rank(b, a, rank)
+    dead = dead_directions(pair.b, pair.a)
+    if bool(dead.any()):
+        _, a_slice = slice_to_rank(b, a, rank)
+        a_start = pair.a.clone()
+        a_start[dead] = a_slice[dead].to(a_start.device)
+        return PairMerge(
+            a=a_start,
+            b=pair.b,
+            relative_error=pair.relative_error,
+            truncated_energy=pair.truncated_energy,
+            total_energy=pair.total_energy,
+        )
+    return pair
+
+
+@dataclass(frozen=True)
+class SiteAdapter:
+    """A whole adapter at one site's rank: ``tensors`` (float32, the global's keys and order)
+    and the truncation's ``relative_error`` over every module, sqrt(sum dropped / sum total)."""
+
+    tensors: dict[str, torch.Tensor]
+    relative_error: float
+
+
+def adapter_at_rank(tensors: Mapping[str, torch.Tensor], rank: int) -> SiteAdapter:
+    """Every LoRA module of an adapter through ``site_pair`` at ``rank`` (other keys as they are).
+
+    ``tensors``: a saved adapter's keys (``lora_A``: r x d_in, ``lora_B``: d_out x r, 2-D). A
+    module already at ``rank`` is passed through unchanged (same tensor objects, cast to
+    float32), so at the global's rank this is the global itself.
+    """
+    _check_rank(rank)
+    layout = parse_layout(tensors.keys())
+    out: dict[str, torch.Tensor] = {}
+    dropped = total = 0.0
+    for module in layout.modules:
+        a, b = tensors[module.a_key], tensors[module.b_key]
+        if a.dim() != 2 or b.dim() != 2:
+            raise MergeInputError(
+                f"{module.name}: rank truncation needs 2-D factors (Linear LoRA); got A "
+                f"{tuple(a.shape)}, B {tuple(b.shape)}"
+            )
+        if a.shape[0] == rank:
+            out[module.a_key] = a.to(torch.float32)
+            out[module.b_key] = b.to(torch.float32)
+            continue
+        pair = site_pair(b.to(torch.float32), a.to(torch.float32), rank)
+        out[module.a_key] = pair.a.contiguous()
+        out[module.b_key] = pair.b.contiguous()
+        dropped += pair.truncated_energy
+        total += pair.total_energy
+    for key in layout.other_keys:
+        out[key] = tensors[key].to(torch.float32)
+    return SiteAdapter(
+        tensors={key: out[key] for key in tensors},
+        relative_error=(dropped / total) ** 0.5 if total > 0.0 else 0.0,
+    )
 
 
 def mixed_rank_update_terms(

@@ -26,6 +26,7 @@ from strategies.wire import (
     CONFIG,
     EVAL_ACCURACY,
     EVAL_LOSS,
+    LORA_RANK,
     METRICS,
     NUM_EXAMPLES,
     SERVER_ROUND,
@@ -93,8 +94,9 @@ def test_train_reply_holds_only_lora_tensors_and_metrics(
     assert any(not torch.equal(received[k], global_adapter[k]) for k in received)  # It trained.
 
     metrics = content.metric_records[METRICS]
-    assert set(metrics.keys()) == {NUM_EXAMPLES, TRAIN_LOSS}
+    assert set(metrics.keys()) == {NUM_EXAMPLES, TRAIN_LOSS, LORA_RANK}
     assert metrics[NUM_EXAMPLES] == 16
+    assert metrics[LORA_RANK] == 4  # run-config lora-r: no client-ranks, no node-config lora-r
     assert isinstance(metrics[TRAIN_LOSS], float)
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     assert reply.metadata.message_type == "train"
@@ -193,3 +195,53 @@ def test_bad_instructions_fail_loudly(
         )
     with pytest.raises(ValueError, match=r"train config key 'learning-rate'"):
         train(instruction(global_adapter, "train", {SERVER_ROUND: 1, "learning-rate": -1.0}), node)
+
+
+def test_each_site_trains_its_own_rank_and_replies_with_it(tiny_model_dir: Path) -> None:
+    """client-ranks "2,4": partition 0 trains rank 2, partition 1 rank 4 (the global's, the
+    largest), node-config lora-r 3 overrides; each replies with its rank and tensors of it."""
+    config = tiny_run_config(tiny_model_dir, **{"client-ranks": "2,4", "lora-r": 4})
+    global_lora = LoraSettings.for_global(config)
+    assert global_lora.r == 4
+    adapter = initial_adapter(global_lora, seed=0)
+    for node_config, rank in [
+        ({"partition-id": 0}, 2),
+        ({"partition-id": 1}, 4),
+        ({"partition-id": 2}, 2),
+        ({"partition-id": 1, "lora-r": 3}, 3),
+    ]:
+        reply = train(
+            instruction(adapter, "train", {SERVER_ROUND: 1}), context(config, **node_config)
+        )
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert reply.content.metric_records[METRICS][LORA_RANK] == rank
+        arrays = reply.content.array_records[ARRAYS].to_torch_state_dict()
+        assert list(arrays) == list(adapter)
+        for key, tensor in arrays.items():
+            global_shape = tuple(adapter[key].shape)
+            expected = (rank, global_shape[1]) if ".lora_A." in key else (global_shape[0], rank)
+            assert tuple(tensor.shape) == expected, (node_config, key)
+        a_key = next(key for key in arrays if ".lora_A." in key)
+        # Round 0 (B = 0): the site starts from the global's leading rows of A and trains them.
+        assert not torch.equal(arrays[a_key], adapter[a_key][:rank])
+
+
+def test_a_site_above_the_global_rank_fails_naming_the_keys(tiny_model_dir: Path) -> None:
+    """The handler raises; Flower turns it into an error reply the server logs as the reason."""
+    config = tiny_run_config(tiny_model_dir, **{"client-ranks": "2,4"})
+    adapter = initial_adapter(LoraSettings.for_global(config), seed=0)
+    with pytest.raises(ValueError, match=r"rank 8 \(node-config 'lora-r'.*'client-ranks'"):
+        train(
+            instruction(adapter, "train", {SERVER_ROUND: 1}),
+            context(config, **{"partition-id": 0, "lora-r": 8}),
+        )
+
+
+def test_evaluate_scores_the_global_truncated_to_the_site_rank(tiny_model_dir: Path) -> None:
+    config = tiny_run_config(tiny_model_dir, **{"client-ranks": "2,4", "eval-examples": 8})
+    adapter = initial_adapter(LoraSettings.for_global(config), seed=0)
+    reply = evaluate(
+        instruction(adapter, "evaluate", {SERVER_ROUND: 1}), context(config, **{"partition-id": 0})
+    )
+    assert not reply.has_error()
+    assert reply.content.metric_records[METRICS][NUM_EXAMPLES] > 0

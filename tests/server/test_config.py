@@ -71,3 +71,44 @@ def test_output_dir_relative_lands_under_root(
     assert resolve_output_dir(str(tmp_path / "abs")) == tmp_path / "abs"
     monkeypatch.delenv("ROBUSTMERGE_FL_OUTPUT_ROOT")
     assert resolve_output_dir("outputs") == Path.home() / "robustmerge-fl" / "outputs"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({}, "merge-method 'robustmerge' (merge-mode 'paper-exact')"),  # the default method
+        ({"merge-method": "fedavg"}, "fedavg cannot merge clients of different ranks"),
+        ({"merge-method": "svd", "robust-aggregation": "krum"}, "robust-aggregation 'krum'"),
+        ({"merge-method": "svd", "dp": "server-clipping"}, "dp 'server-clipping'"),
+        ({"merge-method": "svd", "merge-target": "adapter"}, "merge-target 'adapter'"),
+    ],
+)
+def test_mixed_client_ranks_are_refused_at_start_with_the_reason(
+    overrides: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"run config 'client-ranks' = '4,8,16' mixes") as error:
+        ServerSettings.from_run_config({"client-ranks": "4,8,16", **overrides})
+    assert needle in str(error.value)
+
+
+def test_mixed_client_ranks_run_with_product_space_methods() -> None:
+    for overrides in (
+        {"merge-method": "svd"},
+        {"merge-method": "exact-mean", "robust-aggregation": "none"},
+        {"merge-method": "robustmerge", "merge-mode": "paper-equation"},
+    ):
+        settings = ServerSettings.from_run_config({"client-ranks": "4,8,16", **overrides})
+        assert settings.client_ranks == (4, 8, 16)
+    # One rank everywhere is no mixture: every method runs.
+    ServerSettings.from_run_config({"client-ranks": "4,4", "merge-method": "fedavg"})
+
+
+def test_secure_aggregation_refuses_mixed_client_ranks() -> None:
+    from server.secure_aggregation import check_secure_aggregation
+
+    settings = ServerSettings.from_run_config({"secure-aggregation": True, "client-ranks": "4,8"})
+    with pytest.raises(ConfigError, match=r"run config 'client-ranks', which is '4,8': SecAgg\+"):
+        check_secure_aggregation(settings)
+    check_secure_aggregation(
+        ServerSettings.from_run_config({"secure-aggregation": True, "client-ranks": "8"})
+    )

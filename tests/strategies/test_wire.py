@@ -10,6 +10,7 @@ def test_wire_keys_keep_their_spelling() -> None:
     assert (wire.ARRAYS, wire.CONFIG, wire.METRICS) == ("arrays", "config", "metrics")
     assert (wire.SERVER_ROUND, wire.LEARNING_RATE) == ("server-round", "learning-rate")
     assert (wire.NUM_EXAMPLES, wire.TRAIN_LOSS) == ("num-examples", "train-loss")
+    assert wire.LORA_RANK == "lora-rank"
     assert (wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.EVAL_PERPLEXITY) == (
         "eval-loss",
         "eval-accuracy",

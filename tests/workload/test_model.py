@@ -52,8 +52,8 @@ def test_settings_read_every_key() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("lora-r", 0, r"'lora-r' must be an integer >= 1; got 0"),
-        ("lora-r", 8.0, r"'lora-r' must be an integer >= 1; got 8.0 \(float\)"),
+        ("lora-r", 0, r"'lora-r' must be an integer in \[1, 1024\]; got 0"),
+        ("lora-r", 8.0, r"'lora-r' must be an integer in \[1, 1024\]; got 8.0 \(float\)"),
         ("lora-r", True, r"'lora-r' must be an integer"),
         ("lora-alpha", "16", r"'lora-alpha' must be an integer >= 1"),
         ("lora-dropout", 1.0, r"'lora-dropout' must be a finite number in \[0, 1\)"),
@@ -208,3 +208,28 @@ def test_initial_adapter_leaves_the_global_rng_alone(tiny: LoraSettings) -> None
     initial_adapter(tiny, seed=3)
     build_lora_model(tiny, seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_site_rank_node_config_then_client_ranks_then_lora_r() -> None:
+    from workload.model import site_rank
+
+    run = {"lora-r": 8, "lora-alpha": 16, "client-ranks": "4,8,16"}
+    assert [site_rank(run, {"partition-id": i}) for i in range(5)] == [4, 8, 16, 4, 8]
+    assert site_rank(run, {"partition-id": 0, "lora-r": 2}) == 2  # node config wins
+    assert site_rank(run, {}) == 8  # no partition id (deployment): lora-r
+    assert site_rank({"lora-r": 8, "client-ranks": ""}, {"partition-id": 3}) == 8
+    with pytest.raises(ValueError, match=r"node config key 'lora-r' must be an integer in"):
+        site_rank(run, {"lora-r": 0})
+
+
+def test_every_rank_keeps_the_run_config_scaling() -> None:
+    run = {"lora-r": 8, "lora-alpha": 16, "client-ranks": "4,8,16,3"}
+    assert LoraSettings.for_global(run).r == 16
+    assert LoraSettings.for_global(run).alpha == 32
+    for partition, rank in enumerate([4, 8, 16, 3]):
+        site = LoraSettings.for_site(run, {"partition-id": partition})
+        assert site.r == rank
+        assert site.alpha / site.r == 2.0
+    assert LoraSettings.for_site(run, {"partition-id": 3}).alpha == 6
+    assert LoraSettings.for_global({"lora-r": 8, "lora-alpha": 16}).r == 8
+    assert LoraSettings(r=8, alpha=4).with_rank(3).alpha == 1.5

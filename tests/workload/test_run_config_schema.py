@@ -47,3 +47,21 @@ def test_an_integer_setting_refuses_a_float_even_an_integral_one() -> None:
 def test_errors_name_the_source() -> None:
     with pytest.raises(ConfigError, match=r"node config key 'partition-id' must be an integer"):
         Reader({"partition-id": "a"}, "node config").integer("partition-id", 0, low=0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", ()), ("4,8,16", (4, 8, 16)), (" 4, 4 ,1024", (4, 4, 1024)), ("8", (8,))],
+)
+def test_client_ranks_reads_positive_ranks_in_order(value: str, expected: tuple[int, ...]) -> None:
+    assert Reader({"client-ranks": value}).ranks("client-ranks") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "4,-8", "4,,8", "4.0", "a", "4,1025", 8, True])
+def test_client_ranks_refuses_non_ranks_naming_the_key(value: object) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"run config key 'client-ranks' must be a comma-separated list of ranks, each an "
+        r"integer in \[1, 1024\]",
+    ):
+        Reader({"client-ranks": value}).ranks("client-ranks")

@@ -1,0 +1,96 @@
+"""A 3-rank federation in one process (issue 16): real ClientApp handlers at ranks 2, 4 and 8
+(run-config ``client-ranks``), the round loop, FedRobustMerge with svd. The final adapter is a
+PEFT adapter at the largest rank, and each site's truncation of it loads at the site's rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModel
+
+from client.app import train
+from server.checkpoints import CheckpointStore
+from server.round_modes import MessageRounds
+from server.run_loop import LoopSettings, run_federation
+from strategies import FedRobustMerge
+from strategies.adapter_io.config import adapter_config_for
+from strategies.adapter_io.reading import read_adapter_dir
+from strategies.adapter_io.writing import write_adapter_dir
+from strategies.merging.ranks import adapter_at_rank
+from tests.server.test_run_loop import ROUND_TIMEOUT, ThreadGrid
+from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
+from workload.model import LoraSettings, initial_adapter
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+RANKS = (2, 4, 8)
+
+
+@pytest.mark.parametrize(
+    ("method", "mode"), [("svd", "paper-exact"), ("robustmerge", "paper-equation")]
+)
+def test_three_ranks_run_end_to_end_and_every_rank_loads_in_peft(
+    tmp_path: Path, method: str, mode: str
+) -> None:
+    model_dir = save_tiny_bert(tmp_path / "tiny-bert")
+    run_config: dict[str, Any] = tiny_run_config(
+        model_dir, **{"client-ranks": ",".join(map(str, RANKS)), "lora-r": 4, "lora-alpha": 8}
+    )
+    lora = LoraSettings.for_global(run_config)
+    assert (lora.r, lora.alpha) == (8, 16)  # alpha / r = 2 at every rank
+    grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)  # partition-id = node - 1
+    strategy = FedRobustMerge(
+        merge_method=method, mode=mode, device="cpu", min_train_nodes=3, fraction_evaluate=0.0
+    )
+    config = adapter_config_for(str(model_dir), lora.r, lora.alpha, ["query", "value"])
+    out = tmp_path / "run"
+    try:
+        run_federation(
+            grid,  # type: ignore[arg-type]
+            MessageRounds(strategy),
+            LoopSettings(num_rounds=2, round_timeout=ROUND_TIMEOUT, run_dir=out, resume=False),
+            initial=initial_adapter(lora, seed=0),
+            store=CheckpointStore(out, config),
+            summary={},
+        )
+    finally:
+        grid.join_all()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for entry in metrics["rounds"]:
+        assert entry["train"]["clients-accepted"] == 3, entry["merge"]["rejected"]
+        assert entry["merge"]["site-ranks"] == {"1": 2, "2": 4, "3": 8}
+        errors = entry["merge"]["site-truncation-errors"]
+        assert errors["3"] == 0.0
+        if entry["server-round"] == 1:
+            assert errors["1"] == errors["2"] == 0.0  # round 0: B = 0, nothing to truncate
+        else:
+            assert errors["1"] > errors["2"] > 0.0
+    for node, rank in zip((1, 2, 3), RANKS, strict=True):
+        sent = grid.replies[(2, node)].content.array_records["arrays"].to_torch_state_dict()
+        assert all(v.shape[0 if ".lora_A." in k else 1] == rank for k, v in sent.items()), node
+
+    final = read_adapter_dir(out / "final")
+    assert final.config["r"] == 8
+    base = AutoModel.from_pretrained(str(model_dir))
+    loaded = PeftModel.from_pretrained(base, out / "final")
+    assert loaded.peft_config["default"].r == 8
+    for rank in RANKS:
+        site = LoraSettings.for_global(run_config).with_rank(rank)
+        folder = write_adapter_dir(
+            tmp_path / f"site-{rank}",
+            adapter_at_rank(final.tensors, rank).tensors,
+            adapter_config_for(str(model_dir), site.r, site.alpha, ["query", "value"]),
+        )
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(model_dir)), folder)
+        assert model.peft_config["default"].r == rank
+        assert model.peft_config["default"].lora_alpha / rank == 2.0
+        factors_a = [v for k, v in model.state_dict().items() if "lora_A" in k]
+        assert len(factors_a) == sum(".lora_A." in key for key in final.tensors)
+        assert {int(v.shape[0]) for v in factors_a} == {rank}
+    assert torch.isfinite(torch.cat([v.flatten() for v in final.tensors.values()])).all()
