@@ -31,11 +31,9 @@ from strategies.combinations import (
 from strategies.merging import (
     accepted_hyperparameters,
     available_methods,
-    parse_layout,
     resolve_device,
 )
 from strategies.merging.decomposed import finish_from_sums
-from strategies.merging.diagnostics import DirectionScore, direction_score, factorwise_gap
 from strategies.merging.errors import MergeInputError
 from strategies.merging.ranks import SiteAdapter, adapter_at_rank
 from strategies.merging.robustmerge import RobustMerge
@@ -52,6 +50,8 @@ from strategies.reply_checks import (
 )
 from strategies.robust import RobustSettings, clip_scale, norm_bound
 from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
+from strategies.round_diagnostics import score_directions
+from strategies.round_metrics import report_metrics, weighted_metrics
 from strategies.round_report import RoundReport, RoundState
 from strategies.sparse_uplink import (
     SparseReply,
@@ -786,49 +786,15 @@ class FedRobustMerge(FedAvg):
         report: RoundReport,
         weights: list[float] | None,
     ) -> None:
-        """Direction scores per client and the factor-wise gap, on evenly spaced modules."""
+        """Direction scores per client and the factor-wise gap (``round_diagnostics``)."""
         assert self.current_global is not None
-        if self.diagnostics_modules <= 0:
-            return
-        modules = parse_layout(self.current_global.keys()).modules
-        if not modules:
-            return
-        count = min(self.diagnostics_modules, len(modules))
-        picked = [modules[(i * len(modules)) // count] for i in range(count)]
-        base = self.current_global
-        raw = torch.tensor(weights or [1.0] * len(accepted), dtype=torch.float64)
-        p = raw / raw.sum()
-        scores: dict[int, list[DirectionScore]] = {reply.node_id: [] for reply in accepted}
-        gap = exact = 0.0
-        for m in picked:
-            # Each reply's factors of this module, decoded once for both diagnostics.
-            factors = [(reply.tensor(m.a_key), reply.tensor(m.b_key)) for reply in accepted]
-            for reply, client in zip(accepted, factors, strict=True):
-                score = direction_score(
-                    client=client,
-                    merged=(new_global[m.a_key], new_global[m.b_key]),
-                    reference=(base[m.a_key], base[m.b_key]),
-                )
-                if score is not None:
-                    scores[reply.node_id].append(score)
-            rank = base[m.a_key].shape[0]
-            module_gap = factorwise_gap(
-                (base[m.a_key].reshape(rank, -1), base[m.b_key].reshape(-1, rank)),
-                torch.stack([a.reshape(rank, -1) for a, _ in factors]),
-                torch.stack([b.reshape(-1, rank) for _, b in factors]),
-                p,
-            )
-            gap += module_gap.gap
-            exact += module_gap.exact
-        for node, valid in scores.items():
-            if valid:
-                report.direction_scores[node] = {
-                    "cosine": sum(s.cosine for s in valid) / len(valid),
-                    "retained": sum(s.retained for s in valid) / len(valid),
-                }
-        report.factorwise_gap = (gap / exact) ** 0.5 if exact > 0 else 0.0
+        score_directions(
+            accepted, self.current_global, new_global, weights, self.diagnostics_modules, report
+        )
 
     def _round_metrics(self, report: RoundReport, accepted: list[AcceptedReply]) -> MetricRecord:
+        """The clients' example-weighted metrics (or the custom aggregation's) and the
+        report's (``round_metrics.report_metrics``)."""
         if self.custom_train_metrics_aggr_fn is not None and accepted:
             metrics = self.custom_train_metrics_aggr_fn(
                 [reply.content for reply in accepted], self.weighted_by_key
@@ -837,39 +803,7 @@ class FedRobustMerge(FedAvg):
             metrics = MetricRecord(
                 weighted_metrics([(reply.num_examples, reply.content) for reply in accepted])
             )
-        metrics["clients-accepted"] = len(report.accepted_nodes)
-        metrics["clients-rejected"] = len(report.rejected)
-        metrics["round-skipped"] = int(report.skipped)
-        metrics["merge-seconds"] = report.merge_seconds
-        metrics["bytes-received"] = report.bytes_received
-        metrics["merged-update-norm"] = report.merged_update_norm
-        if self.robust.screens:
-            metrics["robust-screened"] = len(report.screened)
-            metrics["robust-clipped"] = len(report.clipped)
-            if report.norm_bound is not None:
-                metrics["robust-norm-reference"] = report.norm_bound.reference
-                metrics["robust-norm-bound"] = report.norm_bound.bound
-        if self.robust.selects:
-            metrics["robust-krum-dropped"] = len(report.krum_dropped)
-        if report.clamped_fraction is not None:
-            metrics["robust-clamped-fraction"] = report.clamped_fraction
-        if report.relative_error is not None:
-            metrics["rank-truncation-error"] = report.relative_error
-        if report.update_relative_error is not None:
-            metrics["update-truncation-error"] = report.update_relative_error
-        if report.factorwise_gap is not None:
-            metrics["factorwise-gap"] = report.factorwise_gap
-        if len(set(report.site_ranks.values())) > 1 or any(report.site_truncation_errors.values()):
-            errors = list(report.site_truncation_errors.values())
-            metrics["site-truncation-error-max"] = max(errors)
-            metrics["site-rank-min"] = min(report.site_ranks.values())
-        if report.direction_scores:
-            cosines = [s["cosine"] for s in report.direction_scores.values()]
-            retained = [s["retained"] for s in report.direction_scores.values()]
-            metrics["direction-cosine-mean"] = sum(cosines) / len(cosines)
-            metrics["direction-cosine-min"] = min(cosines)
-            metrics["singular-retained-mean"] = sum(retained) / len(retained)
-            metrics["singular-retained-min"] = min(retained)
+        metrics.update(report_metrics(report, self.robust))
         return metrics
 
 
@@ -905,30 +839,3 @@ class ReplyTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.keys_in_order)
-
-
-def weighted_metrics(
-    replies: list[tuple[int, RecordDict]],
-) -> dict[str, int | float | list[int] | list[float]]:
-    """Example-weighted mean of each numeric metric, over the replies that report it.
-
-    Unlike Flower's ``aggregate_metricrecords`` it tolerates clients reporting different keys,
-    since replies come from sites we do not control. ``num-examples`` becomes the total.
-    """
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for count, content in replies:
-        for record in content.metric_records.values():
-            for key, value in record.items():
-                if key in (wire.NUM_EXAMPLES, wire.LORA_RANK) or isinstance(value, (list, bool)):
-                    continue
-                number = float(value)
-                if not math.isfinite(number):
-                    continue
-                totals[key] = totals.get(key, 0.0) + number * count
-                weights[key] = weights.get(key, 0.0) + count
-    result: dict[str, int | float | list[int] | list[float]] = {
-        key: totals[key] / weights[key] for key in totals
-    }
-    result[wire.NUM_EXAMPLES] = sum(count for count, _ in replies)
-    return result

@@ -1,0 +1,79 @@
+"""The train metrics of one round: the clients' example-weighted metrics and the round report's."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import RecordDict
+
+from strategies import wire
+from strategies.robust import RobustSettings
+from strategies.round_report import RoundReport
+
+MetricValue = int | float | list[int] | list[float]
+
+
+def report_metrics(report: RoundReport, robust: RobustSettings) -> dict[str, MetricValue]:
+    """What the round report adds to the round's train metrics (metrics.json ``train``)."""
+    metrics: dict[str, MetricValue] = {}
+    metrics["clients-accepted"] = len(report.accepted_nodes)
+    metrics["clients-rejected"] = len(report.rejected)
+    metrics["round-skipped"] = int(report.skipped)
+    metrics["merge-seconds"] = report.merge_seconds
+    metrics["bytes-received"] = report.bytes_received
+    metrics["merged-update-norm"] = report.merged_update_norm
+    if robust.screens:
+        metrics["robust-screened"] = len(report.screened)
+        metrics["robust-clipped"] = len(report.clipped)
+        if report.norm_bound is not None:
+            metrics["robust-norm-reference"] = report.norm_bound.reference
+            metrics["robust-norm-bound"] = report.norm_bound.bound
+    if robust.selects:
+        metrics["robust-krum-dropped"] = len(report.krum_dropped)
+    if report.clamped_fraction is not None:
+        metrics["robust-clamped-fraction"] = report.clamped_fraction
+    if report.relative_error is not None:
+        metrics["rank-truncation-error"] = report.relative_error
+    if report.update_relative_error is not None:
+        metrics["update-truncation-error"] = report.update_relative_error
+    if report.factorwise_gap is not None:
+        metrics["factorwise-gap"] = report.factorwise_gap
+    if len(set(report.site_ranks.values())) > 1 or any(report.site_truncation_errors.values()):
+        errors = list(report.site_truncation_errors.values())
+        metrics["site-truncation-error-max"] = max(errors)
+        metrics["site-rank-min"] = min(report.site_ranks.values())
+    if report.direction_scores:
+        cosines = [s["cosine"] for s in report.direction_scores.values()]
+        retained = [s["retained"] for s in report.direction_scores.values()]
+        metrics["direction-cosine-mean"] = sum(cosines) / len(cosines)
+        metrics["direction-cosine-min"] = min(cosines)
+        metrics["singular-retained-mean"] = sum(retained) / len(retained)
+        metrics["singular-retained-min"] = min(retained)
+    return metrics
+
+
+def weighted_metrics(
+    replies: list[tuple[int, RecordDict]],
+) -> dict[str, int | float | list[int] | list[float]]:
+    """Example-weighted mean of each numeric metric, over the replies that report it.
+
+    Unlike Flower's ``aggregate_metricrecords`` it tolerates clients reporting different keys,
+    since replies come from sites we do not control. ``num-examples`` becomes the total.
+    """
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for count, content in replies:
+        for record in content.metric_records.values():
+            for key, value in record.items():
+                if key in (wire.NUM_EXAMPLES, wire.LORA_RANK) or isinstance(value, (list, bool)):
+                    continue
+                number = float(value)
+                if not math.isfinite(number):
+                    continue
+                totals[key] = totals.get(key, 0.0) + number * count
+                weights[key] = weights.get(key, 0.0) + count
+    result: dict[str, int | float | list[int] | list[float]] = {
+        key: totals[key] / weights[key] for key in totals
+    }
+    result[wire.NUM_EXAMPLES] = sum(count for count, _ in replies)
+    return result
