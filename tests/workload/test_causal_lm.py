@@ -15,7 +15,15 @@ import torch
 from transformers import AutoTokenizer
 
 from client.app import evaluate, train
-from strategies.wire import ARRAYS, EVAL_LOSS, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from strategies.wire import (
+    ARRAYS,
+    EVAL_LOSS,
+    LORA_RANK,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+)
 from tests.client.test_app import context, instruction
 from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
 from workload.causal_lm import (
@@ -252,7 +260,9 @@ def test_handlers_reply_with_lora_tensors_and_perplexity(
     assert list(arrays) == list(adapter)
     assert any(not torch.equal(arrays[k], adapter[k]) for k in adapter)
     metrics = reply.content.metric_records[METRICS]
-    assert set(metrics) == {NUM_EXAMPLES, TRAIN_LOSS}
+    assert set(metrics) == {NUM_EXAMPLES, TRAIN_LOSS, LORA_RANK}
+    a_rank = next(value.shape[0] for key, value in adapter.items() if ".lora_A." in key)
+    assert metrics[LORA_RANK] == a_rank  # the site trains the global's rank here
     scored = evaluate(
         instruction(arrays, "evaluate", {}), context(run_config, **{"data-path": str(data_file)})
     )
