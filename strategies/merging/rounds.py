@@ -38,7 +38,7 @@ from strategies.merging.api import (
     stack_tensors,
 )
 from strategies.merging.errors import MergeInputError
-from strategies.merging.lora_keys import parse_layout
+from strategies.merging.lora_keys import AdapterLayout, parse_layout
 from strategies.merging.lowrank import low_rank_energy, truncate_product
 from strategies.merging.method import MergeMethod
 from strategies.merging.ranks import (
@@ -245,18 +245,19 @@ def _merge_products(
         dropped += pair.truncated_energy
         total += pair.total_energy
         update_energy += low_rank_energy(step_left, right)
-    for key in layout.other_keys:
-        stack = stack_tensors(clients, key, where)
-        start = base[key].to(device=where, dtype=torch.float32)
-        mean = method.merge_other(stack, p)
-        merged[key] = (start + server_lr * (mean - start)).to(device="cpu", dtype=torch.float32)
-    if layout.modules:
-        report.relative_error = (dropped / total) ** 0.5 if total > 0 else 0.0
-        report.update_relative_error = (
-            (dropped / update_energy) ** 0.5 if update_energy > 0 else 0.0
-        )
-    report.seconds = time.perf_counter() - started
-    return MergeResult(tensors={key: merged[key] for key in base}, report=report)
+    return _finish_products(
+        base,
+        clients,
+        layout,
+        method,
+        p,
+        server_lr,
+        where,
+        merged,
+        report,
+        (dropped, total, update_energy),
+        started,
+    )
 
 
 def _merge_mixed(
@@ -325,13 +326,43 @@ def _merge_mixed(
         dropped += result.dropped_energy
         total += result.total_energy
         update_energy += result.update_energy
+    return _finish_products(
+        base,
+        clients,
+        layout,
+        method,
+        p,
+        server_lr,
+        where,
+        merged,
+        report,
+        (dropped, total, update_energy),
+        started,
+    )
+
+
+def _finish_products(
+    base: Mapping[str, torch.Tensor],
+    clients: Sequence[Mapping[str, torch.Tensor]],
+    layout: AdapterLayout,
+    method: MergeMethod,
+    p: torch.Tensor,
+    server_lr: float,
+    where: torch.device,
+    merged: dict[str, torch.Tensor],
+    report: MergeReport,
+    energies: tuple[float, float, float],
+    started: float,
+) -> MergeResult:
+    """The end of a product-space round (equal or mixed ranks): the non-LoRA keys stepped
+    towards the method's mean, and the report's truncation errors from the summed (dropped,
+    total, update) energies over the modules."""
     for key in layout.other_keys:
         stack = stack_tensors(clients, key, where)
-        start_value = base[key].to(device=where, dtype=torch.float32)
+        start = base[key].to(device=where, dtype=torch.float32)
         mean = method.merge_other(stack, p)
-        merged[key] = (start_value + server_lr * (mean - start_value)).to(
-            device="cpu", dtype=torch.float32
-        )
+        merged[key] = (start + server_lr * (mean - start)).to(device="cpu", dtype=torch.float32)
+    dropped, total, update_energy = energies
     if layout.modules:
         report.relative_error = (dropped / total) ** 0.5 if total > 0 else 0.0
         report.update_relative_error = (
