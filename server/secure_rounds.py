@@ -95,9 +95,7 @@ class SecAggPlusAdapter(Strategy):
 
     def begin(self, server_round: int, global_tensors: Mapping[str, torch.Tensor]) -> Parameters:
         """Open round ``server_round`` in the core; the global adapter as legacy Parameters."""
-        self.core.open_round(
-            server_round, ArrayRecord({k: v.contiguous() for k, v in global_tensors.items()})
-        )
+        self.core.open_round(server_round, global_tensors)
         self.sampled, self.summed = [], []
         self.merged, self.metrics = None, None
         parameters = ndarrays_to_parameters(

@@ -259,14 +259,11 @@ class FedRobustMerge(FedAvg):
             raise RuntimeError(f"round {state.server_round} is still open (not aggregated)")
         return state.report
 
-    def open_round(self, server_round: int, global_tensors: ArrayRecord) -> None:
-        """Start round ``server_round`` on the global adapter that goes out to the clients."""
+    def open_round(self, server_round: int, global_tensors: Mapping[str, torch.Tensor]) -> None:
+        """Start round ``server_round`` on the global adapter that goes out to the clients (its
+        float32 tensors are held, not copied: nothing here changes them in place)."""
         self.round = RoundState.open(
-            server_round,
-            {
-                key: value.to(torch.float32)
-                for key, value in global_tensors.to_torch_state_dict().items()
-            },
+            server_round, {key: value.to(torch.float32) for key, value in global_tensors.items()}
         )
 
     def _open(self, server_round: int) -> RoundState:
@@ -350,7 +347,7 @@ class FedRobustMerge(FedAvg):
         The config carries what a client needs from the server (``strategies.wire``): the round,
         the uplink, and for the sparse uplink the merge settings to prune with.
         """
-        self.open_round(server_round, arrays)
+        self.open_round(server_round, arrays.to_torch_state_dict())
         if self.fraction_train == 0.0:
             return []
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
