@@ -17,13 +17,13 @@ through the same FedRobustMerge core, so modes wrap it; they do not fork it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -31,6 +31,7 @@ from flwr.supercore import log
 from server.audit_log import reply_digests, train_round_fields
 from server.communication import bytes_by_node
 from server.privacy import core_strategy, restore_privacy_ledger
+from server.reply_stream import stream_replies
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.reply_checks import state_dict_to_record
 from strategies.round_report import RoundReport
@@ -139,6 +140,26 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+class ArrivalLog:
+    """What the loop records of each reply as it streams past: bytes per node and the digest
+    of its arrays, taken before aggregation (a DP wrapper replaces reply contents with clipped
+    copies), without keeping the reply."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.received: dict[str, int] = {}
+        self.digests: list[tuple[int, str | None]] = []
+
+    def observe(self, replies: Iterator[Message]) -> Iterator[Message]:
+        """``replies``, unchanged, each recorded as it passes."""
+        for reply in replies:
+            self.count += 1
+            for node, size in bytes_by_node([reply], outgoing=False).items():
+                self.received[node] = self.received.get(node, 0) + size
+            self.digests.extend(reply_digests([reply]))
+            yield reply
+
+
 class MessageRounds:
     """Rounds over Flower's Message API: ``strategy`` is FedRobustMerge or a wrapper (DP)."""
 
@@ -164,18 +185,19 @@ class MessageRounds:
         global_tensors: Mapping[str, torch.Tensor],
         timeout: float,
     ) -> TrainOutcome:
-        """configure_train, send and receive, aggregate_train; the report from the core."""
+        """configure_train, then the replies streamed into aggregate_train as they arrive
+        (``server.reply_stream``), each one counted and digested on its way; the report from
+        the core."""
         messages = list(
             self.strategy.configure_train(
                 server_round, state_dict_to_record(global_tensors), ConfigRecord(), grid
             )
         )
-        replies = (
-            list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
-        )
-        # Counted before aggregation: a DP wrapper replaces reply contents with clipped copies.
-        traffic = (bytes_by_node(messages, outgoing=True), bytes_by_node(replies, outgoing=False))
-        digests = reply_digests(replies)
+        sent = bytes_by_node(messages, outgoing=True)
+        sampled = [message.metadata.dst_node_id for message in messages]
+        seen = ArrivalLog()
+        replies = seen.observe(stream_replies(grid, messages, timeout)) if messages else iter(())
+        del messages
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         state = self._core.round
         report = self._core.round_report(server_round)
@@ -183,19 +205,20 @@ class MessageRounds:
             INFO,
             "round %d: %d sampled, %d replied, %d accepted, %d rejected%s",
             server_round,
-            len(messages),
-            len(replies),
+            len(sampled),
+            seen.count,
             len(report.accepted_nodes),
             len(report.rejected),
             " (skipped: global unchanged)" if arrays is None else "",
         )
-        sampled = [message.metadata.dst_node_id for message in messages]
         prescreen = state.prescreen if state is not None else None
         return TrainOutcome(
-            entry=round_entry(server_round, len(messages), len(replies), metrics, report),
+            entry=round_entry(server_round, len(sampled), seen.count, metrics, report),
             merged=as_tensors(arrays),
-            traffic=traffic,
-            audit=train_round_fields(sampled, digests, report, prescreen, skipped=arrays is None),
+            traffic=(sent, seen.received),
+            audit=train_round_fields(
+                sampled, seen.digests, report, prescreen, skipped=arrays is None
+            ),
         )
 
     def evaluate(

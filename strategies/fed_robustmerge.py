@@ -37,7 +37,14 @@ from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
 from strategies.merging.ranks import SiteAdapter, adapter_at_rank
 from strategies.merging.robustmerge import RobustMerge
-from strategies.merging.rounds import TARGETS, apply_server_step, global_change_norm, merge_round
+from strategies.merging.rounds import (
+    TARGETS,
+    DeltaView,
+    apply_server_step,
+    global_change_norm,
+    merge_round,
+)
+from strategies.merging.streaming import RobustMergeFold, RoundFold, round_fold
 from strategies.reply_checks import (
     DEFAULT_MAX_NUM_EXAMPLES,
     AcceptedReply,
@@ -48,12 +55,13 @@ from strategies.reply_checks import (
     reply_rank,
     state_dict_to_record,
 )
-from strategies.robust import RobustSettings, clip_scale, norm_bound
+from strategies.robust import NormBound, RobustSettings, clip_scale, norm_bound
 from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
-from strategies.round_diagnostics import score_directions
-from strategies.round_metrics import report_metrics, weighted_metrics
+from strategies.round_diagnostics import DiagnosticsSample, score_directions
+from strategies.round_metrics import metrics_only, report_metrics, weighted_metrics
 from strategies.round_report import RoundReport, RoundState
 from strategies.sparse_uplink import (
+    SparseDeltaView,
     SparseReply,
     check_sparse_train_reply,
     merge_settings,
@@ -405,18 +413,13 @@ class FedRobustMerge(FedAvg):
         report = state.report
         if state.prescreen is not None:
             report.rejected.update(state.prescreen.rejected)
+        fold = self._stream_fold(state)
+        if fold is not None:
+            return self._aggregate_streamed(state, replies, fold)
         accepted = self._accept(list(replies), report)
         state.closed = True
         if len(accepted) < self.min_merge_replies:
-            report.skipped = True
-            log(
-                WARNING,
-                "round %d: %d usable replies (< min %d): round skipped, global unchanged",
-                server_round,
-                len(accepted),
-                self.min_merge_replies,
-            )
-            return None, self._round_metrics(report, [])
+            return self._skip(report, len(accepted))
         self._remember_norms(state)
         new_global = self._merge(self._rewrite(accepted, report), report)
         log(
@@ -428,7 +431,110 @@ class FedRobustMerge(FedAvg):
             report.merge_seconds,
             report.merged_update_norm,
         )
-        return state_dict_to_record(new_global), self._round_metrics(report, accepted)
+        return state_dict_to_record(new_global), self._round_metrics(
+            report, [(reply.num_examples, reply.content) for reply in accepted]
+        )
+
+    def _skip(self, report: RoundReport, usable: int) -> tuple[None, MetricRecord]:
+        """Too few usable replies: the round is skipped, the global stays."""
+        report.skipped = True
+        log(
+            WARNING,
+            "round %d: %d usable replies (< min %d): round skipped, global unchanged",
+            report.server_round,
+            usable,
+            self.min_merge_replies,
+        )
+        return None, self._round_metrics(report, [])
+
+    def _stream_fold(self, state: RoundState) -> RoundFold | None:
+        """The running sums this round folds replies into as they arrive, when it can stream:
+        the method has a fold (``merging.streaming``), no stage needs every reply at once
+        (multi-Krum, the coordinate-wise clamps, a DP wrapper's pre-screen), and when the norm
+        screen is on, its bound is known before the first reply (from the accepted norms of
+        earlier rounds). None: the round buffers its replies (docs/strategy.md, "Streaming
+        rounds")."""
+        if state.prescreen is not None or self.robust.selects or self.robust.rewrites_coordinates:
+            return None
+        if self.robust.screens and self._history_bound() is None:
+            return None
+        return round_fold(self.method, list(state.global_tensors), self.device)
+
+    def _history_bound(self) -> NormBound | None:
+        """The norm screen's bound from earlier rounds' accepted norms alone (None: < 2)."""
+        return norm_bound([], self.norm_history, self.robust.norm_factor)
+
+    def _aggregate_streamed(
+        self, state: RoundState, replies: Iterable[Message], fold: RoundFold
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """``aggregate_train`` one reply at a time: each is checked, screened against the
+        history's bound, folded into the running sums and dropped; the last reply leaves only
+        the division and the server step. The new global does not depend on the arrival order
+        (exact sums); accepted nodes are listed in node order."""
+        report = state.report
+        base = state.global_tensors
+        report.streamed = True
+        if self.robust.screens:
+            report.norm_bound = self._history_bound()
+        sample = DiagnosticsSample(
+            list(base), self.diagnostics_modules, self.seed, report.server_round
+        )
+        seen: set[int] = set()
+        metric_sources: list[tuple[int, RecordDict]] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            try:
+                if node in seen:
+                    raise ReplyRejectedError("node sent a second reply in one round")
+                seen.add(node)
+                reply = self._check_reply(message, report, self.other_ranks_refused)
+                reply = self._clipped(reply, report, self._screen_one(reply, report))
+            except ReplyRejectedError as rejection:
+                _reject(report, node, rejection.reason, privacy=rejection.privacy)
+                continue
+            began = time.perf_counter()
+            weight = float(reply.num_examples) if self.weight_by_examples else 1.0
+            if isinstance(reply, SparseReply) and isinstance(fold, RobustMergeFold):
+                fold.add_pruned(SparseDeltaView(reply), reply.scales, weight)
+            elif self.merge_target == "delta":
+                fold.add(DeltaView(ReplyTensors(reply), base), weight)
+            else:
+                fold.add(ReplyTensors(reply), weight)
+            sample.offer(reply, weight)
+            report.fold_seconds += time.perf_counter() - began
+            report.bytes_received += reply.num_bytes
+            report.accepted_nodes.append(node)
+            metric_sources.append((reply.num_examples, metrics_only(reply.content)))
+        state.closed = True
+        report.accepted_nodes.sort()
+        if fold.count < self.min_merge_replies:
+            return self._skip(report, fold.count)
+        self._remember_norms(state)
+        began = time.perf_counter()
+        new_global = fold.finish()
+        apply_server_step(base, new_global, self.server_lr, self.merge_target)
+        report.merge_seconds = time.perf_counter() - began
+        report.merged_update_norm = global_change_norm(base, new_global)
+        sample.score(base, new_global, self.weight_by_examples, report)
+        log(
+            INFO,
+            "round %d: streamed %d replies into the merge (%d rejected); %.3fs from the last "
+            "reply to the new global, |update| = %.4g",
+            report.server_round,
+            fold.count,
+            len(report.rejected),
+            report.merge_seconds,
+            report.merged_update_norm,
+        )
+        return state_dict_to_record(new_global), self._round_metrics(report, metric_sources)
+
+    def _clipped(self, reply: AcceptedReply, report: RoundReport, clip: bool) -> AcceptedReply:
+        """``reply`` with its update scaled down to the screen's bound when ``clip``."""
+        if not clip or report.norm_bound is None:
+            return reply
+        assert self.current_global is not None
+        scale = clip_scale(report.update_norms[reply.node_id], report.norm_bound.bound)
+        return RewrittenReply.of(reply, self.current_global, scale=scale)
 
     def aggregate_sums(
         self,
@@ -506,7 +612,6 @@ class FedRobustMerge(FedAvg):
                 "Flower's DP wrappers clip each update against the global adapter, which needs "
                 "its shapes (dp with mixed ranks is refused)"
             )
-        shapes = {key: tuple(value.shape) for key, value in self.current_global.items()}
         senders = Counter(msg.metadata.src_node_id for msg in replies)
         accepted: list[AcceptedReply] = []
         for message in replies:
@@ -514,29 +619,7 @@ class FedRobustMerge(FedAvg):
             try:
                 if senders[node] > 1:
                     raise ReplyRejectedError(f"node sent {senders[node]} replies in one round")
-                reply: AcceptedReply
-                if self.sparse_method is not None:
-                    reply = check_sparse_train_reply(
-                        message,
-                        self.current_global,
-                        self.sparse_method,
-                        arrayrecord_key=self.arrayrecord_key,
-                        configrecord_key=self.configrecord_key,
-                        weighted_by_key=self.weighted_by_key,
-                        max_num_examples=self.max_num_examples,
-                    )
-                else:
-                    reply = check_train_reply(
-                        message,
-                        shapes,
-                        arrayrecord_key=self.arrayrecord_key,
-                        weighted_by_key=self.weighted_by_key,
-                        max_num_examples=self.max_num_examples,
-                        other_ranks_refused=other_ranks_refused,
-                    )
-                self._check_site_rank(reply)
-                self._check_update_norm(reply, report)
-                self._record_rank(reply, report)
+                reply = self._check_reply(message, report, other_ranks_refused)
             except ReplyRejectedError as rejection:
                 _reject(report, node, rejection.reason, privacy=rejection.privacy)
                 continue
@@ -547,6 +630,37 @@ class FedRobustMerge(FedAvg):
         # resumed run, bit-identical to an uninterrupted one.
         accepted.sort(key=lambda reply: (reply.arrays.object_id, reply.num_examples))
         return self._screen(accepted, report)
+
+    def _check_reply(
+        self, message: Message, report: RoundReport, other_ranks_refused: str | None
+    ) -> AcceptedReply:
+        """One reply through every per-reply check (shapes, values, examples, rank, update
+        norm); its norm and rank go into ``report``. ReplyRejectedError says why not."""
+        assert self.current_global is not None
+        reply: AcceptedReply
+        if self.sparse_method is not None:
+            reply = check_sparse_train_reply(
+                message,
+                self.current_global,
+                self.sparse_method,
+                arrayrecord_key=self.arrayrecord_key,
+                configrecord_key=self.configrecord_key,
+                weighted_by_key=self.weighted_by_key,
+                max_num_examples=self.max_num_examples,
+            )
+        else:
+            reply = check_train_reply(
+                message,
+                {key: tuple(value.shape) for key, value in self.current_global.items()},
+                arrayrecord_key=self.arrayrecord_key,
+                weighted_by_key=self.weighted_by_key,
+                max_num_examples=self.max_num_examples,
+                other_ranks_refused=other_ranks_refused,
+            )
+        self._check_site_rank(reply)
+        self._check_update_norm(reply, report)
+        self._record_rank(reply, report)
+        return reply
 
     def _screen(self, accepted: list[AcceptedReply], report: RoundReport) -> list[AcceptedReply]:
         """The robust screen and selection: outsized updates rejected (or marked for clipping,
@@ -570,29 +684,12 @@ class FedRobustMerge(FedAvg):
             report.norm_bound = norm_bound(norms, self.norm_history, self.robust.norm_factor)
         kept: list[AcceptedReply] = []
         for reply in accepted:
-            norm = report.update_norms[reply.node_id]
-            if report.norm_bound is None or norm <= report.norm_bound.bound:
-                kept.append(reply)
+            try:
+                self._screen_one(reply, report)
+            except ReplyRejectedError as rejection:
+                _reject(report, reply.node_id, rejection.reason)
                 continue
-            bound = report.norm_bound
-            reason = (
-                f"update norm {norm:.4g} exceeds robust-norm-factor {self.robust.norm_factor:g} x "
-                f"the median update norm {bound.reference:.4g} (this round's and earlier "
-                f"rounds', {bound.pool} norms)"
-            )
-            if self.robust.clip:
-                log(
-                    WARNING,
-                    "round %d: clipped node %d: %s",
-                    report.server_round,
-                    reply.node_id,
-                    reason,
-                )
-                report.clipped.append(reply.node_id)
-                kept.append(reply)
-                continue
-            report.screened.append(reply.node_id)
-            _reject(report, reply.node_id, reason)
+            kept.append(reply)
         if self.robust.selects and prescreen is None:
             assert self.current_global is not None
             picked = set(
@@ -612,6 +709,27 @@ class FedRobustMerge(FedAvg):
             kept = [reply for position, reply in enumerate(kept) if position in picked]
         report.accepted_nodes[:] = [n for n in report.accepted_nodes if n not in report.rejected]
         return kept
+
+    def _screen_one(self, reply: AcceptedReply, report: RoundReport) -> bool:
+        """Judge one reply's update norm against ``report.norm_bound``: True when it is to be
+        clipped to the bound (clip mode); ReplyRejectedError when the screen rejects it."""
+        norm = report.update_norms.get(reply.node_id)
+        bound = report.norm_bound
+        if bound is None or norm is None or norm <= bound.bound:
+            return False
+        pool = "earlier rounds'" if report.streamed else "this round's and earlier rounds'"
+        reason = (
+            f"update norm {norm:.4g} exceeds robust-norm-factor {self.robust.norm_factor:g} x "
+            f"the median update norm {bound.reference:.4g} ({pool}, {bound.pool} norms)"
+        )
+        if self.robust.clip:
+            log(
+                WARNING, "round %d: clipped node %d: %s", report.server_round, reply.node_id, reason
+            )
+            report.clipped.append(reply.node_id)
+            return True
+        report.screened.append(reply.node_id)
+        raise ReplyRejectedError(reason)
 
     def _rewrite(self, accepted: list[AcceptedReply], report: RoundReport) -> list[AcceptedReply]:
         """Clip the replies the screen marked (clip mode) to the bound, then the coordinate-wise
@@ -789,17 +907,17 @@ class FedRobustMerge(FedAvg):
             accepted, self.current_global, new_global, weights, self.diagnostics_modules, report
         )
 
-    def _round_metrics(self, report: RoundReport, accepted: list[AcceptedReply]) -> MetricRecord:
-        """The clients' example-weighted metrics (or the custom aggregation's) and the
-        report's (``round_metrics.report_metrics``)."""
+    def _round_metrics(
+        self, report: RoundReport, accepted: list[tuple[int, RecordDict]]
+    ) -> MetricRecord:
+        """The merged clients' example-weighted metrics (or the custom aggregation's) from
+        their (num-examples, content) and the report's (``round_metrics.report_metrics``)."""
         if self.custom_train_metrics_aggr_fn is not None and accepted:
             metrics = self.custom_train_metrics_aggr_fn(
-                [reply.content for reply in accepted], self.weighted_by_key
+                [content for _, content in accepted], self.weighted_by_key
             )
         else:
-            metrics = MetricRecord(
-                weighted_metrics([(reply.num_examples, reply.content) for reply in accepted])
-            )
+            metrics = MetricRecord(weighted_metrics(accepted))
         metrics.update(report_metrics(report, self.robust))
         return metrics
 

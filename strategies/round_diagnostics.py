@@ -7,18 +7,42 @@ mean of the updates (``merging.diagnostics.factorwise_gap``); both land in the r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from strategies.merging import parse_layout
 from strategies.merging.diagnostics import DirectionScore, direction_score, factorwise_gap
-from strategies.reply_checks import AcceptedReply
+from strategies.merging.lora_keys import LoraModule
 from strategies.round_report import RoundReport
+
+# A streamed round scores at most this many clients (a seeded pick, see ``DiagnosticsSample``).
+STREAMED_DIAGNOSTICS_CLIENTS = 8
+
+
+class ClientFactors(Protocol):
+    """What the diagnostics read of a client: its node and its tensors, key by key."""
+
+    @property
+    def node_id(self) -> int: ...
+
+    def tensor(self, key: str) -> torch.Tensor: ...
+
+
+def picked_modules(keys: Sequence[str], count: int) -> list[LoraModule]:
+    """Up to ``count`` evenly spaced LoRA modules of an adapter with ``keys`` (0: none)."""
+    modules = parse_layout(keys).modules
+    if count <= 0 or not modules:
+        return []
+    count = min(count, len(modules))
+    return [modules[(i * len(modules)) // count] for i in range(count)]
 
 
 def score_directions(
-    accepted: Sequence[AcceptedReply],
+    accepted: Sequence[ClientFactors],
     base: Mapping[str, torch.Tensor],
     new_global: Mapping[str, torch.Tensor],
     weights: Sequence[float] | None,
@@ -27,13 +51,9 @@ def score_directions(
 ) -> None:
     """Fill ``report``'s direction scores and factor-wise gap from up to ``diagnostics_modules``
     evenly spaced modules (0: none); ``base`` is the global the clients started from."""
-    if diagnostics_modules <= 0:
+    picked = picked_modules(list(base.keys()), diagnostics_modules)
+    if not picked:
         return
-    modules = parse_layout(base.keys()).modules
-    if not modules:
-        return
-    count = min(diagnostics_modules, len(modules))
-    picked = [modules[(i * len(modules)) // count] for i in range(count)]
     raw = torch.tensor(list(weights or [1.0] * len(accepted)), dtype=torch.float64)
     p = raw / raw.sum()
     scores: dict[int, list[DirectionScore]] = {reply.node_id: [] for reply in accepted}
@@ -65,3 +85,64 @@ def score_directions(
                 "retained": sum(s.retained for s in valid) / len(valid),
             }
     report.factorwise_gap = (gap / exact) ** 0.5 if exact > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class HeldFactors:
+    """One client's factors of the diagnostics' modules, kept after its reply is dropped."""
+
+    node_id: int
+    tensors: dict[str, torch.Tensor]
+    weight: float
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The held tensor under ``key``."""
+        return self.tensors[key]
+
+
+class DiagnosticsSample:
+    """The clients a streamed round scores: at most ``clients`` of them, the ones whose seeded
+    key (a hash of seed, round and node) is smallest, so the pick does not depend on the order
+    replies arrive in; only their factors of the sampled modules are kept."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        modules: int,
+        seed: int,
+        server_round: int,
+        clients: int = STREAMED_DIAGNOSTICS_CLIENTS,
+    ) -> None:
+        self.modules = modules
+        self.keys = [k for m in picked_modules(keys, modules) for k in (m.a_key, m.b_key)]
+        self.salt = f"{seed}:{server_round}:"
+        self.clients = clients
+        self.held: dict[int, tuple[bytes, HeldFactors]] = {}
+
+    def offer(self, reply: ClientFactors, weight: float) -> None:
+        """Keep ``reply``'s factors if it is among the sample so far (dropping the one it
+        displaces)."""
+        if not self.keys or self.clients <= 0:
+            return
+        key = hashlib.sha256((self.salt + str(reply.node_id)).encode()).digest()
+        if len(self.held) >= self.clients:
+            worst = max(self.held, key=lambda node: self.held[node][0])
+            if key >= self.held[worst][0]:
+                return
+            del self.held[worst]
+        factors = {name: reply.tensor(name).clone() for name in self.keys}
+        self.held[reply.node_id] = (key, HeldFactors(reply.node_id, factors, weight))
+
+    def score(
+        self,
+        base: Mapping[str, torch.Tensor],
+        new_global: Mapping[str, torch.Tensor],
+        weighted: bool,
+        report: RoundReport,
+    ) -> None:
+        """``score_directions`` over the sample (in node order)."""
+        if not self.held:
+            return
+        sample = [self.held[node][1] for node in sorted(self.held)]
+        weights = [held.weight for held in sample] if weighted else None
+        score_directions(sample, base, new_global, weights, self.modules, report)

@@ -52,6 +52,12 @@ def report_metrics(report: RoundReport, robust: RobustSettings) -> dict[str, Met
     return metrics
 
 
+def metrics_only(content: RecordDict) -> RecordDict:
+    """A reply's metric records without its arrays: what a streamed round keeps of a merged
+    reply for the round's train metrics once the reply itself is dropped."""
+    return RecordDict(dict(content.metric_records.items()))
+
+
 def weighted_metrics(
     replies: list[tuple[int, RecordDict]],
 ) -> dict[str, int | float | list[int] | list[float]]:

@@ -44,6 +44,11 @@ class RoundReport:
     krum_dropped: list[int] = field(default_factory=list)
     clamped_fraction: float | None = None
     secure_status: str | None = None
+    # Streamed rounds (issue 15): replies folded into running sums as they arrived;
+    # ``fold_seconds`` is the time spent folding, ``merge_seconds`` then only the final
+    # division and server step.
+    streamed: bool = False
+    fold_seconds: float = 0.0
     # Mixed ranks (issue 16): each accepted site's LoRA rank and the relative truncation error
     # of the global it started from, ||B_G A_G - B_k A_k||_F / ||B_G A_G||_F over every module
     # (0 at the global's rank).
@@ -57,6 +62,8 @@ class RoundReport:
             "accepted-nodes": list(self.accepted_nodes),
             "rejected": {str(node): reason for node, reason in self.rejected.items()},
             "merge-seconds": self.merge_seconds,
+            "streamed": self.streamed,
+            "fold-seconds": self.fold_seconds,
             "bytes-received": self.bytes_received,
             "merged-update-norm": self.merged_update_norm,
             "relative-error": self.relative_error,

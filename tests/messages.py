@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from flwr.app import Message, Metadata
 
@@ -24,3 +25,41 @@ def addressed(message: Message, message_id: str) -> Message:
             message_type=message.metadata.message_type,
         ),
     )
+
+
+class AnsweredOnPull:
+    """Flower's Grid ``push_messages``/``pull_messages`` for fakes that answer synchronously.
+
+    A push stamps each instruction with a message id (as the SuperLink does) and keeps it; a
+    pull of an id delivers that instruction to ``answer``, which returns the node's reply (or
+    None: the node never answers). ``send_and_receive`` is the same delivery, all at once.
+    """
+
+    def answer(self, message: Message) -> Message | None:
+        """The reply of the instruction's destination node to ``message`` (as delivered)."""
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        pushed: dict[str, Message] = self.__dict__.setdefault("_pushed", {})
+        ids = []
+        for message in messages:
+            self.__dict__["_pushes"] = self.__dict__.get("_pushes", 0) + 1
+            message_id = f"m-{self.__dict__['_pushes']}"
+            pushed[message_id] = addressed(message, message_id)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        pushed: dict[str, Message] = self.__dict__.setdefault("_pushed", {})
+        replies = []
+        for message_id in message_ids:
+            message = pushed.pop(message_id, None)
+            reply = self.answer(message) if message is not None else None
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))

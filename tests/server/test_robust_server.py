@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from server.secure_aggregation import check_secure_aggregation
 from strategies import FedRobustMerge
 from strategies.adapter_io.config import adapter_config_for
 from strategies.robust import RobustSettings
+from tests.messages import AnsweredOnPull
 from tests.server.test_privacy import CLIP, clipped
 from tests.strategies.test_fed_robustmerge import (
     as_tensors,
@@ -179,7 +179,7 @@ def test_secure_aggregation_starts_with_the_default_screen_and_says_it_is_not_ap
 ADAPTER_CONFIG = adapter_config_for(None, 4, 8, ["query", "value"])
 
 
-class CannedGrid:
+class CannedGrid(AnsweredOnPull):
     """Every node answers a train message with a fixed function of (round, node, global)."""
 
     def __init__(self, nodes: int, scale: dict[tuple[int, int], float]) -> None:
@@ -189,18 +189,14 @@ class CannedGrid:
     def get_node_ids(self) -> list[int]:
         return list(range(1, self.nodes + 1))
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            server_round = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
-            base = {
-                k: v.float() for k, v in message.content["arrays"].to_torch_state_dict().items()
-            }
-            client = trained(base, 100 * server_round + node)
-            factor = self.scale.get((server_round, node), 1.0)
-            replies.append(reply(node, {k: base[k] + factor * (client[k] - base[k]) for k in base}))
-        return replies
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        server_round = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
+        base = {k: v.float() for k, v in message.content["arrays"].to_torch_state_dict().items()}
+        client = trained(base, 100 * server_round + node)
+        factor = self.scale.get((server_round, node), 1.0)
+        canned = reply(node, {k: base[k] + factor * (client[k] - base[k]) for k in base})
+        return Message(canned.content, reply_to=message)
 
 
 def _federate(run_dir: Path, rounds: int, resume: bool, grid: CannedGrid) -> FedRobustMerge:

@@ -66,6 +66,9 @@ class ThreadGrid:
         self.run_config = run_config
         self.replies: dict[tuple[int, int], Message] = {}
         self.threads: list[threading.Thread] = []
+        self.inbox: dict[str, Message] = {}
+        self.lock = threading.Lock()
+        self.pushes = 0
 
     def join_all(self) -> None:
         """Let late handlers finish, so no thread outlives the test."""
@@ -76,13 +79,14 @@ class ThreadGrid:
     def get_node_ids(self) -> list[int]:
         return sorted(self.handlers)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-        inbox: list[Message] = []
-        lock = threading.Lock()
-        threads = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Start each node's handler in its own thread; its reply lands in the inbox."""
+        ids = []
         for message in messages:
             node = message.metadata.dst_node_id
-            delivered = addressed(message, f"m-{node}")
+            self.pushes += 1
+            message_id = f"m-{self.pushes}"
+            delivered = addressed(message, message_id)
             context = Context(
                 run_id=1,
                 node_id=node,
@@ -96,20 +100,33 @@ class ThreadGrid:
                     reply = self.handlers[node](msg, ctx)
                 except Exception as error:  # Flower turns a ClientApp exception into an error reply
                     reply = Message(Error(code=0, reason=repr(error)), reply_to=msg)
-                with lock:
-                    inbox.append(reply)
+                with self.lock:
+                    self.inbox[msg.metadata.message_id] = reply
                     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
                     self.replies[(server_round, node)] = reply
 
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
-            threads.append(thread)
             self.threads.append(thread)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies already in for ``message_ids`` (never waits)."""
+        with self.lock:
+            return [self.inbox.pop(i) for i in list(message_ids) if i in self.inbox]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+        """Push, then wait for every reply or the timeout (Flower's blocking call)."""
+        ids = self.push_messages(messages)
         deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
-        with lock:
-            return list(inbox)
+        replies: list[Message] = []
+        while ids and time.monotonic() < deadline:
+            replies += self.pull_messages(ids)
+            answered = {reply.metadata.reply_to_message_id for reply in replies}
+            ids = [i for i in ids if i not in answered]
+            time.sleep(0.01)
+        return replies
 
 
 def run(

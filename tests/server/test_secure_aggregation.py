@@ -49,7 +49,7 @@ from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
 from strategies.secagg_layout import CLIPPED_KEY, LOSS_RANGE, TRAIN_LOSS_KEY, TermLayout
-from tests.messages import addressed
+from tests.messages import AnsweredOnPull
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 from workload.model import LoraSettings, initial_adapter
 
@@ -79,7 +79,7 @@ def make_run_config(model: Path, out: Path, **overrides: Any) -> dict[str, Any]:
     )
 
 
-class InProcessGrid:
+class InProcessGrid(AnsweredOnPull):
     """Delivers each message to the ClientApp of its node, through protobuf both ways.
 
     ``vanish`` names (stage, node) pairs whose message is never answered (the node is gone).
@@ -106,33 +106,24 @@ class InProcessGrid:
             for node in self.nodes
         }
         self.replies: list[tuple[str, Message, int]] = []
-        self.counter = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        inbox = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            stage = str(message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-            if (stage, node) in self.vanish:
-                continue
-            self.counter += 1
-            delivered = message_from_proto(
-                message_to_proto(addressed(message, f"m-{self.counter}"))
-            )
-            try:
-                reply = client_app(delivered, self.contexts[node])
-            except Exception as error:  # Flower turns a ClientApp exception into an error reply
-                reply = Message(Error(code=0, reason=repr(error)), reply_to=delivered)
-            wire = message_to_proto(reply)
-            received = message_from_proto(wire)
-            self.replies.append((stage, received, wire.ByteSize()))
-            inbox.append(received)
-        return inbox
+    def answer(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        stage = str(message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        if (stage, node) in self.vanish:
+            return None
+        delivered = message_from_proto(message_to_proto(message))
+        try:
+            reply = client_app(delivered, self.contexts[node])
+        except Exception as error:  # Flower turns a ClientApp exception into an error reply
+            reply = Message(Error(code=0, reason=repr(error)), reply_to=delivered)
+        wire = message_to_proto(reply)
+        received = message_from_proto(wire)
+        self.replies.append((stage, received, wire.ByteSize()))
+        return received
 
 
 class Spy:

@@ -1,0 +1,227 @@
+"""Round merges that fold one client at a time into running sums: O(1) adapters in memory.
+
+A federated round hands the server T replies. The methods below need only sums over clients of
+terms each client's tensors give alone, followed by one division at the end, so the server can
+fold each reply in as it arrives and drop it (docs/strategy.md, "Streaming rounds"):
+
+- fedavg: A_m = sum_t w_t A_t / sum_t w_t (and B, and other keys alike);
+- RobustMerge paper-exact, round form (spec, "Decomposition worth knowing"): with p_t = w_t / W,
+  lambda_t = lambda T p_t and the round form's A divided by T,
+      A_m = lambda / W * sum_t w_t A^_t,
+      B_m[:, i] = lambda T / W * sum_t w_t s~_t[i] B^_t[:, i] / sum_t s~_t[i],
+  where A^_t, B^_t, s~_t are steps 1-2 on client t's tensors alone; other keys the weighted
+  mean. The same terms come from a sparse-uplink reply (the client pruned and scaled).
+
+Every sum is an ``ExactSum``, so the merge does not depend on the order the replies arrive in,
+bit for bit. Methods whose round needs every client at once (ties' sign election over the
+trimmed set is foldable but not done yet; dare's seeded drop; the product-space methods' SVD of
+the stacked factors) have no fold: ``round_fold`` returns None and the strategy buffers them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from strategies.merging.exact_sum import ExactSum
+from strategies.merging.fedavg import FedAvg
+from strategies.merging.lora_keys import AdapterLayout, LoraModule, parse_layout
+from strategies.merging.method import MergeMethod
+from strategies.merging.robustmerge import RobustMerge
+
+
+class RoundFold(Protocol):
+    """A round's merge, fed one client at a time."""
+
+    @property
+    def count(self) -> int:
+        """Clients folded in so far."""
+        ...
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Fold in one client's tensors (its delta, or its adapter) with weight ``weight``."""
+        ...
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The merged tensors (float32, CPU, the layout's key order); needs >= 1 client."""
+        ...
+
+
+def round_fold(
+    method: MergeMethod, layout_keys: list[str], device: torch.device | str = "cpu"
+) -> RoundFold | None:
+    """A fold for ``method`` (already in its round form) over adapters with ``layout_keys``,
+    or None when the method needs every client at once."""
+    if isinstance(method, RobustMerge):
+        foldable = method.mode == "paper-exact" and method.form == "round"
+        if foldable and isinstance(method.fuse_weight, float):
+            return RobustMergeFold(method, layout_keys, device)
+        return None
+    if type(method) is FedAvg:
+        return MeanFold(layout_keys, device)
+    return None
+
+
+class _Weights:
+    """The clients' weights: their count and their exact sum (``math.fsum``)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def add(self, weight: float) -> None:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"a client's weight must be finite and > 0, got {weight}")
+        self.values.append(float(weight))
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+    def total(self) -> float:
+        if not self.values:
+            raise ValueError("no client was folded in")
+        return math.fsum(self.values)
+
+
+class _Sums:
+    """One ``ExactSum`` per key, created on first use."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self.sums: dict[str, ExactSum] = {}
+
+    def add(self, key: str, term: torch.Tensor) -> None:
+        if key not in self.sums:
+            self.sums[key] = ExactSum(term.shape, self.device)
+        self.sums[key].add(term)
+
+    def value(self, key: str) -> torch.Tensor:
+        return self.sums[key].value()
+
+
+class MeanFold:
+    """fedavg's round: the weighted mean of every tensor."""
+
+    def __init__(self, layout_keys: list[str], device: torch.device | str = "cpu") -> None:
+        self.keys = list(layout_keys)
+        self.weights = _Weights()
+        self.sums = _Sums(device)
+
+    @property
+    def count(self) -> int:
+        return self.weights.count
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        self.weights.add(weight)
+        for key in self.keys:
+            self.sums.add(key, tensors[key].to(torch.float64) * weight)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        total = self.weights.total()
+        return {key: _result(self.sums.value(key) / total) for key in self.keys}
+
+
+class RobustMergeFold:
+    """RobustMerge paper-exact in its round form (module docstring), from each client's tensors
+    (``add``) or from its own pruned tensors and scales (``add_pruned``: the sparse uplink)."""
+
+    def __init__(
+        self, method: RobustMerge, layout_keys: list[str], device: torch.device | str = "cpu"
+    ) -> None:
+        if not (method.mode == "paper-exact" and method.form == "round"):
+            raise ValueError("RobustMergeFold folds RobustMerge paper-exact in its round form")
+        if not isinstance(method.fuse_weight, float):
+            raise ValueError("a streamed round needs one shared fuse weight")
+        self.method = method
+        self.fuse_weight = method.fuse_weight
+        self.keys = list(layout_keys)
+        self.layout: AdapterLayout = parse_layout(self.keys)
+        self.device = torch.device(device)
+        self.weights = _Weights()
+        self.sums = _Sums(device)
+        self.scale_sums = _Sums(device)
+        self.shapes: dict[str, torch.Size] = {}
+
+    @property
+    def count(self) -> int:
+        return self.weights.count
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Steps 1-2 on this client's tensors alone (module by module), then fold them in."""
+        self.weights.add(weight)
+        for module in self.layout.modules:
+            a = tensors[module.a_key].to(device=self.device, dtype=torch.float32)
+            b = tensors[module.b_key].to(device=self.device, dtype=torch.float32)
+            a_pruned, b_pruned, scale = self.method.prune_and_scale(
+                a.reshape(1, a.shape[0], -1), b.reshape(1, b.shape[0], b.shape[1])
+            )
+            self._add_module(module, a_pruned[0], b_pruned[0], scale[0], weight)
+            self._shapes(module, a, b)
+        self._add_others(tensors, weight)
+
+    def add_pruned(
+        self,
+        pruned: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor],
+        weight: float = 1.0,
+    ) -> None:
+        """Fold in a client that pruned and scaled its own delta (sparse uplink): ``pruned`` its
+        pruned tensors, ``scales`` its s~ per module name."""
+        self.weights.add(weight)
+        for module in self.layout.modules:
+            a = pruned[module.a_key].to(device=self.device, dtype=torch.float32)
+            b = pruned[module.b_key].to(device=self.device, dtype=torch.float32)
+            scale = scales[module.name].to(device=self.device, dtype=torch.float32).reshape(-1)
+            if scale.shape[0] != a.shape[0] or not bool((scale > 0).all()):
+                raise ValueError(
+                    f"module {module.name}: the scale vector must have the rank's "
+                    f"{a.shape[0]} entries, all > 0"
+                )
+            self._add_module(
+                module, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), scale, weight
+            )
+            self._shapes(module, a, b)
+        self._add_others(pruned, weight)
+
+    def _add_module(
+        self,
+        module: LoraModule,
+        a_pruned: torch.Tensor,
+        b_pruned: torch.Tensor,
+        scale: torch.Tensor,
+        weight: float,
+    ) -> None:
+        """Fold one module's terms: w A^ (r x d_in), w s~ B^ (d_out x r), s~."""
+        self.sums.add(module.a_key, a_pruned.to(torch.float64) * weight)
+        self.sums.add(module.b_key, b_pruned.to(torch.float64) * (scale.to(torch.float64) * weight))
+        self.scale_sums.add(module.name, scale)
+
+    def _shapes(self, module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Remember the factors' own shapes (conv LoRA has 4-D ones) for ``finish``."""
+        self.shapes.setdefault(module.a_key, a.shape)
+        self.shapes.setdefault(module.b_key, b.shape)
+
+    def _add_others(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        for key in self.layout.other_keys:
+            self.sums.add(key, tensors[key].to(torch.float64) * weight)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        total = self.weights.total()
+        count = self.weights.count
+        merged: dict[str, torch.Tensor] = {}
+        for module in self.layout.modules:
+            a = self.sums.value(module.a_key) * (self.fuse_weight / total)
+            b = self.sums.value(module.b_key) * (self.fuse_weight * count / total)
+            b = b / self.scale_sums.value(module.name)
+            merged[module.a_key] = _result(a.reshape(self.shapes[module.a_key]))
+            merged[module.b_key] = _result(b.reshape(self.shapes[module.b_key]))
+        for key in self.layout.other_keys:
+            merged[key] = _result(self.sums.value(key) / total)
+        return {key: merged[key] for key in self.keys}
+
+
+def _result(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(device="cpu", dtype=torch.float32)
