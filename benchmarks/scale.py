@@ -250,13 +250,29 @@ class ReplyFeed:
         return messages
 
 
+def _abort(result: Mapping[str, Any]) -> None:
+    """Print the probe's "aborted" result line and end the process at once (no unwinding: the
+    round in progress would keep allocating)."""
+    print(json.dumps(result), flush=True)
+    os._exit(3)
+
+
 class Watchdog:
     """Ends this process, after printing an "aborted" result line, once its RSS has grown more
     than ``cap`` bytes above ``baseline_kib``: a probe of a design that buffers every reply must
-    not drive the machine into swap or the OOM killer."""
+    not drive the machine into swap or the OOM killer. ``abort`` receives the result (tests
+    record it instead of exiting)."""
 
-    def __init__(self, config: Config, feed: ReplyFeed, baseline_kib: int, cap: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        feed: ReplyFeed,
+        baseline_kib: int,
+        cap: int,
+        abort: Callable[[Mapping[str, Any]], None] = _abort,
+    ) -> None:
         self.config, self.feed, self.baseline_kib, self.cap = config, feed, baseline_kib, cap
+        self.abort = abort
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -273,17 +289,19 @@ class Watchdog:
         while not self.done.wait(0.02):
             growth = ((_status_kib("VmRSS") or 0) - self.baseline_kib) * 1024
             if growth > self.cap:
-                result = {
-                    **_identity(self.config),
-                    "status": "aborted",
-                    "reason": (
-                        f"RSS grew past the cap ({self.cap / GIB:.1f} GiB) after "
-                        f"{self.feed.handed} of {self.config.clients} replies were handed over"
-                    ),
-                    "replies-handed-at-abort": self.feed.handed,
-                }
-                print(json.dumps(result), flush=True)
-                os._exit(3)
+                self.abort(
+                    {
+                        **_identity(self.config),
+                        "status": "aborted",
+                        "reason": (
+                            f"RSS grew past the cap ({self.cap / GIB:.1f} GiB) after "
+                            f"{self.feed.handed} of {self.config.clients} replies were handed "
+                            "over"
+                        ),
+                        "replies-handed-at-abort": self.feed.handed,
+                    }
+                )
+                return
 
 
 def _identity(config: Config) -> dict[str, Any]:
@@ -706,7 +724,7 @@ def render_simulation(simulation: Mapping[str, Any]) -> list[str]:
 
 def write_plot(path: Path, data: Mapping[str, Any]) -> bool:
     """scale.png: peak RSS growth (adapters) against T, log x, one line per mode; False when
-    matplotlib is missing."""
+    there is nothing measured to plot or matplotlib is missing."""
     try:
         import matplotlib
 
@@ -715,6 +733,8 @@ def write_plot(path: Path, data: Mapping[str, Any]) -> bool:
     except ImportError:
         return False
     results = data["results"]
+    if not any(row.get("status") == "ok" for row in results.values()):
+        return False
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     styles = {STREAM: "o-", LIST: "s--", FLOWER: "^:", ROUND1: "D"}
     for mode in (STREAM, LIST, FLOWER, ROUND1):

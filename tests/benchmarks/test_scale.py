@@ -1,7 +1,7 @@
 """The scale benchmark (issue 15 part 4): its replies, its measurements, its files, its resume.
 
-Runs on tiny shapes (a few hundred KB per adapter) so the module stays well under 20 s: two list
-rounds and one watchdog abort in fresh subprocesses, the stream and Flower rounds in-process.
+Runs on tiny shapes (a few hundred KB per adapter) so the module stays under 20 s: two list
+rounds in fresh subprocesses, everything else in-process.
 Whether the stream's memory stays flat is the strategy's business and is not asserted here.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks import scale
+from benchmarks.merge_speed import _status_kib
 from benchmarks.scale import (
     FLOWER,
     LIST,
@@ -137,12 +140,29 @@ def test_quick_list_rounds_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "scale-quick.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_watchdog_ends_a_probe_past_the_cap() -> None:
-    """A probe whose RSS grows past the cap prints an "aborted" result instead of going on."""
-    result = scale.run_probe(Config(LIST, 16, QUICK, threads=1), cap=1 << 20, timeout=120)
-    assert result["status"] == "aborted", result
-    assert "grew past the cap" in result["reason"]
-    assert result["replies-handed-at-abort"] <= 16
+def test_watchdog_aborts_once_rss_grows_past_the_cap() -> None:
+    """The watchdog reports "aborted" with how many replies were out once RSS exceeds the cap
+    (here: a baseline 64 MiB below the current RSS, a 1 MiB cap); below the cap it stays quiet."""
+    feed = ReplyFeed(lambda node: node, [1, 2, 3])
+    next(feed.stream())
+    current = _status_kib("VmRSS")
+    assert current is not None
+    config = Config(LIST, 3, TINY)
+    quiet: list[Mapping[str, Any]] = []
+    calm = scale.Watchdog(config, feed, current, cap=1 << 30, abort=quiet.append)
+    calm.start()
+    time.sleep(0.1)
+    calm.stop()
+    assert quiet == []
+    fired: list[Mapping[str, Any]] = []
+    watchdog = scale.Watchdog(config, feed, current - 64 * 1024, cap=1 << 20, abort=fired.append)
+    watchdog.start()
+    watchdog.thread.join(timeout=5)
+    watchdog.stop()
+    assert len(fired) == 1
+    assert fired[0]["status"] == "aborted"
+    assert fired[0]["replies-handed-at-abort"] == 1
+    assert "grew past the cap" in fired[0]["reason"]
 
 
 def _row(mode: str, clients: int, adapters: float, **extra: Any) -> dict[str, Any]:
