@@ -23,45 +23,13 @@ import time
 from collections.abc import Sequence
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from benchmarks.inprocess import FakeGrid, set_task_identity, train_reply
 from benchmarks.merge_speed import _reset_peak_rss, _status_kib, build_adapters, cpu_model
 from strategies import FedRobustMerge
 
 MIB = 1024.0 * 1024.0
-
-
-class _Grid:
-    def __init__(self, nodes: int) -> None:
-        self.nodes = list(range(1, nodes + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-def _reply(node: int, record: ArrayRecord) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 512})})
-    return Message(content, metadata=metadata)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,20 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = [sys.executable, "-m", "benchmarks.strategy_memory", *(argv or sys.argv[1:])]
         os.execve(sys.executable, command, env)
     torch.set_num_threads(args.threads)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity()
 
     (base,) = build_adapters(args.layers, 1, args.rank, seed=1)
     replies: list[Message] = []
     for client, adapter in enumerate(build_adapters(args.layers, args.clients, args.rank, 2)):
         trained = {key: base[key] + 0.01 * value for key, value in adapter.items()}
-        replies.append(_reply(client + 1, ArrayRecord(trained)))
+        replies.append(train_reply(client + 1, ArrayRecord(trained)))
         del trained
     del adapter
     reply_bytes = sum(msg.content.array_records["arrays"].count_bytes() for msg in replies)
     adapter_bytes = sum(v.numel() * 4 for v in base.values())
     largest_module = max(v.numel() for v in base.values()) * 4 * 2
     strategy = FedRobustMerge(device="cpu", min_train_nodes=args.clients)
-    list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), _Grid(args.clients)))  # type: ignore[arg-type]
+    grid = FakeGrid(list(range(1, args.clients + 1)))
+    list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))  # type: ignore[arg-type]
 
     reset = _reset_peak_rss()
     before = _status_kib("VmRSS") or 0
