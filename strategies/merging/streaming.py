@@ -12,10 +12,17 @@ fold each reply in as it arrives and drop it (docs/strategy.md, "Streaming round
   where A^_t, B^_t, s~_t are steps 1-2 on client t's tensors alone; other keys the weighted
   mean. The same terms come from a sparse-uplink reply (the client pruned and scaled).
 
+- ties: with p_t = w_t / W, TIES trims each client's (T p_t)-scaled tensor, and a positive
+  scale neither changes which entries a client keeps nor the elected sign, so with
+  v_t = trim(x_t) the fold keeps P = sum_t w_t v_t+ and N = sum_t w_t v_t- (the positive and
+  negative parts) and how many clients put a positive or a negative value on each entry; then
+  sign = sign(P + N) and the disjoint mean is lambda T / W * (P or N) / (its count). Other keys
+  the weighted mean.
+
 Every sum is an ``ExactSum``, so the merge does not depend on the order the replies arrive in,
-bit for bit. Methods whose round needs every client at once (ties' sign election over the
-trimmed set is foldable but not done yet; dare's seeded drop; the product-space methods' SVD of
-the stacked factors) have no fold: ``round_fold`` returns None and the strategy buffers them.
+bit for bit. Methods whose round needs every client at once (dare's drop is seeded by the
+client's position in the stack; the product-space methods factor the stacked factors) have no
+fold: ``round_fold`` returns None and the strategy buffers them.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from strategies.merging.exact_sum import ExactSum
 from strategies.merging.fedavg import FedAvg
 from strategies.merging.lora_keys import AdapterLayout, LoraModule, parse_layout
 from strategies.merging.method import MergeMethod
+from strategies.merging.pruning import prune_by_magnitude
 from strategies.merging.robustmerge import RobustMerge
+from strategies.merging.ties import Ties
 
 
 class RoundFold(Protocol):
@@ -62,6 +71,8 @@ def round_fold(
         return None
     if type(method) is FedAvg:
         return MeanFold(layout_keys, device)
+    if type(method) is Ties:
+        return TiesFold(method, layout_keys, device)
     return None
 
 
@@ -221,6 +232,60 @@ class RobustMergeFold:
         for key in self.layout.other_keys:
             merged[key] = _result(self.sums.value(key) / total)
         return {key: merged[key] for key in self.keys}
+
+
+class TiesFold:
+    """TIES in rounds (module docstring): per-sign exact sums and vote counts per entry."""
+
+    def __init__(self, method: Ties, layout_keys: list[str], device: torch.device | str = "cpu"):
+        self.keep_ratio = method.keep_ratio
+        self.fuse_weight = method.fuse_weight
+        self.keys = list(layout_keys)
+        self.lora_keys = {
+            key for m in parse_layout(self.keys).modules for key in (m.a_key, m.b_key)
+        }
+        self.device = torch.device(device)
+        self.weights = _Weights()
+        self.positive = _Sums(device)
+        self.negative = _Sums(device)
+        self.votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def count(self) -> int:
+        return self.weights.count
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        self.weights.add(weight)
+        for key in self.keys:
+            value = tensors[key].to(device=self.device, dtype=torch.float32)
+            if key not in self.lora_keys:
+                self.positive.add(key, value.to(torch.float64) * weight)
+                continue
+            kept = prune_by_magnitude(value.unsqueeze(0), self.keep_ratio)[0].to(torch.float64)
+            self.positive.add(key, kept.clamp(min=0) * weight)
+            self.negative.add(key, kept.clamp(max=0) * weight)
+            up, down = self.votes.get(key) or (
+                torch.zeros(kept.shape, dtype=torch.int32, device=self.device),
+                torch.zeros(kept.shape, dtype=torch.int32, device=self.device),
+            )
+            self.votes[key] = (up + (kept > 0).int(), down + (kept < 0).int())
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        total = self.weights.total()
+        scale = self.fuse_weight * self.weights.count / total
+        merged: dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            if key not in self.lora_keys:
+                merged[key] = _result(self.positive.value(key) / total)
+                continue
+            positive, negative = self.positive.value(key), self.negative.value(key)
+            up, down = self.votes[key]
+            elected = torch.sign(positive + negative)
+            chosen = torch.where(elected > 0, positive, torch.where(elected < 0, negative, 0.0))
+            voters = torch.where(elected > 0, up, torch.where(elected < 0, down, 0))
+            mean = torch.where(voters > 0, chosen / voters.clamp(min=1), torch.zeros_like(chosen))
+            merged[key] = _result(scale * mean)
+        return merged
 
 
 def _result(tensor: torch.Tensor) -> torch.Tensor:

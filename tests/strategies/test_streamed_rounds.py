@@ -73,7 +73,7 @@ def test_without_a_screen_the_first_round_streams_too() -> None:
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("method", ["robustmerge", "fedavg"])
+@pytest.mark.parametrize("method", ["robustmerge", "fedavg", "ties"])
 def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> None:
     strategy = FedRobustMerge(
         device="cpu", merge_method=method, weight_by_examples=weighted, server_lr=0.7
@@ -88,9 +88,8 @@ def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> N
         for m in replies
     ]
     weights = [float(n) for n in range(1, 6)] if strategy.weight_by_examples else None
-    expected = merge_round(
-        base, clients, create_method(method).round_form(), weights, server_lr=0.7
-    ).tensors
+    merge = create_method(method, **strategy.merge_hyperparameters).round_form()
+    expected = merge_round(base, clients, merge, weights, server_lr=0.7).tensors
     got = as_tensors(record)
     for key in base:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
@@ -226,7 +225,8 @@ def test_too_few_streamed_replies_skip_the_round() -> None:
     "options",
     [
         {"robust": RobustSettings(aggregation="krum", krum_malicious=1)},
-        {"merge_method": "ties"},
+        {"merge_method": "dare"},
+        {"merge_method": "svd"},
     ],
 )
 def test_stages_and_methods_that_need_every_reply_buffer(options: dict[str, object]) -> None:

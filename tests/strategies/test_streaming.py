@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from strategies.merging import create_method
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.fedavg import FedAvg
+from strategies.merging.method import MergeMethod
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import DeltaView, merge_round
 from strategies.merging.streaming import MeanFold, RobustMergeFold, round_fold
@@ -35,7 +36,7 @@ def clients(base: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.T
 
 
 def fold_round(
-    method: RobustMerge | FedAvg,
+    method: MergeMethod,
     base: dict[str, torch.Tensor],
     trained: list[dict[str, torch.Tensor]],
     weights: list[float] | None,
@@ -69,14 +70,28 @@ def test_robustmerge_fold_hand_checked_without_pruning() -> None:
     assert merged[keys[1]].tolist() == [[4.0]]
 
 
+def test_ties_fold_hand_checked() -> None:
+    """keep_ratio 1: nothing trimmed. Entry 0: votes +2 (w 1), -1 (w 1), +4 (w 2): P = 10,
+    N = -1, sign +, disjoint mean lambda T / W * P / 2 = 1 * 3/4 * 10/2 = 3.75. Entry 1: 0,
+    -3, 0: sign -, mean 3/4 * -3 / 1 = -2.25."""
+    method = create_method("ties", keep_ratio=1.0, fuse_weight=1.0).round_form()
+    keys = ["m.lora_A.weight", "m.lora_B.weight"]
+    fold = round_fold(method, keys)
+    assert fold is not None
+    for a, w in (([2.0, 0.0], 1.0), ([-1.0, -3.0], 1.0), ([4.0, 0.0], 2.0)):
+        fold.add({keys[0]: torch.tensor([a]), keys[1]: torch.zeros(1, 1)}, w)
+    merged = fold.finish()
+    assert merged[keys[0]].tolist() == [[3.75, -2.25]]
+    assert merged[keys[1]].tolist() == [[0.0]]
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("name", ["robustmerge", "fedavg"])
+@pytest.mark.parametrize("name", ["robustmerge", "fedavg", "ties"])
 def test_fold_matches_the_batch_round_merge(name: str, weighted: bool) -> None:
     base = adapter(0)
     trained = clients(base, 5)
     weights = [3.0, 1.0, 7.0, 2.0, 5.0] if weighted else None
     method = create_method(name).round_form()
-    assert isinstance(method, (RobustMerge, FedAvg))
     batch = merge_round(base, trained, method, weights).tensors
     streamed = fold_round(method, base, trained, weights)
     for key in base:
@@ -127,7 +142,7 @@ def test_any_arrival_order_gives_the_same_global_bit_for_bit(count: int, seed: i
     weights = [float(1 + (seed + i) % 5) for i in range(count)]
     order = list(range(count))
     random.Random(seed).shuffle(order)
-    for method in (RobustMerge().round_form(), FedAvg()):
+    for method in (RobustMerge().round_form(), FedAvg(), create_method("ties").round_form()):
         first = fold_round(method, base, trained, weights)
         shuffled = fold_round(method, base, trained, weights, order)
         assert all(torch.equal(first[k], shuffled[k]) for k in base)
@@ -136,7 +151,6 @@ def test_any_arrival_order_gives_the_same_global_bit_for_bit(count: int, seed: i
 @pytest.mark.parametrize(
     "method",
     [
-        create_method("ties").round_form(),
         create_method("dare").round_form(),
         create_method("svd").round_form(),
         create_method("exact-mean").round_form(),
