@@ -334,3 +334,31 @@ def test_the_server_sends_its_merge_settings_with_a_sparse_instruction() -> None
             assert dict(message.content.config_records[CONFIG]) == {SERVER_ROUND: 3, **expected}
     method = instructed_method({UPLINK: SPARSE, **merge_settings(RobustMerge(**settings))})  # type: ignore[arg-type]
     assert (method.keep_ratio, method.scale_quantile, method.fuse_weight) == (0.35, 0.5, 1.5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_streamed_sparse_round_equals_the_streamed_dense_round_bit_for_bit(
+    weighted: bool,
+) -> None:
+    """With a screen history both rounds stream; the fold takes the clients' own pruned deltas
+    and scales, so the merged global has the dense path's bits, in any arrival order."""
+    base = make_global(6)
+    clients = [trained(base, seed) for seed in (21, 22, 23, 24, 25)]
+    counts = [40, 100, 7, 64, 9]
+    history = {"norm-history": [1.0, 1.2, 0.9]}
+    common = {"device": "cpu", "server_lr": 0.7, "weight_by_examples": weighted}
+    dense = FedRobustMerge(**common)  # type: ignore[arg-type]
+    sparse = FedRobustMerge(uplink="sparse", **common)  # type: ignore[arg-type]
+    globals_ = []
+    for strategy, make in (
+        (dense, lambda i, c, n: reply(i + 1, c, n)),
+        (sparse, lambda i, c, n: sparse_reply(i + 1, client_wire(base, c), n)),
+    ):
+        strategy.restore_robust_state(history)
+        start_round(strategy, base, nodes=5, server_round=2)
+        replies = [make(i, c, n) for i, (c, n) in enumerate(zip(clients, counts, strict=True))]
+        arrays, _ = strategy.aggregate_train(2, iter(replies[::-1]))
+        assert strategy.round_report(2).streamed
+        globals_.append(as_tensors(arrays))
+    want, got = globals_
+    assert all(torch.equal(got[key], want[key]) for key in want)
