@@ -34,6 +34,7 @@ from server.privacy import core_strategy, restore_privacy_ledger
 from server.reply_stream import stream_replies
 from strategies.fed_robustmerge import FedRobustMerge
 from strategies.reply_checks import state_dict_to_record
+from strategies.round_metrics import diagnostics_metrics
 from strategies.round_report import RoundReport
 
 Traffic = tuple[dict[str, int], dict[str, int]]
@@ -109,7 +110,7 @@ def round_entry(
         "server-round": server_round,
         "clients-sampled": sampled,
         "clients-timed-out": max(sampled - answered, 0),
-        "train": dict(metrics) if metrics is not None else {},
+        "train": {**(dict(metrics) if metrics is not None else {}), **diagnostics_metrics(report)},
         "merge": report.to_json(),
     }
 

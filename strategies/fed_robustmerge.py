@@ -12,6 +12,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from logging import INFO, WARNING
 from typing import Any
 
@@ -265,6 +266,9 @@ class FedRobustMerge(FedAvg):
             raise RuntimeError(f"round {server_round} is not this strategy's last round")
         if not state.closed:
             raise RuntimeError(f"round {state.server_round} is still open (not aggregated)")
+        if state.deferred is not None:
+            deferred, state.deferred = state.deferred, None
+            deferred()
         return state.report
 
     def open_round(self, server_round: int, global_tensors: Mapping[str, torch.Tensor]) -> None:
@@ -515,7 +519,10 @@ class FedRobustMerge(FedAvg):
         apply_server_step(base, new_global, self.server_lr, self.merge_target)
         report.merge_seconds = time.perf_counter() - began
         report.merged_update_norm = global_change_norm(base, new_global)
-        sample.score(base, new_global, self.weight_by_examples, report)
+        # The diagnostics need the new global but the next round does not need them: they run
+        # when the report is asked for (``round_report``), not between the last reply and the
+        # new global.
+        state.deferred = partial(sample.score, base, new_global, self.weight_by_examples, report)
         log(
             INFO,
             "round %d: streamed %d replies into the merge (%d rejected); %.3fs from the last "

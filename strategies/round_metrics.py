@@ -36,12 +36,22 @@ def report_metrics(report: RoundReport, robust: RobustSettings) -> dict[str, Met
         metrics["rank-truncation-error"] = report.relative_error
     if report.update_relative_error is not None:
         metrics["update-truncation-error"] = report.update_relative_error
-    if report.factorwise_gap is not None:
-        metrics["factorwise-gap"] = report.factorwise_gap
     if len(set(report.site_ranks.values())) > 1 or any(report.site_truncation_errors.values()):
         errors = list(report.site_truncation_errors.values())
         metrics["site-truncation-error-max"] = max(errors)
         metrics["site-rank-min"] = min(report.site_ranks.values())
+    metrics.update(diagnostics_metrics(report))
+    return metrics
+
+
+def diagnostics_metrics(report: RoundReport) -> dict[str, MetricValue]:
+    """The direction diagnostics' summary: the factor-wise gap and the clients' direction
+    cosines and retained fractions (mean and min). A streamed round computes them only when its
+    report is asked for, after ``aggregate_train`` returned its metrics, so the round loop adds
+    them to the history entry from the report."""
+    metrics: dict[str, MetricValue] = {}
+    if report.factorwise_gap is not None:
+        metrics["factorwise-gap"] = report.factorwise_gap
     if report.direction_scores:
         cosines = [s["cosine"] for s in report.direction_scores.values()]
         retained = [s["retained"] for s in report.direction_scores.values()]

@@ -9,6 +9,7 @@ a closed round's report by its number (``FedRobustMerge.round_report``) instead 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,9 @@ class RoundState:
     # The adapter a site of each rank below the global's started from (mixed ranks; computed
     # on first use, the same ``ranks.adapter_at_rank`` the clients run).
     site_starts: dict[int, SiteAdapter] = field(default_factory=dict)
+    # Work on the closed round that the new global does not wait for (a streamed round's
+    # direction diagnostics): run once, when the report is first asked for.
+    deferred: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, server_round: int, global_tensors: dict[str, torch.Tensor]) -> RoundState:

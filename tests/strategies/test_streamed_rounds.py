@@ -235,3 +235,18 @@ def test_stages_and_methods_that_need_every_reply_buffer(options: dict[str, obje
     start_round(strategy, base, nodes=5, server_round=2)
     strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 6))))
     assert not strategy.round_report(2).streamed
+
+
+def test_the_new_global_does_not_wait_for_the_diagnostics() -> None:
+    """A streamed round returns the new global after the division and the server step; the
+    direction diagnostics run once, when the report is first asked for."""
+    strategy = FedRobustMerge(device="cpu")
+    base = warmed(strategy, range(1, 4))
+    start_round(strategy, base, nodes=3, server_round=2)
+    strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 4))))
+    assert strategy.round is not None
+    assert strategy.round.report.direction_scores == {}
+    assert strategy.round.report.factorwise_gap is None
+    report = strategy.round_report(2)
+    assert sorted(report.direction_scores) == [1, 2, 3] and report.factorwise_gap is not None
+    assert strategy.round_report(2).direction_scores == report.direction_scores
