@@ -337,6 +337,7 @@ def run_federated(
     data_hook: Callable[[int, TaskData], TaskData] | None = None,
     reply_hook: Callable[[int, Adapter, Adapter], Adapter] | None = None,
     train_factors: str | None = None,
+    round_hook: Callable[[int, Any], None] | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
 
@@ -354,6 +355,10 @@ def run_federated(
     Per-client data (e.g. the Dirichlet shards of ``benchmarks.partitioning``): name each node's
     task in ``client_tasks`` and return the node's own data from ``data_hook``, which replaces
     the round's draw; ``benchmarks.partitioning.shard_data_hook`` builds such a hook.
+
+    ``strategy_options`` may also override the sampling (``fraction_train`` and
+    ``min_train_nodes``: partial participation). ``round_hook`` gets (round, the strategy's
+    ``RoundReport``) after each merge (merge time, bytes received).
     """
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -366,10 +371,10 @@ def run_federated(
         local = replace(local, train_factors=train_factors)
     node_tasks = list(client_tasks) if client_tasks is not None else list(config.seen)
     nodes = list(range(1, len(node_tasks) + 1))
+    options: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": len(nodes)}
+    options.update(strategy_options or {})
     strategy = FedRobustMerge(
-        fraction_train=1.0,
         fraction_evaluate=0.0,
-        min_train_nodes=len(nodes),
         min_evaluate_nodes=0,
         min_available_nodes=len(nodes),
         merge_method=method,
@@ -378,7 +383,7 @@ def run_federated(
         device="cpu",
         diagnostics_modules=0,
         seed=seed,
-        **(strategy_options or {}),
+        **options,
     )
     global_adapter = initial_adapter(work.lora, seed=seed)
     history = []
@@ -408,6 +413,8 @@ def run_federated(
                 trained = reply_hook(node, start, trained)
             replies.append(_reply(node, trained, result.num_examples, result.mean_loss))
         record, _ = strategy.aggregate_train(server_round, replies)
+        if round_hook is not None:
+            round_hook(server_round, strategy.round_report(server_round))
         if record is not None:
             global_adapter = {
                 k: v.to(torch.float32) for k, v in record.to_torch_state_dict().items()

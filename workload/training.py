@@ -280,10 +280,23 @@ def evaluate_lora(model: torch.nn.Module, data: TaskData, settings: TrainSetting
     Uses ``temperature``, ``max_length`` and ``batch_size`` of ``settings``; the model's mode is
     restored afterwards.
     """
+    logits = example_logits(model, data, settings)
+    targets = torch.tensor(data.labels, dtype=torch.long)
+    loss_sum = float(functional.cross_entropy(logits, targets, reduction="sum"))
+    correct = int((logits.argmax(dim=-1) == targets).sum())
+    count = len(data.texts)
+    return EvalResult(num_examples=count, loss=loss_sum / count, accuracy=correct / count)
+
+
+def example_logits(model: torch.nn.Module, data: TaskData, settings: TrainSettings) -> torch.Tensor:
+    """The logits (n, C) of every example of ``data``, in its order (eval mode, no gradients).
+
+    What ``evaluate_lora`` scores; per-example results (e.g. the quality benchmark's paired
+    bootstrap over test examples) read them directly. The model's mode is restored afterwards.
+    """
     _check_data(data)
     tokenizer = load_tokenizer(model_path(model))
     pad_id = _pad_id(tokenizer)
-    targets = torch.tensor(data.labels, dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
@@ -301,9 +314,6 @@ def evaluate_lora(model: torch.nn.Module, data: TaskData, settings: TrainSetting
                 settings.batch_size,
             )
             logits = texts @ labels.T / settings.temperature
-            loss_sum = float(functional.cross_entropy(logits, targets, reduction="sum"))
-            correct = int((logits.argmax(dim=-1) == targets).sum())
     finally:
         model.train(was_training)
-    count = len(data.texts)
-    return EvalResult(num_examples=count, loss=loss_sum / count, accuracy=correct / count)
+    return logits

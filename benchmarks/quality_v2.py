@@ -1,0 +1,511 @@
+"""Quality benchmark v2 (issue 17): every method in rounds, tuned, at 7, 16 and 64 clients.
+
+What and why
+------------
+v1 (``benchmarks.quality``) could not tell the methods apart: 96 test examples per task, one
+tuning seed, edge-of-grid choices, two methods in rounds, one federation shape. v2 runs:
+
+- rows in rounds (``ROUND_ROWS``): robustmerge paper-exact and paper-equation, fedavg (FedIT),
+  ties, dare, svd (FlexLoRA), the exact mean, FFA-LoRA (fedavg, clients train only lora_B);
+- each tuned on the seen tasks' dev splits at the 7-client federation (``benchmarks.tuning``:
+  server-lr, and fuse-weight where the method has one; grids grown until the choice is interior);
+- at every federation shape (``benchmarks.federations``: 7 clients; 16 and 64 with Dirichlet
+  0.5 label skew, 25 % participation at 64), over several seeds, with per-round curves;
+- reference rows (zero-shot, individual, multi-task: v1's functions) and one-shot merges of the
+  individual adapters (a secondary table);
+- scored per test example (``benchmarks.per_example``), so every row gets its difference to
+  tuned FedAvg at the same federation with a paired bootstrap interval (``benchmarks.stats``);
+- with its cost: bytes up / down per client and round, the server's merge seconds per round.
+
+Resumable: results are written after every (stage, row, seed); a rerun skips what is saved.
+Stages: ``tune``, ``references``, ``fed-7``, ``fed-16``, ``fed-64``, ``one-shot``; the report
+(``benchmarks.quality_v2_report``) is rewritten after each. After any run it prints the full
+run's time estimated from the unit costs measured so far (``benchmarks.budget``).
+
+Usage::
+
+    python -m benchmarks.quality_v2 --quick              # < 10 min, writes quality-quick.*
+    python -m benchmarks.quality_v2                      # the full run, every stage
+    python -m benchmarks.quality_v2 --stage tune         # one stage (then the others)
+    python -m benchmarks.quality_v2 --report-only        # tables and plots from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import budget
+from benchmarks.federations import Federation, RunMeter, federation_shards, task_pools
+from benchmarks.per_example import TrackingWorkload, encode_flags, load_tracking_workload
+from benchmarks.quality import (
+    CACHE_DIR,
+    ONE_SHOT_ROWS,
+    RESULTS_DIR,
+    QualityConfig,
+    individual_adapters,
+    multitask_adapter,
+    run_federated,
+)
+from benchmarks.tuning import Axis, tune
+from strategies.merging import merge_lora
+from workload.model import initial_adapter
+
+REFERENCE_ROW = "fedavg (FedIT)"
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """A method in rounds: merge method, strategy options, clients' train-factors, and whether
+    it has a fuse weight to tune (besides the server lr)."""
+
+    method: str
+    options: tuple[tuple[str, Any], ...] = ()
+    train_factors: str = "ab"
+    fuse: bool = False
+
+
+ROUND_ROWS: dict[str, RoundRow] = {
+    "robustmerge (paper-exact)": RoundRow("robustmerge", (("mode", "paper-exact"),), fuse=True),
+    "robustmerge (paper-equation)": RoundRow(
+        "robustmerge", (("mode", "paper-equation"),), fuse=True
+    ),
+    REFERENCE_ROW: RoundRow("fedavg"),
+    "ties": RoundRow("ties", fuse=True),
+    "dare": RoundRow("dare", fuse=True),
+    "svd (FlexLoRA)": RoundRow("svd"),
+    "exact-mean": RoundRow("exact-mean"),
+    "FFA-LoRA": RoundRow("fedavg", train_factors="b"),
+}
+# Untuned rows (a configuration that tunes only some) run at these, the strategy's defaults.
+DEFAULT_HYPER = {"server_lr": 1.0, "fuse_weight": 2.0}
+
+FULL_BASE = QualityConfig(
+    train_examples=64,
+    individual_epochs=3,
+    eval_examples=1000,
+    dev_examples=100,
+    batch_size=32,
+    max_length=64,
+    learning_rate=1e-3,
+    tag="full",
+)
+
+
+@dataclass(frozen=True)
+class V2Config:
+    """Sizes of a v2 run (the defaults are the full run)."""
+
+    base: QualityConfig = FULL_BASE
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pool_examples: int = 64
+    federations: tuple[Federation, ...] = (
+        Federation("7", 7, rounds=10),
+        Federation("16", 16, rounds=10),
+        Federation("64", 64, participation=0.25, rounds=10),
+    )
+    tune_federation: str = "7"
+    tune_rounds: int = 3
+    tune_seed: int = 0
+    lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
+    fuse_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
+    max_extensions: int = 3
+    curve_examples: int = 50
+    rows: tuple[str, ...] = tuple(ROUND_ROWS)
+    tune_rows: tuple[str, ...] = tuple(ROUND_ROWS)
+    one_shot: bool = True
+    resamples: int = 2000
+
+    @property
+    def tag(self) -> str:
+        """The run's tag (``full``, ``quick``, ...)."""
+        return self.base.tag
+
+    @property
+    def results_stem(self) -> str:
+        """``quality`` for the full run, ``quality-<tag>`` otherwise."""
+        return "quality" if self.tag == "full" else f"quality-{self.tag}"
+
+    def stages(self) -> list[str]:
+        """Stage names in run order."""
+        fed = [f"fed-{f.name}" for f in self.federations]
+        return ["tune", "references", *fed, *(["one-shot"] if self.one_shot else [])]
+
+    def federation(self, name: str) -> Federation:
+        """The federation shape called ``name``."""
+        for federation in self.federations:
+            if federation.name == name:
+                return federation
+        raise KeyError(f"no federation {name!r}")
+
+
+QUICK = V2Config(
+    base=QualityConfig(
+        seen=("stackoverflow", "sentiment", "20ng"),
+        unseen=("mcid",),
+        train_examples=12,
+        individual_epochs=1,
+        eval_examples=24,
+        dev_examples=12,
+        tag="quick",
+    ),
+    seeds=(0,),
+    pool_examples=8,
+    federations=(
+        Federation("3", 3, rounds=2),
+        Federation("6", 6, rounds=2),
+        Federation("12", 12, participation=0.25, rounds=2),
+    ),
+    tune_federation="3",
+    tune_rounds=1,
+    lr_grid=(1.0, 2.0, 4.0),
+    fuse_grid=(1.0, 2.0),
+    max_extensions=1,
+    curve_examples=12,
+    tune_rows=(REFERENCE_ROW,),
+    resamples=500,
+)
+
+
+@dataclass
+class Run:
+    """The state of one benchmark invocation: config, workload, results and how to save."""
+
+    config: V2Config
+    work: TrackingWorkload
+    results: dict[str, Any]
+    json_path: Path
+    log: Callable[[str], None] = print
+    started: float = field(default_factory=time.perf_counter)
+    earlier_seconds: float = 0.0
+
+    def save(self, step: str) -> None:
+        """Write the JSON (after every (stage, row, seed)), with the wall time so far."""
+        elapsed = self.earlier_seconds + time.perf_counter() - self.started
+        self.results["wall_seconds"] = round(elapsed, 1)
+        self.results["meter"]["eval_seconds"] = self.work.eval_seconds + self.eval_before[0]
+        self.results["meter"]["eval_examples"] = self.work.eval_examples + self.eval_before[1]
+        self.json_path.write_text(json.dumps(self.results, indent=1))
+        self.log(f"[{elapsed:.0f}s] {step} saved")
+
+    @property
+    def eval_before(self) -> tuple[float, int]:
+        """The evaluation meter of earlier invocations (kept in the saved JSON)."""
+        before = self.results.setdefault("meter_before", {"eval_seconds": 0.0, "eval_examples": 0})
+        return float(before["eval_seconds"]), int(before["eval_examples"])
+
+    def add_training(self, seconds: float, examples: int) -> None:
+        """Count a run's training (and merge) seconds and examples in the meter."""
+        meter = self.results["meter"]
+        meter["train_seconds"] += seconds
+        meter["train_examples"] += examples
+
+
+def hyper_for(config: V2Config, results: dict[str, Any], row: str) -> dict[str, float]:
+    """The row's tuned server lr and fuse weight (or the defaults for an untuned row)."""
+    chosen = dict(DEFAULT_HYPER)
+    record = results["tuning"].get(row)
+    if record is not None:
+        chosen.update(record["chosen"])
+    return chosen
+
+
+def federated_run(
+    run: Run,
+    row: str,
+    federation: Federation,
+    seed: int,
+    hyper: dict[str, float],
+    split: str,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """One federated run of ``row``: the per-round scores on ``split`` and its cost summary.
+
+    The last global adapter stays in ``run.work.last_adapter``.
+    """
+    spec = ROUND_ROWS[row]
+    config = run.config
+    pools = task_pools(config.base.seen, config.pool_examples, seed)
+    shards = federation_shards(pools, federation, seed)
+    meter = RunMeter()
+    eval_before = run.work.eval_seconds
+    began = time.perf_counter()
+    history = run_federated(
+        run.work,
+        method=spec.method,
+        seed=seed,
+        rounds=federation.rounds if split != "skip" else config.tune_rounds,
+        fuse_weight=hyper["fuse_weight"],
+        server_lr=hyper["server_lr"],
+        split=split,
+        log=run.log,
+        client_tasks=[d.name for d in shards],
+        strategy_options={**dict(spec.options), **federation.strategy_options()},
+        data_hook=meter.metered_hook(shards),
+        train_factors=spec.train_factors,
+        round_hook=meter.round_hook,
+    )
+    spent = time.perf_counter() - began - (run.work.eval_seconds - eval_before)
+    run.add_training(spent, meter.train_examples)
+    assert run.work.last_adapter is not None
+    return history, meter.summary(run.work.last_adapter)
+
+
+def stage_tune(run: Run) -> None:
+    """Tune each row in ``config.tune_rows`` on dev at the tuning federation (saved per row)."""
+    config = run.config
+    federation = config.federation(config.tune_federation)
+    for row in config.tune_rows:
+        if row in run.results["tuning"]:
+            continue
+        axes = [Axis("server_lr", config.lr_grid)]
+        if ROUND_ROWS[row].fuse:
+            axes.append(Axis("fuse_weight", config.fuse_grid))
+
+        def score(point: Mapping[str, float], row: str = row) -> float:
+            hyper = {**DEFAULT_HYPER, **point}
+            federated_run(run, row, federation, config.tune_seed, hyper, "skip")
+            assert run.work.last_adapter is not None
+            dev = run.work.evaluate(run.work.last_adapter, "dev")
+            return sum(dev.values()) / len(dev)
+
+        record = tune(score, axes, max_extensions=config.max_extensions, log=run.log)
+        run.results["tuning"][row] = record.to_json()
+        run.log(f"tuned {row}: {record.chosen} (dev {record.best_score:.3f})")
+        run.save(f"tune {row}")
+
+
+def stage_references(run: Run, cache_dir: Path) -> None:
+    """Zero-shot, individual and multi-task rows per seed (v1's adapters), per-example flags."""
+    config, work, runs = run.config, run.work, run.results["runs"]
+    for seed in config.seeds:
+        key = f"references|zero-shot|{seed}"
+        if key not in runs:
+            flags = work.test_flags(initial_adapter(work.lora, seed=seed))
+            runs[key] = {"flags": {t: encode_flags(f) for t, f in flags.items()}}
+            run.save(key)
+        key = f"references|individual|{seed}"
+        if key not in runs:
+            began = time.perf_counter()
+            adapters = individual_adapters(work, seed, run.log, cache_dir)
+            run.add_training(
+                time.perf_counter() - began,
+                len(config.base.seen) * config.base.train_examples * config.base.individual_epochs,
+            )
+            flags_all: dict[str, str] = {}
+            for name, adapter in zip(config.base.seen, adapters, strict=True):
+                flags_all[name] = encode_flags(work.test_flags(adapter, [name])[name])
+            runs[key] = {"flags": flags_all}
+            run.save(key)
+        key = f"references|multi-task|{seed}"
+        if key not in runs:
+            began = time.perf_counter()
+            adapter = multitask_adapter(work, seed)
+            run.add_training(
+                time.perf_counter() - began,
+                len(config.base.seen) * config.base.train_examples * config.base.individual_epochs,
+            )
+            flags = work.test_flags(adapter)
+            runs[key] = {"flags": {t: encode_flags(f) for t, f in flags.items()}}
+            run.save(key)
+
+
+def stage_federation(run: Run, federation: Federation) -> None:
+    """Every row at ``federation`` for every seed: curves, final test flags, cost."""
+    config, runs = run.config, run.results["runs"]
+    for row in config.rows:
+        hyper = hyper_for(config, run.results, row)
+        for seed in config.seeds:
+            key = f"fed-{federation.name}|{row}|{seed}"
+            if key in runs:
+                continue
+            began = time.perf_counter()
+            history, cost = federated_run(run, row, federation, seed, hyper, "curve")
+            assert run.work.last_adapter is not None
+            flags = run.work.test_flags(run.work.last_adapter)
+            runs[key] = {
+                "flags": {t: encode_flags(f) for t, f in flags.items()},
+                "curve": history,
+                "cost": cost,
+                "hyper": hyper,
+                "seconds": round(time.perf_counter() - began, 1),
+            }
+            run.save(key)
+
+
+def stage_one_shot(run: Run, cache_dir: Path) -> None:
+    """One-shot merges of the individual adapters (v1's rows and defaults), per seed."""
+    config, work, runs = run.config, run.work, run.results["runs"]
+    for seed in config.seeds:
+        todo = [r for r in ONE_SHOT_ROWS if f"one-shot|{r[0]}|{seed}" not in runs]
+        if not todo:
+            continue
+        adapters = individual_adapters(work, seed, run.log, cache_dir)
+        for row, method, hp in todo:
+            merged = merge_lora(adapters, method, device="cpu", **hp)
+            flags = work.test_flags(merged)
+            runs[f"one-shot|{row}|{seed}"] = {
+                "flags": {t: encode_flags(f) for t, f in flags.items()}
+            }
+            run.save(f"one-shot {row} seed {seed}")
+
+
+def plan_inputs(config: V2Config, work: TrackingWorkload) -> budget.PlanInputs:
+    """The budget planner's inputs for ``config`` (sizes read from the loaded workload)."""
+    tune_fed = config.federation(config.tune_federation)
+    base = len(config.lr_grid)
+    grids = tuple(
+        (
+            base * (len(config.fuse_grid) if ROUND_ROWS[r].fuse else 1),
+            2 if ROUND_ROWS[r].fuse else 1,
+        )
+        for r in config.tune_rows
+    )
+    return budget.PlanInputs(
+        seeds=len(config.seeds),
+        seen_tasks=len(config.base.seen),
+        pool_examples=config.pool_examples,
+        train_examples=config.base.train_examples,
+        individual_epochs=config.base.individual_epochs,
+        test_total=sum(len(d) for d in work.test.values()),
+        seen_test_total=sum(len(work.test[t]) for t in config.base.seen),
+        dev_total=sum(len(d) for d in work.dev.values()),
+        curve_total=sum(len(d) for d in work.curve.values()),
+        tune_rounds=config.tune_rounds,
+        tune_participation=tune_fed.sampled() / tune_fed.clients,
+        federations=tuple((f.name, f.sampled() / f.clients, f.rounds) for f in config.federations),
+        round_rows=len(config.rows),
+        tuning_grids=grids,
+        one_shot_rows=len(ONE_SHOT_ROWS) if config.one_shot else 0,
+    )
+
+
+def full_estimate(results: dict[str, Any], full: V2Config, log: Callable[[str], None]) -> None:
+    """Print (and keep in ``results``) the full run's time at this run's measured unit costs."""
+    meter = results["meter"]
+    try:
+        train_rate, eval_rate = budget.unit_costs(
+            meter["train_seconds"],
+            meter["train_examples"],
+            meter["eval_seconds"],
+            meter["eval_examples"],
+        )
+    except ValueError as error:
+        log(f"no estimate: {error}")
+        return
+    work = load_tracking_workload(full.base, full.curve_examples)
+    estimate = budget.estimate_seconds(
+        budget.plan_counts(plan_inputs(full, work)), train_rate, eval_rate
+    )
+    results["full_run_estimate"] = {
+        "train_seconds_per_example": train_rate,
+        "eval_seconds_per_example": eval_rate,
+        "seconds": estimate,
+    }
+    log(
+        f"measured: {train_rate:.3f} s per trained example, {1000 * eval_rate:.1f} ms per "
+        f"evaluated example; the full run would take:\n{budget.format_estimate(estimate)}"
+    )
+
+
+def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None]) -> Run:
+    """Load the workload and the saved results of ``config`` (or start new ones)."""
+    torch.set_num_threads(2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{config.results_stem}.json"
+    wanted = json.loads(json.dumps(asdict(config)))
+    earlier = 0.0
+    if json_path.exists():
+        results: dict[str, Any] = json.loads(json_path.read_text())
+        if results["config"] != wanted:
+            raise SystemExit(f"{json_path} was made with another configuration; move it away")
+        earlier = float(results.get("wall_seconds", 0.0))
+        results["meter_before"] = {
+            "eval_seconds": results["meter"]["eval_seconds"],
+            "eval_examples": results["meter"]["eval_examples"],
+        }
+    else:
+        results = {
+            "config": wanted,
+            "machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "tuning": {},
+            "runs": {},
+            "meter": {
+                "train_seconds": 0.0,
+                "train_examples": 0,
+                "eval_seconds": 0.0,
+                "eval_examples": 0,
+            },
+        }
+    work = load_tracking_workload(config.base, config.curve_examples)
+    return Run(config, work, results, json_path, log, earlier_seconds=earlier)
+
+
+def run_stages(
+    config: V2Config,
+    out_dir: Path,
+    stages: Sequence[str] | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    cache_dir: Path = CACHE_DIR,
+) -> dict[str, Any]:
+    """Run ``stages`` (default: all, in order) of ``config``, resuming saved results."""
+    run = open_run(config, out_dir, log)
+    wanted = list(stages) if stages is not None else config.stages()
+    unknown = set(wanted) - set(config.stages())
+    if unknown:
+        raise SystemExit(f"unknown stages {sorted(unknown)}; known: {config.stages()}")
+    for stage in config.stages():
+        if stage not in wanted:
+            continue
+        began = time.perf_counter()
+        if stage == "tune":
+            stage_tune(run)
+        elif stage == "references":
+            stage_references(run, cache_dir)
+        elif stage == "one-shot":
+            stage_one_shot(run, cache_dir)
+        else:
+            stage_federation(run, config.federation(stage.removeprefix("fed-")))
+        run.results.setdefault("stage_seconds", {})[stage] = round(
+            run.results.get("stage_seconds", {}).get(stage, 0.0) + time.perf_counter() - began, 1
+        )
+        run.save(f"stage {stage}")
+    return run.results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, run the stages, write the report, print the full-run estimate."""
+    from benchmarks.quality_v2_report import write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 10 min")
+    parser.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--report-only", action="store_true", help="report from the saved JSON")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else V2Config()
+    stem = args.out_dir / config.results_stem
+    if args.report_only:
+        results = json.loads(stem.with_suffix(".json").read_text())
+    else:
+        results = run_stages(config, args.out_dir, args.stage)
+        full_estimate(results, V2Config(), print)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    command = "python -m benchmarks.quality_v2" + (" --quick" if args.quick else "")
+    write_report(results, config, stem, command)
+    print(f"wall {results['wall_seconds'] / 60:.1f} min; wrote {stem}.md/.json/.png")
+
+
+if __name__ == "__main__":
+    main()

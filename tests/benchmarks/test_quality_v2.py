@@ -1,0 +1,244 @@
+"""The quality benchmark v2's pieces: per-example flags, federations and costs, the budget
+planner, the report's comparisons; and (slow) a tiny end-to-end run that resumes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import budget
+from benchmarks.federations import Federation, RunMeter, adapter_bytes
+from benchmarks.per_example import correct_flags, decode_flags, encode_flags
+from benchmarks.quality import QualityConfig
+from benchmarks.quality_v2 import QUICK, REFERENCE_ROW, ROUND_ROWS, V2Config, hyper_for
+from benchmarks.quality_v2_report import comparisons, curves, markdown
+from workload.model import LoraSettings, build_lora_model, initial_adapter, set_lora_state
+from workload.tasks import load_task
+from workload.training import TrainSettings, evaluate_lora
+
+
+def test_flags_round_trip() -> None:
+    flags = [True, False, False, True, True]
+    assert encode_flags(flags) == "10011"
+    assert decode_flags("10011").tolist() == flags
+    with pytest.raises(ValueError):
+        decode_flags("10a")
+
+
+def test_correct_flags_agree_with_evaluate_lora() -> None:
+    model = build_lora_model(LoraSettings(), seed=0)
+    set_lora_state(model, initial_adapter(LoraSettings(), seed=1))
+    data = load_task("mcid", "test", limit=24, seed=3)
+    settings = TrainSettings(max_length=32)
+    flags = correct_flags(model, data, settings)
+    assert len(flags) == len(data)
+    assert sum(flags) / len(flags) == pytest.approx(evaluate_lora(model, data, settings).accuracy)
+    # not all the same: the flags say which examples, not only how many
+    assert 0 < sum(flags) < len(flags)
+
+
+def test_federation_sampling_options() -> None:
+    assert Federation("64", 64, participation=0.25).sampled() == 16
+    assert Federation("64", 64, participation=0.25).strategy_options() == {
+        "fraction_train": 0.25,
+        "min_train_nodes": 16,
+    }
+    assert Federation("7", 7).sampled() == 7
+    assert Federation("3", 3, participation=0.1).sampled() == 1
+
+
+def test_run_meter_costs() -> None:
+    meter = RunMeter()
+    hook = meter.metered_hook(
+        [load_task("mcid", "train", limit=5, seed=0), load_task("mcid", "train", limit=3, seed=0)]
+    )
+    assert len(hook(2, load_task("mcid", "train", limit=9, seed=0))) == 3
+    hook(1, load_task("mcid", "train", limit=9, seed=0))
+    for r, clients, received, merge, fold in ((1, [1, 2], 200, 0.5, 0.0), (2, [1], 100, 0.1, 0.3)):
+        report = SimpleNamespace(
+            accepted_nodes=clients, bytes_received=received, merge_seconds=merge, fold_seconds=fold
+        )
+        meter.round_hook(r, report)
+    adapter = {
+        "m.lora_A.default.weight": torch.zeros(4, 10),
+        "m.lora_B.default.weight": torch.zeros(10, 4, dtype=torch.float16),
+    }
+    summary = meter.summary(adapter)
+    assert summary["train_examples"] == 8
+    assert summary["bytes_up_per_client_round"] == pytest.approx(300 / 3)
+    assert summary["bytes_down_per_client_round"] == 40 * 4 + 40 * 2
+    assert summary["b_bytes"] == 40 * 2 == adapter_bytes(adapter, only=".lora_B.")
+    assert summary["merge_seconds_per_round"] == pytest.approx((0.5 + 0.4) / 2)
+
+
+def test_plan_counts_by_hand() -> None:
+    inputs = budget.PlanInputs(
+        seeds=2,
+        seen_tasks=3,
+        pool_examples=10,
+        train_examples=4,
+        individual_epochs=2,
+        test_total=100,
+        seen_test_total=60,
+        dev_total=30,
+        curve_total=20,
+        tune_rounds=2,
+        tune_participation=1.0,
+        federations=(("a", 1.0, 3), ("b", 0.5, 4)),
+        round_rows=2,
+        tuning_grids=((3, 1), (9, 2)),
+        one_shot_rows=1,
+    )
+    counts = budget.plan_counts(inputs)
+    # tuning: (3+1) + (3+1)^2 = 20 points x 2 rounds x 30 pool examples; dev eval once each
+    assert counts["tune"] == budget.StageCount(train=20 * 2 * 30, evaluate=20 * 30)
+    assert counts["references"] == budget.StageCount(train=2 * 2 * 24, evaluate=2 * 260)
+    assert counts["fed-a"] == budget.StageCount(train=4 * 3 * 30, evaluate=4 * (60 + 100))
+    assert counts["fed-b"] == budget.StageCount(train=4 * 4 * 15, evaluate=4 * (80 + 100))
+    assert counts["one-shot"] == budget.StageCount(train=0, evaluate=200)
+    estimate = budget.estimate_seconds(counts, 0.5, 0.01)
+    assert estimate["fed-a"] == pytest.approx(360 * 0.5 + 640 * 0.01)
+    assert estimate["total"] == pytest.approx(sum(v for k, v in estimate.items() if k != "total"))
+    with pytest.raises(ValueError):
+        budget.unit_costs(1.0, 0, 1.0, 1)
+
+
+TWO = V2Config(
+    base=QualityConfig(seen=("s1", "s2"), unseen=("u",), tag="synthetic"),
+    seeds=(0, 1),
+    federations=(Federation("2", 2, rounds=2),),
+    tune_federation="2",
+    rows=(REFERENCE_ROW, "ties", "exact-mean"),
+    one_shot=False,
+    resamples=300,
+)
+
+
+def synthetic_results() -> dict[str, object]:
+    """Saved runs where ties is right on every example, exact-mean copies FedAvg."""
+    generator = np.random.default_rng(0)
+    runs: dict[str, object] = {}
+    for seed in TWO.seeds:
+        ref = {t: generator.random(200) < 0.5 for t in ("s1", "s2", "u")}
+        rows = {
+            REFERENCE_ROW: ref,
+            "ties": {t: np.ones(200, dtype=bool) for t in ref},
+            "exact-mean": ref,
+        }
+        for row, flags in rows.items():
+            runs[f"fed-2|{row}|{seed}"] = {
+                "flags": {t: encode_flags(f.tolist()) for t, f in flags.items()},
+                "curve": [{"seen-avg": 0.1 * seed, "unseen-avg": 0.2}, {"seen-avg": 0.3}],
+                "cost": {
+                    "bytes_up_per_client_round": 2048.0,
+                    "bytes_down_per_client_round": 2048.0,
+                    "b_bytes": 1024.0,
+                    "merge_seconds_per_round": 0.001,
+                    "train_examples": 10.0,
+                },
+            }
+        runs[f"references|zero-shot|{seed}"] = {
+            "flags": {t: encode_flags([False] * 200) for t in ("s1", "s2", "u")}
+        }
+    tuning = {
+        REFERENCE_ROW: {
+            "grids": {"server_lr": [1.0, 2.0, 4.0]},
+            "evaluations": 3,
+            "chosen": {"server_lr": 2.0},
+            "best_score": 0.5,
+            "cap_hit": {},
+        }
+    }
+    return {"machine": "test", "date": "today", "runs": runs, "tuning": tuning}
+
+
+def test_comparisons_find_the_win_the_tie_and_the_loss() -> None:
+    table = comparisons(synthetic_results(), TWO)
+    fed = table["fed-2"]
+    assert fed["ties"]["seen"]["diff"]["verdict"] == "win"
+    assert fed["ties"]["seen"]["accuracy"] == 1.0
+    assert fed["exact-mean"]["seen"]["diff"]["verdict"] == "tie"
+    assert fed["exact-mean"]["unseen"]["diff"]["mean"] == 0.0
+    assert fed[REFERENCE_ROW]["seen"]["seeds"] == 2
+    assert table["references"]["zero-shot"]["seen"]["diff"]["verdict"] == "loss"
+
+
+def test_markdown_and_curves() -> None:
+    results = synthetic_results()
+    text = markdown(results, TWO, "pytest")
+    for row in TWO.rows:
+        assert f"| {row} | 2 |" in text
+    assert "| zero-shot | 2 |" in text
+    assert "server_lr: 1, 2, 4" in text
+    assert "Not tuned (strategy defaults): ties, exact-mean." in text
+    mean = curves(results, "fed-2")["ties"]
+    assert mean[0] == pytest.approx((0.05, 0.2))
+    assert np.isnan(mean[1][1])
+
+
+def test_hyper_for_uses_the_tuned_choice_else_the_defaults() -> None:
+    results = synthetic_results()
+    assert hyper_for(TWO, results, REFERENCE_ROW) == {"server_lr": 2.0, "fuse_weight": 2.0}
+    assert hyper_for(TWO, results, "ties") == {"server_lr": 1.0, "fuse_weight": 2.0}
+
+
+def test_configs_cover_the_issue() -> None:
+    full = V2Config()
+    assert set(full.rows) == set(ROUND_ROWS) == set(full.tune_rows)
+    assert ROUND_ROWS["FFA-LoRA"].train_factors == "b"
+    assert [(f.clients, f.participation) for f in full.federations] == [
+        (7, 1.0),
+        (16, 1.0),
+        (64, 0.25),
+    ]
+    assert all(f.rounds >= 10 for f in full.federations if f.clients > 7)
+    assert len(full.seeds) >= 3 and full.base.eval_examples >= 1000
+    assert full.results_stem == "quality" and QUICK.results_stem == "quality-quick"
+    assert full.stages() == ["tune", "references", "fed-7", "fed-16", "fed-64", "one-shot"]
+
+
+TINY = replace(
+    QUICK,
+    base=replace(QUICK.base, seen=("sentiment", "mcid"), unseen=("stackoverflow",), tag="tiny"),
+    pool_examples=8,
+    federations=(Federation("2", 2, rounds=1), Federation("4", 4, participation=0.5, rounds=1)),
+    tune_federation="2",
+    rows=(REFERENCE_ROW, "FFA-LoRA"),
+    tune_rows=(REFERENCE_ROW,),
+    lr_grid=(1.0, 2.0),
+    max_extensions=0,
+    one_shot=False,
+    resamples=100,
+)
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_and_resume(tmp_path: Path) -> None:
+    from benchmarks.quality_v2 import run_stages
+
+    logs: list[str] = []
+    results = run_stages(TINY, tmp_path, log=logs.append, cache_dir=tmp_path / "cache")
+    runs = results["runs"]
+    assert set(results["tuning"]) == {REFERENCE_ROW}
+    for stage in ("fed-2", "fed-4"):
+        for row in TINY.rows:
+            run = runs[f"{stage}|{row}|0"]
+            assert set(run["flags"]) == {"sentiment", "mcid", "stackoverflow"}
+            assert len(run["curve"]) == 1
+            assert run["cost"]["bytes_up_per_client_round"] > run["cost"]["b_bytes"] > 0
+    assert runs["fed-4|fedavg (FedIT)|0"]["cost"]["train_examples"] < 16  # half the clients
+    saved = json.loads((tmp_path / "quality-tiny.json").read_text())
+    assert saved["runs"].keys() == runs.keys()
+    # a rerun trains nothing
+    logs.clear()
+    again = run_stages(TINY, tmp_path, log=logs.append, cache_dir=tmp_path / "cache")
+    assert again["runs"].keys() == runs.keys()
+    assert not any(line.startswith("  fed ") for line in logs)
+    with pytest.raises(SystemExit, match="another configuration"):
+        run_stages(replace(TINY, seeds=(5,)), tmp_path, log=logs.append)
