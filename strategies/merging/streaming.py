@@ -113,17 +113,26 @@ class _Sums:
         return self.sums[key].value()
 
 
-class MeanFold:
-    """fedavg's round: the weighted mean of every tensor."""
+class _Fold:
+    """What every fold keeps: the keys it merges, the device and the clients' weights."""
 
-    def __init__(self, layout_keys: list[str], device: torch.device | str = "cpu") -> None:
+    def __init__(self, layout_keys: list[str], device: torch.device | str) -> None:
         self.keys = list(layout_keys)
+        self.device = torch.device(device)
         self.weights = _Weights()
-        self.sums = _Sums(device)
 
     @property
     def count(self) -> int:
+        """Clients folded in so far."""
         return self.weights.count
+
+
+class MeanFold(_Fold):
+    """fedavg's round: the weighted mean of every tensor."""
+
+    def __init__(self, layout_keys: list[str], device: torch.device | str = "cpu") -> None:
+        super().__init__(layout_keys, device)
+        self.sums = _Sums(device)
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         self.weights.add(weight)
@@ -135,7 +144,7 @@ class MeanFold:
         return {key: _result(self.sums.value(key) / total) for key in self.keys}
 
 
-class RobustMergeFold:
+class RobustMergeFold(_Fold):
     """RobustMerge paper-exact in its round form (module docstring), from each client's tensors
     (``add``) or from its own pruned tensors and scales (``add_pruned``: the sparse uplink)."""
 
@@ -146,19 +155,13 @@ class RobustMergeFold:
             raise ValueError("RobustMergeFold folds RobustMerge paper-exact in its round form")
         if not isinstance(method.fuse_weight, float):
             raise ValueError("a streamed round needs one shared fuse weight")
+        super().__init__(layout_keys, device)
         self.method = method
         self.fuse_weight = method.fuse_weight
-        self.keys = list(layout_keys)
         self.layout: AdapterLayout = parse_layout(self.keys)
-        self.device = torch.device(device)
-        self.weights = _Weights()
         self.sums = _Sums(device)
         self.scale_sums = _Sums(device)
         self.shapes: dict[str, torch.Size] = {}
-
-    @property
-    def count(self) -> int:
-        return self.weights.count
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         """Steps 1-2 on this client's tensors alone (module by module), then fold them in."""
@@ -234,25 +237,19 @@ class RobustMergeFold:
         return {key: merged[key] for key in self.keys}
 
 
-class TiesFold:
+class TiesFold(_Fold):
     """TIES in rounds (module docstring): per-sign exact sums and vote counts per entry."""
 
     def __init__(self, method: Ties, layout_keys: list[str], device: torch.device | str = "cpu"):
+        super().__init__(layout_keys, device)
         self.keep_ratio = method.keep_ratio
         self.fuse_weight = method.fuse_weight
-        self.keys = list(layout_keys)
         self.lora_keys = {
             key for m in parse_layout(self.keys).modules for key in (m.a_key, m.b_key)
         }
-        self.device = torch.device(device)
-        self.weights = _Weights()
         self.positive = _Sums(device)
         self.negative = _Sums(device)
         self.votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def count(self) -> int:
-        return self.weights.count
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         self.weights.add(weight)
