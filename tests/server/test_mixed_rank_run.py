@@ -94,3 +94,53 @@ def test_three_ranks_run_end_to_end_and_every_rank_loads_in_peft(
         assert len(factors_a) == sum(".lora_A." in key for key in final.tensors)
         assert {int(v.shape[0]) for v in factors_a} == {rank}
     assert torch.isfinite(torch.cat([v.flatten() for v in final.tensors.values()])).all()
+
+
+def _mixed_rank_run(
+    model_dir: Path, out: Path, run_config: dict[str, Any], rounds: int, resume: bool
+) -> FedRobustMerge:
+    lora = LoraSettings.for_global(run_config)
+    grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)
+    strategy = FedRobustMerge(
+        merge_method="svd", device="cpu", min_train_nodes=3, fraction_evaluate=0.0
+    )
+    config = adapter_config_for(str(model_dir), lora.r, lora.alpha, ["query", "value"])
+    try:
+        run_federation(
+            grid,  # type: ignore[arg-type]
+            MessageRounds(strategy),
+            LoopSettings(
+                num_rounds=rounds, round_timeout=ROUND_TIMEOUT, run_dir=out, resume=resume
+            ),
+            initial=initial_adapter(lora, seed=0),
+            store=CheckpointStore(out, config),
+            summary={},
+        )
+    finally:
+        grid.join_all()
+    return strategy
+
+
+def test_a_resumed_mixed_rank_run_ends_bit_identical_to_an_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    """Stopped after round 2 and resumed for round 3, a 3-rank run ends where a 3-round run does;
+    the resumed strategy knows each node's rank from the checkpoint (a later reply of another
+    rank would be refused)."""
+    model_dir = save_tiny_bert(tmp_path / "tiny-bert")
+    run_config: dict[str, Any] = tiny_run_config(
+        model_dir, **{"client-ranks": ",".join(map(str, RANKS)), "lora-r": 4, "lora-alpha": 8}
+    )
+    straight = tmp_path / "straight"
+    _mixed_rank_run(model_dir, straight, run_config, 3, resume=False)
+    interrupted = tmp_path / "interrupted"
+    _mixed_rank_run(model_dir, interrupted, run_config, 2, resume=False)
+    resumed = _mixed_rank_run(model_dir, interrupted, run_config, 3, resume=True)
+    assert resumed.node_ranks == {1: 2, 2: 4, 3: 8}
+    want = read_adapter_dir(straight / "final").tensors
+    got = read_adapter_dir(interrupted / "final").tensors
+    assert set(got) == set(want)
+    assert all(torch.equal(got[key], want[key]) for key in want)
+    rounds = json.loads((interrupted / "metrics.json").read_text())["rounds"]
+    assert [entry["server-round"] for entry in rounds] == [1, 2, 3]
+    assert rounds[-1]["merge"]["site-ranks"] == {"1": 2, "2": 4, "3": 8}
