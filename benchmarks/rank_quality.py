@@ -321,10 +321,13 @@ def run(
     rows: Sequence[RankRow] = ROWS,
     log: Callable[[str], None] = print,
     command: str = "python -m benchmarks.rank_quality",
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Every row of ``rows`` not yet saved in ``out_dir``'s JSON; saves JSON and Markdown after
-    each. A saved run of other sizes is refused (delete it, or use another ``--out-dir``)."""
-    torch.set_num_threads(2)
+    each. A saved run of other sizes is refused (delete it, or use another ``--out-dir``).
+    ``threads``: torch's CPU threads (2 on an idle 2-core machine; 1 when other jobs share the
+    cores, where two threads mostly wait for each other)."""
+    torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{results_stem(config)}.json"
     wanted = json.loads(json.dumps(asdict(config)))
@@ -527,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the Markdown from the saved JSON"
     )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (1 on a shared machine)"
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else CONFIG
     command = "python -m benchmarks.rank_quality" + (" --quick" if args.quick else "")
@@ -540,7 +546,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(r.key for r in ROWS)}")
     rows = [row for row in ROWS if not keys or row.key in keys]
-    results = run(config, args.out_dir, rows, command=command)
+    if args.threads != 2:
+        command += f" --threads {args.threads}"
+    results = run(config, args.out_dir, rows, command=command, threads=args.threads)
     stem.with_suffix(".md").write_text(markdown(results, command))
     print(f"wrote {stem}.json and .md")
 
