@@ -489,6 +489,21 @@ def markdown(results: Mapping[str, Any], command: str = "python -m benchmarks.ra
                 + " | ".join(f"{100 * v:.2f}" for v in values)
                 + " |"
             )
+    lines += [
+        "",
+        "Server side, per round (%): the new global's relative distance from the full-rank "
+        "P = B_G A_G + eta M. Product-space rows: M is the method's merged update and the "
+        "distance is the truncation of P back to the global's rank (the row's largest); "
+        "zero-padding: M is the exact mean of the true updates, so the distance is how far "
+        "factor-wise averaging of padded factors lands from it:",
+        "",
+        "| row | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " |",
+        "|---|" + "---|" * rounds,
+    ]
+    for row in rows.values():
+        merge_errors = row["trace"].get("merge_errors", [])
+        cells = ["-" if e is None else f"{100 * e:.2f}" for e in merge_errors]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     per_rank = results.get("adapter-bytes-per-rank", {})
     if per_rank:
         largest = max(per_rank, key=lambda k: int(k))

@@ -167,7 +167,11 @@ def synthetic_results(rounds: int = 2) -> dict[str, Any]:
             "label": label,
             "ranks": ranks,
             "history": history(seen, unseen),
-            "trace": {"site_ranks": nodes, "truncation_errors": errors},
+            "trace": {
+                "site_ranks": nodes,
+                "truncation_errors": errors,
+                "merge_errors": [0.01 * (r + 1) for r in range(rounds)],
+            },
             "seconds": 123.0,
         }
 
@@ -210,6 +214,7 @@ def test_markdown_tables() -> None:
     assert "| mixed svd | 4 | 0.00 | 10.00 |" in text
     assert "| rank 8 svd | 8 |" not in text
     assert "| 4 | 100 | 0.25 |" in text
+    assert "| zero pad | 1.00 | 2.00 |" in text  # the server's per-round error
     assert "One test example is 1.0 points" in text  # 96 test examples per task
 
 
