@@ -311,7 +311,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{os.cpu_count()}-vCPU {platform.machine()}{vm}, {gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} torch thread(s)"
     )
 
 
@@ -393,6 +393,19 @@ def errors_by_rank(row: Mapping[str, Any]) -> dict[int, list[float]]:
     return out
 
 
+def by_site_group(results: Mapping[str, Any], row: Mapping[str, Any]) -> dict[int, float]:
+    """``row``'s final accuracy averaged over the seen tasks of the sites that train each rank
+    in the mixed rows (client i: ``MIXED[i % 3]``), so every row, equal ranks included, is
+    read on the same groups of tasks: where a mixed federation loses, and whose task pays."""
+    seen = results["config"]["seen"]
+    final = row["history"][-1]
+    groups: dict[int, list[float]] = {}
+    for node, task in enumerate(seen, start=1):
+        if task in final:
+            groups.setdefault(node_rank(MIXED, node), []).append(float(final[task]))
+    return {rank: sum(v) / len(v) for rank, v in sorted(groups.items())}
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -471,6 +484,19 @@ def markdown(results: Mapping[str, Any], command: str = "python -m benchmarks.ra
             + " | ".join(_pct(final[t]) if t in final else "-" for t in tasks)
             + " |"
         )
+    group_ranks = sorted(set(MIXED))
+    lines += [
+        "",
+        "Final seen accuracy (%) on the tasks of the sites that train rank 4, 8 and 16 in the "
+        "mixed rows (the same tasks in every row):",
+        "",
+        "| row | " + " | ".join(f"rank-{r} sites' tasks" for r in group_ranks) + " |",
+        "|---|" + "---|" * len(group_ranks),
+    ]
+    for row in rows.values():
+        groups = by_site_group(results, row)
+        cells = [_pct(groups[r]) if r in groups else "-" for r in group_ranks]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Truncation error of what each site started from (mean over that rank's sites, %; "
@@ -551,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = QUICK if args.quick else CONFIG
     command = "python -m benchmarks.rank_quality" + (" --quick" if args.quick else "")
+    if args.threads != 2:
+        command += f" --threads {args.threads}"
     stem = args.out_dir / results_stem(config)
     if args.report_only:
         saved = json.loads(stem.with_suffix(".json").read_text())
@@ -561,8 +589,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(r.key for r in ROWS)}")
     rows = [row for row in ROWS if not keys or row.key in keys]
-    if args.threads != 2:
-        command += f" --threads {args.threads}"
     results = run(config, args.out_dir, rows, command=command, threads=args.threads)
     stem.with_suffix(".md").write_text(markdown(results, command))
     print(f"wrote {stem}.json and .md")

@@ -196,6 +196,22 @@ def test_errors_by_rank_averages_each_rank_per_round() -> None:
     assert by_rank[16] == [0.0, 0.0, 0.0]
 
 
+def test_site_groups_average_the_tasks_of_each_mixed_rank() -> None:
+    results = synthetic_results()
+    row = results["rows"]["r16-svd"]
+    final = dict(row["history"][-1])
+    # seen tasks of nodes 1, 4, 7 train rank 4; 2, 5 rank 8; 3, 6 rank 16
+    for index, task in enumerate(results["config"]["seen"]):
+        final[task] = float(index)
+    row["history"] = [final]
+    assert rank_quality.by_site_group(results, row) == {
+        4: pytest.approx((0 + 3 + 6) / 3),
+        8: pytest.approx((1 + 4) / 2),
+        16: pytest.approx((2 + 5) / 2),
+    }
+    assert "| rank 16 svd | 300.0 | 250.0 | 350.0 |" in markdown(results)
+
+
 def test_comparisons_are_the_final_round_differences() -> None:
     lines = comparisons(synthetic_results())
     assert "mixed svd minus rank 16 svd, final round: seen -5.0 points, unseen -1.0 points." in (
