@@ -149,6 +149,25 @@ class Workload:
     model: torch.nn.Module
     test: dict[str, TaskData] = field(default_factory=dict)
     dev: dict[str, TaskData] = field(default_factory=dict)
+    # Models at other LoRA ranks than ``lora.r`` (mixed-rank runs), built on first use.
+    other_ranks: dict[int, torch.nn.Module] = field(default_factory=dict)
+
+    def model_at_rank(self, rank: int) -> torch.nn.Module:
+        """The model with LoRA at ``rank`` (same base weights, alpha / r kept: ``with_rank``);
+        ``self.model`` at ``lora.r``, others built once and kept, so adapters of any rank in a
+        mixed-rank run load into a model of their own shapes."""
+        if rank == self.lora.r:
+            return self.model
+        if rank not in self.other_ranks:
+            self.other_ranks[rank] = build_lora_model(self.lora.with_rank(rank), seed=0)
+        return self.other_ranks[rank]
+
+    def model_for(self, adapter: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """The model whose LoRA shapes fit ``adapter`` (its rank read from a ``lora_A``)."""
+        ranks = {int(v.shape[0]) for k, v in adapter.items() if ".lora_A." in k}
+        if len(ranks) != 1:
+            raise ValueError(f"expected one LoRA rank in the adapter, found {sorted(ranks)}")
+        return self.model_at_rank(ranks.pop())
 
     def evaluate(
         self,
@@ -159,16 +178,18 @@ class Workload:
         """Accuracy of ``adapter`` on each task of ``split`` (seen + unseen unless ``tasks``)."""
         data = self.test if split == "test" else self.dev
         names = list(tasks) if tasks is not None else list(data)
-        set_lora_state(self.model, adapter)
-        return {name: evaluate_lora(self.model, data[name], self.train).accuracy for name in names}
+        model = self.model_for(adapter)
+        set_lora_state(model, adapter)
+        return {name: evaluate_lora(model, data[name], self.train).accuracy for name in names}
 
     def train_from(
         self, adapter: Mapping[str, torch.Tensor], data: TaskData, *, epochs: int, seed: int
     ) -> Adapter:
         """``adapter`` trained on ``data`` for ``epochs`` local epochs (a copy; input kept)."""
-        set_lora_state(self.model, adapter)
-        train_lora(self.model, data, replace(self.train, local_epochs=epochs), seed=seed)
-        return get_lora_state(self.model)
+        model = self.model_for(adapter)
+        set_lora_state(model, adapter)
+        train_lora(model, data, replace(self.train, local_epochs=epochs), seed=seed)
+        return get_lora_state(model)
 
 
 def load_workload(config: QualityConfig) -> Workload:
@@ -190,6 +211,16 @@ def load_workload(config: QualityConfig) -> Workload:
 def train_data(name: str, config: QualityConfig, seed: int, round_index: int = 0) -> TaskData:
     """A class-balanced training subset: a new draw per seed and per federated round."""
     return load_task(name, "train", limit=config.train_examples, seed=1000 * seed + round_index)
+
+
+def node_train_data(
+    node_tasks: Sequence[str], node: int, config: QualityConfig, seed: int, server_round: int
+) -> TaskData:
+    """Node ``node``'s (1-based) training data in a federated round: a fresh draw of its task
+    per round; a task named twice in ``node_tasks`` gets a different draw per node."""
+    name = node_tasks[node - 1]
+    copy = node_tasks[: node - 1].count(name)
+    return train_data(name, config, seed, server_round + 100 * copy)
 
 
 def summarise(scores: Scores, config: QualityConfig) -> Scores:
@@ -297,9 +328,14 @@ def _set_task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def _reply(node: int, adapter: Adapter, num_examples: int, loss: float) -> Any:
-    """A train reply Message as a client sends it: LoRA tensors + num-examples, train-loss."""
+def _reply(
+    node: int, adapter: Adapter, num_examples: int, loss: float, rank: int | None = None
+) -> Any:
+    """A train reply Message as a client sends it: LoRA tensors + num-examples, train-loss, and
+    ``lora-rank`` when ``rank`` is given (a mixed-rank run: the rank the site trained)."""
     from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+    from strategies import wire
 
     metadata = Metadata(
         run_id=1,
@@ -315,7 +351,13 @@ def _reply(node: int, adapter: Adapter, num_examples: int, loss: float) -> Any:
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: v.contiguous() for k, v in adapter.items()}),
-            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
+            "metrics": MetricRecord(
+                {
+                    wire.NUM_EXAMPLES: num_examples,
+                    wire.TRAIN_LOSS: loss,
+                    **({wire.LORA_RANK: rank} if rank is not None else {}),
+                }
+            ),
         }
     )
     return Message(content, metadata=metadata)  # type: ignore[call-overload]
@@ -337,6 +379,7 @@ def run_federated(
     data_hook: Callable[[int, TaskData], TaskData] | None = None,
     reply_hook: Callable[[int, Adapter, Adapter], Adapter] | None = None,
     train_factors: str | None = None,
+    client_ranks: Sequence[int] | None = None,
     round_hook: Callable[[int, Any], None] | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
@@ -357,11 +400,17 @@ def run_federated(
     the round's draw; ``benchmarks.partitioning.shard_data_hook`` builds such a hook.
 
     ``strategy_options`` may also override the sampling (``fraction_train`` and
-    ``min_train_nodes``: partial participation). ``round_hook`` gets (round, the strategy's
-    ``RoundReport``) after each merge (merge time, bytes received).
+    ``min_train_nodes``: partial participation). ``client_ranks`` (the run-config
+    ``client-ranks``: node i + 1 trains rank ``client_ranks[i % len]``) makes a mixed-rank run
+    as the app runs it: the global starts at the largest rank, each node starts from
+    ``client.app.site_start`` (the global truncated to its rank, the client's own code) and
+    replies at its rank with ``lora-rank``. ``round_hook`` gets (round, the strategy's
+    ``RoundReport``) after each merge (merge time, site ranks, truncation errors, bytes
+    received).
     """
     from flwr.app import ArrayRecord, ConfigRecord
 
+    from client.app import site_start
     from strategies import FedRobustMerge
 
     _set_task_identity()
@@ -385,7 +434,11 @@ def run_federated(
         seed=seed,
         **options,
     )
-    global_adapter = initial_adapter(work.lora, seed=seed)
+    node_ranks = {
+        node: int(client_ranks[(node - 1) % len(client_ranks)]) if client_ranks else work.lora.r
+        for node in nodes
+    }
+    global_adapter = initial_adapter(work.lora.with_rank(max(node_ranks.values())), seed=seed)
     history = []
     for server_round in range(1, rounds + 1):
         began = time.perf_counter()
@@ -400,18 +453,20 @@ def run_federated(
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            name = node_tasks[node - 1]
-            copy = node_tasks[: node - 1].count(name)
-            data = train_data(name, config, seed, server_round + 100 * copy)
+            data = node_train_data(node_tasks, node, config, seed, server_round)
             if data_hook is not None:
                 data = data_hook(node, data)
             start = dict(message.content.array_records["arrays"].to_torch_state_dict())
-            set_lora_state(work.model, start)
-            result = train_lora(work.model, data, local, seed=seed * 100 + server_round)
-            trained = get_lora_state(work.model)
+            if client_ranks:
+                start = site_start(start, work.lora.with_rank(node_ranks[node]))
+            model = work.model_for(start)
+            set_lora_state(model, start)
+            result = train_lora(model, data, local, seed=seed * 100 + server_round)
+            trained = get_lora_state(model)
             if reply_hook is not None:
                 trained = reply_hook(node, start, trained)
-            replies.append(_reply(node, trained, result.num_examples, result.mean_loss))
+            rank = node_ranks[node] if client_ranks else None
+            replies.append(_reply(node, trained, result.num_examples, result.mean_loss, rank))
         record, _ = strategy.aggregate_train(server_round, replies)
         if round_hook is not None:
             round_hook(server_round, strategy.round_report(server_round))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shlex
@@ -540,3 +541,152 @@ def process_set(log_dir: Path, env: Mapping[str, str]) -> Iterator[ProcessSet]:
         leftover = procs.stop_all()
         if leftover and not failed:
             raise AssertionError(f"processes {leftover} survived SIGKILL\n{procs.logs()}")
+
+
+# --- a running federation: SuperLink, SuperExec, registered SuperNodes ------------------
+
+
+def run_config_arg(values: Mapping[str, object]) -> str:
+    """The `--run-config` argument for `flwr run`: space-separated key=value pairs, each value
+    as TOML (strings quoted, booleans lower case)."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+@dataclass
+class Federation:
+    """Handles on a running federation (`start_federation`), shared by a module's tests.
+
+    `spare_ports` are free ports left for SuperNodes a test starts itself (e.g. an
+    unregistered one); `extra` holds such processes by name.
+    """
+
+    tmp: Path
+    material: Material
+    env: dict[str, str]
+    procs: ProcessSet
+    deadline: Deadline
+    connection: str
+    address: str
+    superlink: Proc
+    node_ids: dict[str, int]
+    spare_ports: list[int]
+    extra: dict[str, Proc] = field(default_factory=dict)
+
+    def cli(self, argv: list[str]) -> str:
+        """Run a flwr CLI call against the federation; return its stdout."""
+        return run_cli(argv, self.env, self.deadline, cwd=self.tmp).stdout
+
+    def fail(self, message: str) -> None:
+        """Fail with every process's log tail attached."""
+        import pytest
+
+        pytest.fail(f"{message}\n{self.procs.logs()}", pytrace=False)
+
+    def start_run(self, app_dir: Path, run_config: Mapping[str, object]) -> int:
+        """`flwr run` the app against the federation; return the run ID."""
+        stdout = self.cli(run_command(app_dir, self.connection, run_config_arg(run_config)))
+        payload = json.loads(stdout[stdout.index("{") :])
+        assert payload["success"], stdout
+        return int(payload["run-id"])
+
+    def wait_finished(self, run_id: int) -> str:
+        """Poll `flwr ls --run-id` until the run is finished; return its status."""
+        status = ""
+        while not self.deadline.expired():
+            stdout = self.cli(
+                ["flwr", "ls", self.connection, "--run-id", str(run_id), "--format", "json"]
+            )
+            runs = json.loads(stdout[stdout.index("{") :])["runs"]
+            status = str(runs[0]["status"]) if runs else ""
+            if status.startswith("finished"):
+                return status
+            if self.superlink.popen.poll() is not None:
+                self.fail(f"the SuperLink exited during run {run_id}")
+            time.sleep(2.0)
+        raise DeadlineExceededError(
+            f"run {run_id} not finished within the deadline (last status {status!r})\n"
+            f"{self.run_log(run_id)}\n{self.procs.logs()}"
+        )
+
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp log as the SuperLink keeps it (for failure messages)."""
+        try:
+            return self.cli(["flwr", "log", str(run_id), self.connection, "--show"])
+        except AssertionError as err:
+            return f"(flwr log failed: {err})"
+
+    def replying_nodes(self) -> set[int]:
+        """Node IDs the SuperLink accepted replies from, read from its log."""
+        found = re.findall(r"Push replies from node_id=(\d+)", self.superlink.log())
+        return {int(m) for m in found}
+
+
+@contextlib.contextmanager
+def start_federation(
+    tmp: Path,
+    sites: Mapping[str, str],
+    deadline: Deadline,
+    *,
+    connection: str,
+    unregistered: Sequence[str] = (),
+) -> Iterator[Federation]:
+    """SuperLink + SuperExec and one registered, connected SuperNode per entry of `sites`
+    (name -> its `--node-config`), as real processes on 127.0.0.1 with TLS and node auth.
+
+    Key pairs are made for `unregistered` names too (never registered; the test starts such
+    nodes itself on `Federation.spare_ports`). Every process ends when the block ends.
+    """
+    material = make_material(tmp / "certs", [*sites, *unregistered])
+    link_port, *node_ports = free_ports(1 + len(sites) + len(unregistered))
+    address = f"127.0.0.1:{link_port}"
+
+    flwr_home = tmp / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(connection_toml(connection, address, material.ca_cert))
+    (tmp / "state").mkdir()
+    env = process_env(flwr_home)
+
+    with process_set(tmp / "logs", env) as procs:
+        superlink = procs.start(
+            "superlink",
+            superlink_command(
+                material, host="127.0.0.1", port=link_port, database=tmp / "state" / "link.db"
+            ),
+        )
+        superlink.wait_for(r"Uvicorn running on https://", deadline, "the SuperLink on HTTPS")
+        procs.start("superexec", superexec_command(material, superlink_address=address))
+
+        node_ids: dict[str, int] = {}
+        for site in sites:
+            out = run_cli(
+                register_command(material.public_key(site), connection, site), env, deadline
+            )
+            node_ids[site] = int(json.loads(out.stdout)["node-id"])
+
+        supernodes = [
+            procs.start(
+                site,
+                supernode_command(
+                    material, site, superlink_address=address, port=port, node_config=config
+                ),
+            )
+            for (site, config), port in zip(sites.items(), node_ports, strict=False)
+        ]
+        for site, node in zip(sites, supernodes, strict=True):
+            match = node.wait_for(r"SuperNode ID: (\d+)", deadline, "a node ID from the SuperLink")
+            assert int(match.group(1)) == node_ids[site], (
+                f"{site} connected as node {match.group(1)}, but its key was registered as "
+                f"node {node_ids[site]}"
+            )
+        yield Federation(
+            tmp=tmp,
+            material=material,
+            env=env,
+            procs=procs,
+            deadline=deadline,
+            connection=connection,
+            address=address,
+            superlink=superlink,
+            node_ids=node_ids,
+            spare_ports=node_ports[len(sites) :],
+        )
