@@ -39,7 +39,7 @@ each of the 72 federated runs (8 rows, 3 sizes, 3 seeds) scores 8,331 test examp
 No knob within the rules brings it near 3 hours (the final test evaluation alone is 2x over),
 so the full run is planned across sessions with the stage-by-stage resume below, and these sizes
 are the issue's minimums rather than larger ones (``round_examples`` 32 and 15 rounds would take
-about 3.5x as long). ``python -m benchmarks.quality_v2`` prints the estimate from the costs its own
+about 2.8x as long). ``python -m benchmarks.quality_v2`` prints the estimate from the costs its own
 run measures.
 
 Resumable: results are written after every (stage, row, seed); a rerun skips what is saved.
