@@ -13,6 +13,12 @@ all forward/backward passes of the encoder, so it is planned in two measured uni
 evaluates; ``estimate_seconds`` multiplies them by the unit costs. Tuning is counted with one
 extension per tuned axis (its base grid plus one point per axis); the planner says so, as the
 true number depends on where the optima fall.
+
+A federated round trains, on each sampled client, at most ``round_examples`` of its shard
+(``benchmarks.federations.round_subsample``). The planner counts ``min(sampled *
+round_examples, pool share)`` per round, the pool share being the sampled clients' part of the
+pool (``seen_tasks * pool_examples * sampled / clients``): an upper bound, as a Dirichlet shard
+smaller than ``round_examples`` trains fewer, which the measured unit costs do not need.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class PlanInputs:
     seeds: int
     seen_tasks: int
     pool_examples: int
+    round_examples: int
     train_examples: int
     individual_epochs: int
     test_total: int
@@ -35,9 +42,10 @@ class PlanInputs:
     dev_total: int
     curve_total: int
     tune_rounds: int
-    tune_participation: float
-    # (name, participation, rounds) per federation shape
-    federations: tuple[tuple[str, float, int], ...]
+    # (clients, sampled clients per round) of the tuning federation
+    tune_federation: tuple[int, int]
+    # (name, clients, sampled clients per round, rounds) per federation shape
+    federations: tuple[tuple[str, int, int, int], ...]
     round_rows: int
     # base grid points per tuned row (e.g. 3 for server-lr only, 9 with fuse-weight too) and
     # how many axes each has
@@ -63,13 +71,19 @@ def _expected_points(points: int, axes: int) -> int:
     return (per_axis + 1) ** axes if axes else 0
 
 
+def round_train(inputs: PlanInputs, clients: int, sampled: int) -> int:
+    """Examples one round trains at ``clients`` clients, ``sampled`` of them per round: each
+    sampled client trains at most ``round_examples``, and no more than its pool share."""
+    share = inputs.seen_tasks * inputs.pool_examples * sampled / clients
+    return round(min(sampled * inputs.round_examples, share))
+
+
 def plan_counts(inputs: PlanInputs) -> dict[str, StageCount]:
     """Examples trained and evaluated per stage (see the module docstring)."""
-    pool = inputs.seen_tasks * inputs.pool_examples
     counts: dict[str, StageCount] = {}
     tune_points = sum(_expected_points(p, a) for p, a in inputs.tuning_grids)
     counts["tune"] = StageCount(
-        train=round(tune_points * inputs.tune_rounds * pool * inputs.tune_participation),
+        train=tune_points * inputs.tune_rounds * round_train(inputs, *inputs.tune_federation),
         evaluate=tune_points * inputs.dev_total,
     )
     individual = inputs.seen_tasks * inputs.train_examples * inputs.individual_epochs
@@ -77,10 +91,10 @@ def plan_counts(inputs: PlanInputs) -> dict[str, StageCount]:
         train=inputs.seeds * 2 * individual,  # individual adapters + the multi-task adapter
         evaluate=inputs.seeds * (2 * inputs.test_total + inputs.seen_test_total),
     )
-    for name, participation, rounds in inputs.federations:
+    for name, clients, sampled, rounds in inputs.federations:
         runs = inputs.round_rows * inputs.seeds
         counts[f"fed-{name}"] = StageCount(
-            train=round(runs * rounds * pool * participation),
+            train=runs * rounds * round_train(inputs, clients, sampled),
             evaluate=runs * (rounds * inputs.curve_total + inputs.test_total),
         )
     counts["one-shot"] = StageCount(

@@ -7,20 +7,30 @@ and 64 clients where each seen task is split over several clients with Dirichlet
 skew, 25 % of the 64 taking part each round. Every shape holds the same data, a fixed local
 pool of ``pool_examples`` training examples per seen task (drawn per seed), split by
 ``benchmarks.partitioning.client_shards`` (one shard per task at 7 clients: the whole pool).
-A client trains one local epoch on its whole shard each round it is sampled, as a real site
-trains on the data it holds; so the shapes differ only in how the same data is split and how
-many sites take part.
+
+What a client holds and what it trains per round are two sizes. The pool must be large for the
+Dirichlet split to be feasible: a task's classes are cut over its shards, so with few examples
+per class some shard ends up empty in every draw (dbpedia's 219 classes need a pool of about 256
+at 9 shards; banking77's 77 about 128 at 10). But training one epoch on a whole shard each round
+would make the run's cost grow with the pool. So each round a sampled client trains one local
+epoch on ``round_subsample``: at most ``round_examples`` examples of its own shard, drawn
+uniformly without replacement with a generator seeded by (seed, round, node). The draw is from
+the client's skewed shard, so the label skew stays; it differs from round to round, so over the
+rounds a client sees much of its shard; and a rerun draws the same examples.
 
 ``RunMeter`` collects what a run costs, from what actually happened: the examples trained
-(``metered_hook`` wraps the data hook), and from the strategy's round report (the
-``round_hook`` of ``run_federated``) the bytes the server received and its merge time
+(``metered_hook`` is the data hook: it draws the round's subsample and counts it; it learns the
+round from ``round_hook``, which ``run_federated`` calls after every merge), and from the
+strategy's round report (that ``round_hook``) the bytes the server received and its merge time
 (``merge-seconds`` plus ``fold-seconds`` of a streamed round). Bytes down are the global
 adapter's size, sent to every sampled client.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,24 +72,66 @@ def federation_shards(
     return client_shards(pools, federation.clients, alpha=federation.alpha, seed=seed)
 
 
+def round_subsample(
+    shard: TaskData, limit: int | None, *, seed: int, server_round: int, node: int
+) -> TaskData:
+    """What node ``node`` trains in round ``server_round`` of a run seeded ``seed``: at most
+    ``limit`` examples of its ``shard`` (all of it when ``limit`` is None or not smaller).
+
+    A uniform draw without replacement, in the shard's order, from a generator seeded by the
+    first 8 bytes of SHA-256 of ``"<seed>:<round>:<node>"``: the same (seed, round, node) give
+    the same examples, other rounds or nodes other ones (see the module docstring).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None; got {limit}")
+    if limit is None or limit >= len(shard):
+        return shard
+    key = hashlib.sha256(f"{seed}:{server_round}:{node}".encode()).digest()[:8]
+    picked = sorted(random.Random(int.from_bytes(key, "big")).sample(range(len(shard)), limit))
+    return TaskData(
+        shard.name,
+        [shard.texts[i] for i in picked],
+        [shard.labels[i] for i in picked],
+        list(shard.label_names),
+    )
+
+
 @dataclass
 class RunMeter:
-    """What a federated run cost: examples trained, bytes received, merge seconds per round."""
+    """What a federated run cost: examples trained, bytes received, merge seconds per round.
+
+    ``current_round`` is the round the data hook is drawing for: 1 at the start, then one past
+    the last round reported to ``round_hook``.
+    """
 
     train_examples: int = 0
     rounds: list[dict[str, float]] = field(default_factory=list)
+    current_round: int = 1
 
-    def metered_hook(self, shards: Sequence[TaskData]) -> Callable[[int, TaskData], TaskData]:
-        """``run_federated``'s data hook: node i + 1 trains on ``shards[i]`` (counted)."""
+    def metered_hook(
+        self, shards: Sequence[TaskData], round_examples: int | None = None, seed: int = 0
+    ) -> Callable[[int, TaskData], TaskData]:
+        """``run_federated``'s data hook: node i + 1 trains on ``round_subsample`` of
+        ``shards[i]`` (at most ``round_examples``; seeded by ``seed``, the round and the node),
+        and the examples it trains are counted."""
 
         def hook(node: int, _drawn: TaskData) -> TaskData:
-            self.train_examples += len(shards[node - 1])
-            return shards[node - 1]
+            data = round_subsample(
+                shards[node - 1],
+                round_examples,
+                seed=seed,
+                server_round=self.current_round,
+                node=node,
+            )
+            self.train_examples += len(data)
+            return data
 
         return hook
 
     def round_hook(self, server_round: int, report: Any) -> None:
-        """``run_federated``'s round hook: keep the report's clients, bytes and merge time."""
+        """``run_federated``'s round hook: keep the report's clients, bytes and merge time; the
+        data hook's next draws are for the round after ``server_round``."""
+        self.current_round = server_round + 1
         self.rounds.append(
             {
                 "round": float(server_round),

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from benchmarks import budget
-from benchmarks.federations import Federation, RunMeter, adapter_bytes
+from benchmarks.federations import (
+    Federation,
+    RunMeter,
+    adapter_bytes,
+    federation_shards,
+    round_subsample,
+    task_pools,
+)
+from benchmarks.partitioning import client_shards
 from benchmarks.per_example import correct_flags, decode_flags, encode_flags
 from benchmarks.quality import QualityConfig
 from benchmarks.quality_v2 import QUICK, REFERENCE_ROW, ROUND_ROWS, V2Config, hyper_for
@@ -71,10 +79,73 @@ def test_run_meter_costs() -> None:
     }
     summary = meter.summary(adapter)
     assert summary["train_examples"] == 8
+    assert meter.current_round == 3  # the data hook now draws for the round after the last
     assert summary["bytes_up_per_client_round"] == pytest.approx(300 / 3)
     assert summary["bytes_down_per_client_round"] == 40 * 4 + 40 * 2
     assert summary["b_bytes"] == 40 * 2 == adapter_bytes(adapter, only=".lora_B.")
     assert summary["merge_seconds_per_round"] == pytest.approx((0.5 + 0.4) / 2)
+
+
+def test_run_meter_trains_a_bounded_subsample_per_round() -> None:
+    shards = [load_task("banking77", "train", limit=40, seed=0)] * 2
+    meter = RunMeter()
+    hook = meter.metered_hook(shards, round_examples=6, seed=3)
+    first = hook(2, shards[0])
+    assert first == round_subsample(shards[1], 6, seed=3, server_round=1, node=2)
+    meter.round_hook(
+        1,
+        SimpleNamespace(accepted_nodes=[2], bytes_received=1, merge_seconds=0.0, fold_seconds=0.0),
+    )
+    second = hook(2, shards[0])
+    assert second == round_subsample(shards[1], 6, seed=3, server_round=2, node=2)
+    assert second.texts != first.texts
+    assert meter.train_examples == 12
+
+
+def test_round_subsample_is_bounded_seeded_and_from_the_shard() -> None:
+    pools = task_pools(("banking77",), 512, seed=0)
+    shard = client_shards(pools, 3, alpha=0.5, seed=0)[0]
+    assert len(shard) > 40
+    pairs = set(zip(shard.texts, shard.labels, strict=True))
+    draws = {
+        (r, node): round_subsample(shard, 32, seed=0, server_round=r, node=node)
+        for r in (1, 2, 3)
+        for node in (1, 2)
+    }
+    for draw in draws.values():
+        assert len(draw) == 32 and draw.label_names == shard.label_names
+        assert set(zip(draw.texts, draw.labels, strict=True)) <= pairs
+        assert len(set(draw.texts)) == 32  # without replacement
+    texts = {key: tuple(d.texts) for key, d in draws.items()}
+    assert len(set(texts.values())) == len(texts)  # differs across rounds and nodes
+    again = round_subsample(shard, 32, seed=0, server_round=2, node=1)
+    assert tuple(again.texts) == texts[(2, 1)]
+    assert round_subsample(shard, 32, seed=1, server_round=2, node=1).texts != again.texts
+    # the skew stays: the draw keeps the shard's dominant class, not the pool's balance
+    top = max(set(shard.labels), key=shard.labels.count)
+    share = shard.labels.count(top) / len(shard)
+    drawn = sum(d.labels.count(top) for d in draws.values()) / (32 * len(draws))
+    assert drawn == pytest.approx(share, abs=0.1)
+    assert share > 2 / len(shard.label_names)
+    # a shard no larger than the limit is trained whole; None means no limit
+    assert round_subsample(shard, len(shard), seed=0, server_round=1, node=1) == shard
+    assert round_subsample(shard, None, seed=0, server_round=1, node=1) == shard
+    with pytest.raises(ValueError):
+        round_subsample(shard, 0, seed=0, server_round=1, node=1)
+
+
+def test_full_config_federations_split_on_real_data() -> None:
+    full = V2Config()
+    pools = task_pools(full.base.seen, full.pool_examples, seed=0)
+    assert all(len(p) == full.pool_examples for p in pools.values())
+    for federation in full.federations:
+        shards = federation_shards(pools, federation, seed=0)
+        assert len(shards) == federation.clients
+        assert all(len(s) >= 1 for s in shards)
+        assert sum(len(s) for s in shards) == len(full.base.seen) * full.pool_examples
+        # the label skew is there: some shard of a many-class task misses classes
+        if federation.clients > len(full.base.seen):
+            assert any(len(set(s.labels)) < len(s.label_names) for s in shards)
 
 
 def test_plan_counts_by_hand() -> None:
@@ -82,6 +153,7 @@ def test_plan_counts_by_hand() -> None:
         seeds=2,
         seen_tasks=3,
         pool_examples=10,
+        round_examples=4,
         train_examples=4,
         individual_epochs=2,
         test_total=100,
@@ -89,21 +161,25 @@ def test_plan_counts_by_hand() -> None:
         dev_total=30,
         curve_total=20,
         tune_rounds=2,
-        tune_participation=1.0,
-        federations=(("a", 1.0, 3), ("b", 0.5, 4)),
+        tune_federation=(3, 3),
+        federations=(("a", 3, 3, 3), ("b", 4, 2, 4), ("c", 10, 2, 1)),
         round_rows=2,
         tuning_grids=((3, 1), (9, 2)),
         one_shot_rows=1,
     )
     counts = budget.plan_counts(inputs)
-    # tuning: (3+1) + (3+1)^2 = 20 points x 2 rounds x 30 pool examples; dev eval once each
-    assert counts["tune"] == budget.StageCount(train=20 * 2 * 30, evaluate=20 * 30)
+    # tuning: (3+1) + (3+1)^2 = 20 points x 2 rounds x 3 clients x 4 round examples (of a pool
+    # of 30); dev eval once each
+    assert counts["tune"] == budget.StageCount(train=20 * 2 * 12, evaluate=20 * 30)
     assert counts["references"] == budget.StageCount(train=2 * 2 * 24, evaluate=2 * 260)
-    assert counts["fed-a"] == budget.StageCount(train=4 * 3 * 30, evaluate=4 * (60 + 100))
-    assert counts["fed-b"] == budget.StageCount(train=4 * 4 * 15, evaluate=4 * (80 + 100))
+    assert counts["fed-a"] == budget.StageCount(train=4 * 3 * 12, evaluate=4 * (60 + 100))
+    # 2 of 4 clients x 4 examples (their pool share, 15, is larger)
+    assert counts["fed-b"] == budget.StageCount(train=4 * 4 * 8, evaluate=4 * (80 + 100))
+    # 2 of 10 clients hold a share of 6 examples of the pool, fewer than 2 x 4
+    assert counts["fed-c"] == budget.StageCount(train=4 * 1 * 6, evaluate=4 * (20 + 100))
     assert counts["one-shot"] == budget.StageCount(train=0, evaluate=200)
     estimate = budget.estimate_seconds(counts, 0.5, 0.01)
-    assert estimate["fed-a"] == pytest.approx(360 * 0.5 + 640 * 0.01)
+    assert estimate["fed-a"] == pytest.approx(144 * 0.5 + 640 * 0.01)
     assert estimate["total"] == pytest.approx(sum(v for k, v in estimate.items() if k != "total"))
     with pytest.raises(ValueError):
         budget.unit_costs(1.0, 0, 1.0, 1)
@@ -206,7 +282,8 @@ def test_configs_cover_the_issue() -> None:
 TINY = replace(
     QUICK,
     base=replace(QUICK.base, seen=("sentiment", "mcid"), unseen=("stackoverflow",), tag="tiny"),
-    pool_examples=8,
+    pool_examples=16,
+    round_examples=4,
     federations=(Federation("2", 2, rounds=1), Federation("4", 4, participation=0.5, rounds=1)),
     tune_federation="2",
     rows=(REFERENCE_ROW, "FFA-LoRA"),
