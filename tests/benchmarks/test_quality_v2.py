@@ -282,7 +282,7 @@ def test_configs_cover_the_issue() -> None:
 TINY = replace(
     QUICK,
     base=replace(QUICK.base, seen=("sentiment", "mcid"), unseen=("stackoverflow",), tag="tiny"),
-    pool_examples=16,
+    pool_examples=48,
     round_examples=4,
     federations=(Federation("2", 2, rounds=1), Federation("4", 4, participation=0.5, rounds=1)),
     tune_federation="2",
