@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from benchmarks.quality import Adapter, QualityConfig, Scores, Workload
-from workload.model import LoraSettings, build_lora_model, set_lora_state
+from benchmarks.quality import Adapter, QualityConfig, Scores, Workload, workload_settings
+from workload.model import build_lora_model, set_lora_state
 from workload.tasks import TaskData, load_task
 from workload.training import TrainSettings, example_logits
 
@@ -106,12 +106,7 @@ def load_tracking_workload(config: QualityConfig, curve_examples: int) -> Tracki
     """The model once, the test subsets (``config.eval_examples`` per task, or the whole split
     when smaller), the seen tasks' dev subsets, and the first ``curve_examples`` of a
     class-balanced draw of each test split for the per-round curves."""
-    lora = LoraSettings()
-    train = TrainSettings(
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        learning_rate=config.learning_rate,
-    )
+    lora, train = workload_settings(config)
     work = TrackingWorkload(config, lora, train, build_lora_model(lora, seed=0))
     for name in (*config.seen, *config.unseen):
         work.test[name] = load_task(name, "test", limit=config.eval_examples, seed=TEST_SEED)

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.inprocess import FakeGrid, set_task_identity, train_reply
+from strategies import wire
 from strategies.merging import available_methods, merge_lora, parse_layout
 from strategies.merging.pruning import complementary_scale, prune_by_magnitude
 from workload.model import (
@@ -192,14 +194,19 @@ class Workload:
         return get_lora_state(model)
 
 
-def load_workload(config: QualityConfig) -> Workload:
-    """Build the model once and load the fixed evaluation subsets (test: all tasks; dev: seen)."""
-    lora = LoraSettings()
+def workload_settings(config: QualityConfig) -> tuple[LoraSettings, TrainSettings]:
+    """The LoRA and training settings every benchmark run of ``config`` uses."""
     train = TrainSettings(
         batch_size=config.batch_size,
         max_length=config.max_length,
         learning_rate=config.learning_rate,
     )
+    return LoraSettings(), train
+
+
+def load_workload(config: QualityConfig) -> Workload:
+    """Build the model once and load the fixed evaluation subsets (test: all tasks; dev: seen)."""
+    lora, train = workload_settings(config)
     work = Workload(config, lora, train, build_lora_model(lora, seed=0))
     for name in (*config.seen, *config.unseen):
         work.test[name] = load_task(name, "test", limit=config.eval_examples, seed=12345)
@@ -311,58 +318,6 @@ def ablation_merge(
 # ----------------------------------------------------------------------------- federated
 
 
-class _FakeGrid:
-    """The one Grid method the strategy's sampling calls."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-def _set_task_identity() -> None:
-    """Flower stamps instruction messages with the running ServerApp's identity; fake one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-def _reply(
-    node: int, adapter: Adapter, num_examples: int, loss: float, rank: int | None = None
-) -> Any:
-    """A train reply Message as a client sends it: LoRA tensors + num-examples, train-loss, and
-    ``lora-rank`` when ``rank`` is given (a mixed-rank run: the rank the site trained)."""
-    from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
-    from strategies import wire
-
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: v.contiguous() for k, v in adapter.items()}),
-            "metrics": MetricRecord(
-                {
-                    wire.NUM_EXAMPLES: num_examples,
-                    wire.TRAIN_LOSS: loss,
-                    **({wire.LORA_RANK: rank} if rank is not None else {}),
-                }
-            ),
-        }
-    )
-    return Message(content, metadata=metadata)  # type: ignore[call-overload]
-
-
 def run_federated(
     work: Workload,
     *,
@@ -413,7 +368,7 @@ def run_federated(
     from client.app import site_start
     from strategies import FedRobustMerge
 
-    _set_task_identity()
+    set_task_identity()
     config = work.config
     local = replace(work.train, local_epochs=1)
     if train_factors is not None:
@@ -447,7 +402,7 @@ def run_federated(
                 server_round,
                 ArrayRecord(dict(global_adapter)),
                 ConfigRecord(),
-                _FakeGrid(nodes),  # type: ignore[arg-type]
+                FakeGrid(nodes),  # type: ignore[arg-type]
             )
         )
         replies = []
@@ -466,7 +421,11 @@ def run_federated(
             if reply_hook is not None:
                 trained = reply_hook(node, start, trained)
             rank = node_ranks[node] if client_ranks else None
-            replies.append(_reply(node, trained, result.num_examples, result.mean_loss, rank))
+            metrics = {wire.TRAIN_LOSS: result.mean_loss}
+            if rank is not None:
+                metrics[wire.LORA_RANK] = rank
+            arrays = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+            replies.append(train_reply(node, arrays, result.num_examples, **metrics))
         record, _ = strategy.aggregate_train(server_round, replies)
         if round_hook is not None:
             round_hook(server_round, strategy.round_report(server_round))
