@@ -198,7 +198,6 @@ class MessageRounds:
         sampled = [message.metadata.dst_node_id for message in messages]
         seen = ArrivalLog()
         replies = seen.observe(stream_replies(grid, messages, timeout)) if messages else iter(())
-        del messages
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         state = self._core.round
         report = self._core.round_report(server_round)

@@ -492,7 +492,8 @@ class FedRobustMerge(FedAvg):
                     raise ReplyRejectedError("node sent a second reply in one round")
                 seen.add(node)
                 reply = self._check_reply(message, report, self.other_ranks_refused)
-                reply = self._clipped(reply, report, self._screen_one(reply, report))
+                self._screen_one(reply, report)
+                reply = self._clipped(reply, report)
             except ReplyRejectedError as rejection:
                 _reject(report, node, rejection.reason, privacy=rejection.privacy)
                 continue
@@ -535,13 +536,15 @@ class FedRobustMerge(FedAvg):
         )
         return state_dict_to_record(new_global), self._round_metrics(report, metric_sources)
 
-    def _clipped(self, reply: AcceptedReply, report: RoundReport, clip: bool) -> AcceptedReply:
-        """``reply`` with its update scaled down to the screen's bound when ``clip``."""
-        if not clip or report.norm_bound is None:
+    def _clipped(self, reply: AcceptedReply, report: RoundReport) -> AcceptedReply:
+        """``reply`` with its update scaled down to the screen's bound, when clip mode is on and
+        its norm is above the bound (what ``_screen_one`` marks as clipped)."""
+        bound = report.norm_bound
+        norm = report.update_norms.get(reply.node_id)
+        if not self.robust.clip or bound is None or norm is None or norm <= bound.bound:
             return reply
         assert self.current_global is not None
-        scale = clip_scale(report.update_norms[reply.node_id], report.norm_bound.bound)
-        return RewrittenReply.of(reply, self.current_global, scale=scale)
+        return RewrittenReply.of(reply, self.current_global, scale=clip_scale(norm, bound.bound))
 
     def aggregate_sums(
         self,
@@ -717,13 +720,13 @@ class FedRobustMerge(FedAvg):
         report.accepted_nodes[:] = [n for n in report.accepted_nodes if n not in report.rejected]
         return kept
 
-    def _screen_one(self, reply: AcceptedReply, report: RoundReport) -> bool:
-        """Judge one reply's update norm against ``report.norm_bound``: True when it is to be
-        clipped to the bound (clip mode); ReplyRejectedError when the screen rejects it."""
+    def _screen_one(self, reply: AcceptedReply, report: RoundReport) -> None:
+        """Judge one reply's update norm against ``report.norm_bound``: above it, the reply is
+        marked clipped (clip mode; ``_clipped`` scales it) or rejected (ReplyRejectedError)."""
         norm = report.update_norms.get(reply.node_id)
         bound = report.norm_bound
         if bound is None or norm is None or norm <= bound.bound:
-            return False
+            return
         pool = "earlier rounds'" if report.streamed else "this round's and earlier rounds'"
         reason = (
             f"update norm {norm:.4g} exceeds robust-norm-factor {self.robust.norm_factor:g} x "
@@ -734,7 +737,7 @@ class FedRobustMerge(FedAvg):
                 WARNING, "round %d: clipped node %d: %s", report.server_round, reply.node_id, reason
             )
             report.clipped.append(reply.node_id)
-            return True
+            return
         report.screened.append(reply.node_id)
         raise ReplyRejectedError(reason)
 
@@ -742,18 +745,7 @@ class FedRobustMerge(FedAvg):
         """Clip the replies the screen marked (clip mode) to the bound, then the coordinate-wise
         stage (trimmed-mean, median)."""
         assert self.current_global is not None
-        bound = report.norm_bound
-        if self.robust.clip and bound is not None:
-            accepted = [
-                RewrittenReply.of(
-                    reply,
-                    self.current_global,
-                    scale=clip_scale(report.update_norms[reply.node_id], bound.bound),
-                )
-                if report.update_norms[reply.node_id] > bound.bound
-                else reply
-                for reply in accepted
-            ]
+        accepted = [self._clipped(reply, report) for reply in accepted]
         if self.robust.rewrites_coordinates:
             clamped = clamp_coordinates(
                 accepted, self.current_global, self.robust.trim_fraction_or_median

@@ -249,6 +249,7 @@ class TiesFold(_Fold):
         }
         self.positive = _Sums(device)
         self.negative = _Sums(device)
+        self.others = _Sums(device)  # non-LoRA keys: the weighted mean
         self.votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
@@ -256,7 +257,7 @@ class TiesFold(_Fold):
         for key in self.keys:
             value = tensors[key].to(device=self.device, dtype=torch.float32)
             if key not in self.lora_keys:
-                self.positive.add(key, value.to(torch.float64) * weight)
+                self.others.add(key, value.to(torch.float64) * weight)
                 continue
             kept = prune_by_magnitude(value.unsqueeze(0), self.keep_ratio)[0].to(torch.float64)
             self.positive.add(key, kept.clamp(min=0) * weight)
@@ -273,7 +274,7 @@ class TiesFold(_Fold):
         merged: dict[str, torch.Tensor] = {}
         for key in self.keys:
             if key not in self.lora_keys:
-                merged[key] = _result(self.positive.value(key) / total)
+                merged[key] = _result(self.others.value(key) / total)
                 continue
             positive, negative = self.positive.value(key), self.negative.value(key)
             up, down = self.votes[key]
