@@ -47,8 +47,7 @@ class PlanInputs:
     # (name, clients, sampled clients per round, rounds) per federation shape
     federations: tuple[tuple[str, int, int, int], ...]
     round_rows: int
-    # base grid points per tuned row (e.g. 3 for server-lr only, 9 with fuse-weight too) and
-    # how many axes each has
+    # per tuned row: base grid points per axis (e.g. 3) and how many axes it tunes (1 or 2)
     tuning_grids: tuple[tuple[int, int], ...]
     one_shot_rows: int
 
@@ -65,10 +64,10 @@ class StageCount:
         return self.train * train_rate + self.evaluate * eval_rate
 
 
-def _expected_points(points: int, axes: int) -> int:
-    """Base grid points plus one extension on each axis (the planner's assumption)."""
-    per_axis = round(points ** (1.0 / axes)) if axes else 0
-    return (per_axis + 1) ** axes if axes else 0
+def _expected_points(per_axis: int, axes: int) -> int:
+    """Points a one-axis-at-a-time search scores: each axis's base grid plus one extension
+    (the planner's assumption; a second sweep that moves nothing scores no new point)."""
+    return axes * (per_axis + 1)
 
 
 def round_train(inputs: PlanInputs, clients: int, sampled: int) -> int:

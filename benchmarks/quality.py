@@ -336,6 +336,7 @@ def run_federated(
     train_factors: str | None = None,
     client_ranks: Sequence[int] | None = None,
     round_hook: Callable[[int, Any], None] | None = None,
+    local_batch_size: int | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
 
@@ -349,6 +350,8 @@ def run_federated(
     training data, ``reply_hook(node, global, trained)`` the adapter it replies with.
     ``train_factors`` is the clients' run-config ``train-factors`` (``"ab"``, or ``"b"`` for
     FFA-LoRA: every lora_A frozen); ``None`` keeps ``work.train``'s (``"ab"`` by default).
+    ``local_batch_size`` is the clients' ``batch-size`` (``None``: ``work.train``'s), so a
+    round can take several local steps on a small per-round draw.
 
     Per-client data (e.g. the Dirichlet shards of ``benchmarks.partitioning``): name each node's
     task in ``client_tasks`` and return the node's own data from ``data_hook``, which replaces
@@ -373,6 +376,8 @@ def run_federated(
     local = replace(work.train, local_epochs=1)
     if train_factors is not None:
         local = replace(local, train_factors=train_factors)
+    if local_batch_size is not None:
+        local = replace(local, batch_size=local_batch_size)
     node_tasks = list(client_tasks) if client_tasks is not None else list(config.seen)
     nodes = list(range(1, len(node_tasks) + 1))
     options: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": len(nodes)}

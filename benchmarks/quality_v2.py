@@ -24,23 +24,30 @@ its train split), which the 16- and 64-client federations split with Dirichlet(0
 on the seven seen tasks for seeds 0, 1, 2, the smallest pool whose split leaves no shard empty
 is 256 for dbpedia (219 classes over 2 or 9 shards), 128 for banking77, 96 for hwu64 and 32-48
 for the others; 512 is twice the largest. Each round a sampled client trains one epoch on at
-most ``round_examples`` = 8 examples of its shard (``benchmarks.federations.round_subsample``,
-seeded by (seed, round, node)), so a round's cost does not grow with the pool; at 64 clients
-the smallest shards hold only 2-9 examples (Dirichlet sizes vary), and those train whole.
+most ``round_examples`` = 16 examples of its shard in batches of ``local_batch_size`` = 8
+(``benchmarks.federations.round_subsample``, seeded by (seed, round, node)): two local steps,
+so clients drift apart within a round (with one step, every method's round is one large-batch
+gradient step and there is nothing for an aggregation method to do), and a round's cost does
+not grow with the pool. At 64 clients the smallest shards hold only 2-9 examples (Dirichlet
+sizes vary), and those train whole.
 
-The issue asks for about 3 hours on 2 cores; its own minimums do not fit. From the costs
-measured by a full quick run on this (shared, loaded) machine, 0.355 s per trained example and
-0.039 s per evaluated example, the full run at the smallest sizes the rules allow (3 seeds;
-1,000 test examples per task or the whole split, 8,331 in all; 10 rounds at every size;
-``round_examples`` 8; 25 curve examples per task; 3 tuning rounds) is estimated at about 21
-hours: about 1.06 M evaluated examples (11.6 h) and 96 k trained (9.5 h). Evaluation dominates:
-each of the 72 federated runs (8 rows, 3 sizes, 3 seeds) scores 8,331 test examples at its end
-(600 k alone, 6.6 h), the per-round curves another 162 k.
-No knob within the rules brings it near 3 hours (the final test evaluation alone is 2x over),
-so the full run is planned across sessions with the stage-by-stage resume below, and these sizes
-are the issue's minimums rather than larger ones (``round_examples`` 32 and 15 rounds would take
-about 2.8x as long). ``python -m benchmarks.quality_v2`` prints the estimate from the costs its own
-run measures.
+Server lr and fuse weight are tuned one axis at a time (``benchmarks.tuning.tune_by_axis``): in
+the merging methods the two multiply the same update (the first tuning run scored equal
+products equally, to the last dev example), so a full product grid spends most of its points
+on the same step sizes. ``tune_rounds`` = 5, half the runs' rounds, on one seed.
+
+Cost, measured on the idle 2-vCPU machine with 2 torch threads: 9.3 ms per evaluated example
+and about 0.36 s per local step (a step embeds the batch and all of the task's label names, so
+a step costs about the same at 4 or 8 examples). The full run plans at about 4.5-5 hours of one
+process, most of it the 72 federated runs (8 rows, 3 sizes, 3 seeds): their training (2 steps
+per sampled client per round) and their final scoring on 8,331 test examples each (77 s a run).
+The issue's own minimums (3 seeds, >= 1,000 test examples per task, >= 10 rounds at 16 and 64
+clients) leave little to cut. So the run is built to go across sessions and side by side: it
+resumes after every (stage, row, seed), and after ``tune`` a second process can take other
+stages (``--fork-from``, one torch thread each: two one-thread processes score about 1.45x as
+many examples per second as one two-thread process here), its results folded back with
+``--combine``. ``python -m benchmarks.quality_v2`` prints the full run's estimate from the unit
+costs its own run measured.
 
 Resumable: results are written after every (stage, row, seed); a rerun skips what is saved.
 Stages: ``tune``, ``references``, ``fed-7``, ``fed-16``, ``fed-64``, ``one-shot``; the report
@@ -53,6 +60,11 @@ Usage::
     python -m benchmarks.quality_v2                      # the full run, every stage
     python -m benchmarks.quality_v2 --stage tune         # one stage (then the others)
     python -m benchmarks.quality_v2 --report-only        # tables and plots from the JSON
+    # two processes side by side after the tune stage:
+    python -m benchmarks.quality_v2 --out-dir A --stage tune
+    python -m benchmarks.quality_v2 --out-dir B --fork-from A --threads 1 --stage fed-16 &
+    python -m benchmarks.quality_v2 --out-dir A --threads 1 --stage references --stage fed-7
+    python -m benchmarks.quality_v2 --out-dir A --combine B   # then the report from both
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -81,7 +94,7 @@ from benchmarks.quality import (
     multitask_adapter,
     run_federated,
 )
-from benchmarks.tuning import Axis, tune
+from benchmarks.tuning import Axis, tune_by_axis
 from strategies.merging import merge_lora
 from workload.model import initial_adapter
 
@@ -133,14 +146,15 @@ class V2Config:
     base: QualityConfig = FULL_BASE
     seeds: tuple[int, ...] = (0, 1, 2)
     pool_examples: int = 512
-    round_examples: int = 8
+    round_examples: int = 16
+    local_batch_size: int = 8
     federations: tuple[Federation, ...] = (
         Federation("7", 7, rounds=10),
         Federation("16", 16, rounds=10),
         Federation("64", 64, participation=0.25, rounds=10),
     )
     tune_federation: str = "7"
-    tune_rounds: int = 3
+    tune_rounds: int = 5
     tune_seed: int = 0
     lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
     fuse_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -187,6 +201,7 @@ QUICK = V2Config(
     seeds=(0,),
     pool_examples=64,
     round_examples=4,
+    local_batch_size=2,
     federations=(
         Federation("3", 3, rounds=1),
         Federation("6", 6, rounds=1),
@@ -201,6 +216,14 @@ QUICK = V2Config(
     tune_rows=(REFERENCE_ROW,),
     resamples=500,
 )
+
+
+def write_json(path: Path, results: Mapping[str, Any]) -> None:
+    """Write ``results`` to ``path`` atomically (a stop mid-write leaves the last good file):
+    hours of runs live in this file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1))
+    os.replace(partial, path)
 
 
 @dataclass
@@ -221,7 +244,7 @@ class Run:
         self.results["wall_seconds"] = round(elapsed, 1)
         self.results["meter"]["eval_seconds"] = self.work.eval_seconds + self.eval_before[0]
         self.results["meter"]["eval_examples"] = self.work.eval_examples + self.eval_before[1]
-        self.json_path.write_text(json.dumps(self.results, indent=1))
+        write_json(self.json_path, self.results)
         self.log(f"[{elapsed:.0f}s] {step} saved")
 
     @property
@@ -238,11 +261,17 @@ class Run:
 
 
 def hyper_for(config: V2Config, results: dict[str, Any], row: str) -> dict[str, float]:
-    """The row's tuned server lr and fuse weight (or the defaults for an untuned row)."""
+    """The row's tuned server lr and fuse weight (or the defaults for an untuned row).
+
+    A row the configuration tunes but whose tuning is not saved yet is an error: running it at
+    the defaults would silently make it an untuned row.
+    """
     chosen = dict(DEFAULT_HYPER)
     record = results["tuning"].get(row)
     if record is not None:
         chosen.update(record["chosen"])
+    elif row in config.tune_rows:
+        raise SystemExit(f"{row!r} is not tuned yet: run the 'tune' stage first")
     return chosen
 
 
@@ -279,6 +308,7 @@ def federated_run(
         data_hook=meter.metered_hook(shards, config.round_examples, seed),
         train_factors=spec.train_factors,
         round_hook=meter.round_hook,
+        local_batch_size=config.local_batch_size,
     )
     spent = time.perf_counter() - began - (run.work.eval_seconds - eval_before)
     run.add_training(spent, meter.train_examples)
@@ -304,7 +334,8 @@ def stage_tune(run: Run) -> None:
             dev = run.work.evaluate(run.work.last_adapter, "dev")
             return sum(dev.values()) / len(dev)
 
-        record = tune(score, axes, max_extensions=config.max_extensions, log=run.log)
+        start = {axis.name: DEFAULT_HYPER[axis.name] for axis in axes}
+        record = tune_by_axis(score, axes, start, max_extensions=config.max_extensions, log=run.log)
         run.results["tuning"][row] = record.to_json()
         run.log(f"tuned {row}: {record.chosen} (dev {record.best_score:.3f})")
         run.save(f"tune {row}")
@@ -388,14 +419,7 @@ def stage_one_shot(run: Run, cache_dir: Path) -> None:
 def plan_inputs(config: V2Config, work: TrackingWorkload) -> budget.PlanInputs:
     """The budget planner's inputs for ``config`` (sizes read from the loaded workload)."""
     tune_fed = config.federation(config.tune_federation)
-    base = len(config.lr_grid)
-    grids = tuple(
-        (
-            base * (len(config.fuse_grid) if ROUND_ROWS[r].fuse else 1),
-            2 if ROUND_ROWS[r].fuse else 1,
-        )
-        for r in config.tune_rows
-    )
+    grids = tuple((len(config.lr_grid), 2 if ROUND_ROWS[r].fuse else 1) for r in config.tune_rows)
     return budget.PlanInputs(
         seeds=len(config.seeds),
         seen_tasks=len(config.base.seen),
@@ -444,9 +468,13 @@ def full_estimate(results: dict[str, Any], full: V2Config, log: Callable[[str], 
     )
 
 
-def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None]) -> Run:
-    """Load the workload and the saved results of ``config`` (or start new ones)."""
-    torch.set_num_threads(2)
+def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None], threads: int = 2) -> Run:
+    """Load the workload and the saved results of ``config`` (or start new ones).
+
+    ``threads``: torch's CPU threads (2 on the idle 2-core machine; 1 per process when two
+    processes share it, see ``fork_results``).
+    """
+    torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{config.results_stem}.json"
     wanted = json.loads(json.dumps(asdict(config)))
@@ -486,9 +514,10 @@ def run_stages(
     *,
     log: Callable[[str], None] = print,
     cache_dir: Path = CACHE_DIR,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Run ``stages`` (default: all, in order) of ``config``, resuming saved results."""
-    run = open_run(config, out_dir, log)
+    run = open_run(config, out_dir, log, threads)
     wanted = list(stages) if stages is not None else config.stages()
     unknown = set(wanted) - set(config.stages())
     if unknown:
@@ -512,6 +541,52 @@ def run_stages(
     return run.results
 
 
+def _zero_meter() -> dict[str, float | int]:
+    return {"train_seconds": 0.0, "train_examples": 0, "eval_seconds": 0.0, "eval_examples": 0}
+
+
+def fork_results(saved: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``saved`` for a second process that runs other stages in parallel.
+
+    It keeps the configuration, the tuning and the runs (so the fork skips them and uses the
+    same tuned values), and starts its cost meter and stage times at zero, so that
+    ``combine_results`` can add the fork's work back without counting the shared part twice.
+    """
+    fork: dict[str, Any] = json.loads(json.dumps(saved))
+    fork["meter"] = _zero_meter()
+    fork.pop("meter_before", None)
+    fork["stage_seconds"] = {}
+    fork["forked_at_wall_seconds"] = saved.get("wall_seconds", 0.0)
+    return fork
+
+
+def combine_results(into: dict[str, Any], fork: dict[str, Any]) -> dict[str, Any]:
+    """``into`` with a fork's (``fork_results``) work added: its runs and tuning, its cost meter
+    and stage times. The wall time is the longer of the two branches (they ran side by side).
+
+    Refuses a fork of another configuration, and a run or tuning saved by both with different
+    contents (the same seeds give the same numbers, so a difference means a mix-up).
+    """
+    if fork.get("config") != into.get("config"):
+        raise SystemExit("the fork was made with another configuration")
+    if "forked_at_wall_seconds" not in fork:
+        raise SystemExit("not a fork (made with --fork-from): its meter would be counted twice")
+    out: dict[str, Any] = json.loads(json.dumps(into))
+    for part in ("tuning", "runs"):
+        for key, value in fork[part].items():
+            if key in out[part] and out[part][key] != value:
+                raise SystemExit(f"{part} {key!r} differs between the two results")
+            out[part][key] = value
+    for name, value in fork["meter"].items():
+        out["meter"][name] += value
+    out.pop("meter_before", None)
+    stages = out.setdefault("stage_seconds", {})
+    for stage, seconds in fork.get("stage_seconds", {}).items():
+        stages[stage] = round(stages.get(stage, 0.0) + seconds, 1)
+    out["wall_seconds"] = max(out.get("wall_seconds", 0.0), fork.get("wall_seconds", 0.0))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run the stages, write the report, print the full-run estimate."""
     from benchmarks.quality_v2_report import write_report
@@ -521,15 +596,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--report-only", action="store_true", help="report from the saved JSON")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (1 per process when two share)"
+    )
+    parser.add_argument(
+        "--fork-from",
+        type=Path,
+        metavar="DIR",
+        help="start --out-dir as a fork of DIR's results (after 'tune'), to run other stages "
+        "in a second process; fold it back with --combine",
+    )
+    parser.add_argument(
+        "--combine", type=Path, metavar="DIR", help="add DIR's forked results to --out-dir's"
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be positive")
     config = QUICK if args.quick else V2Config()
     stem = args.out_dir / config.results_stem
-    if args.report_only:
-        results = json.loads(stem.with_suffix(".json").read_text())
+    json_path = stem.with_suffix(".json")
+    if args.fork_from is not None:
+        if json_path.exists():
+            parser.error(f"{json_path} exists; fork into an empty --out-dir")
+        source = json.loads((args.fork_from / json_path.name).read_text())
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(json_path, fork_results(source))
+    if args.combine is not None:
+        fork = json.loads((args.combine / json_path.name).read_text())
+        write_json(json_path, combine_results(json.loads(json_path.read_text()), fork))
+    if args.report_only or args.combine is not None:
+        results = json.loads(json_path.read_text())
     else:
-        results = run_stages(config, args.out_dir, args.stage)
+        results = run_stages(config, args.out_dir, args.stage, threads=args.threads)
         full_estimate(results, V2Config(), print)
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_json(json_path, results)
     command = "python -m benchmarks.quality_v2" + (" --quick" if args.quick else "")
     write_report(results, config, stem, command)
     print(f"wall {results['wall_seconds'] / 60:.1f} min; wrote {stem}.md/.json/.png")

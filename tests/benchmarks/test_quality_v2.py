@@ -24,7 +24,15 @@ from benchmarks.federations import (
 from benchmarks.partitioning import client_shards
 from benchmarks.per_example import correct_flags, decode_flags, encode_flags
 from benchmarks.quality import QualityConfig
-from benchmarks.quality_v2 import QUICK, REFERENCE_ROW, ROUND_ROWS, V2Config, hyper_for
+from benchmarks.quality_v2 import (
+    QUICK,
+    REFERENCE_ROW,
+    ROUND_ROWS,
+    V2Config,
+    combine_results,
+    fork_results,
+    hyper_for,
+)
 from benchmarks.quality_v2_report import comparisons, curves, markdown
 from workload.model import LoraSettings, build_lora_model, initial_adapter, set_lora_state
 from workload.tasks import load_task
@@ -164,13 +172,13 @@ def test_plan_counts_by_hand() -> None:
         tune_federation=(3, 3),
         federations=(("a", 3, 3, 3), ("b", 4, 2, 4), ("c", 10, 2, 1)),
         round_rows=2,
-        tuning_grids=((3, 1), (9, 2)),
+        tuning_grids=((3, 1), (3, 2)),
         one_shot_rows=1,
     )
     counts = budget.plan_counts(inputs)
-    # tuning: (3+1) + (3+1)^2 = 20 points x 2 rounds x 3 clients x 4 round examples (of a pool
-    # of 30); dev eval once each
-    assert counts["tune"] == budget.StageCount(train=20 * 2 * 12, evaluate=20 * 30)
+    # tuning, one axis at a time: (3+1) + 2 x (3+1) = 12 points x 2 rounds x 3 clients x 4
+    # round examples (of a pool of 30); dev eval once each
+    assert counts["tune"] == budget.StageCount(train=12 * 2 * 12, evaluate=12 * 30)
     assert counts["references"] == budget.StageCount(train=2 * 2 * 24, evaluate=2 * 260)
     assert counts["fed-a"] == budget.StageCount(train=4 * 3 * 12, evaluate=4 * (60 + 100))
     # 2 of 4 clients x 4 examples (their pool share, 15, is larger)
@@ -191,6 +199,7 @@ TWO = V2Config(
     federations=(Federation("2", 2, rounds=2),),
     tune_federation="2",
     rows=(REFERENCE_ROW, "ties", "exact-mean"),
+    tune_rows=(REFERENCE_ROW,),
     one_shot=False,
     resamples=300,
 )
@@ -264,6 +273,74 @@ def test_hyper_for_uses_the_tuned_choice_else_the_defaults() -> None:
     assert hyper_for(TWO, results, "ties") == {"server_lr": 1.0, "fuse_weight": 2.0}
 
 
+def test_hyper_for_refuses_a_row_whose_tuning_is_missing() -> None:
+    results = synthetic_results()
+    with pytest.raises(SystemExit, match="'ties' is not tuned yet"):
+        hyper_for(replace(TWO, tune_rows=(REFERENCE_ROW, "ties")), results, "ties")
+
+
+def saved(runs: dict[str, int], meter: tuple[float, int, float, int], wall: float) -> dict:
+    """A saved results file with the given runs (values stand in for their contents)."""
+    names = ("train_seconds", "train_examples", "eval_seconds", "eval_examples")
+    return {
+        "config": {"tag": "x"},
+        "tuning": {REFERENCE_ROW: {"chosen": {"server_lr": 2.0}}},
+        "runs": dict(runs),
+        "meter": dict(zip(names, meter, strict=True)),
+        "meter_before": {"eval_seconds": 1.0, "eval_examples": 1},
+        "stage_seconds": {"tune": 100.0},
+        "wall_seconds": wall,
+    }
+
+
+def test_fork_and_combine_add_the_forks_work_once() -> None:
+    main = saved({"a": 1}, (10.0, 100, 5.0, 50), wall=120.0)
+    fork = fork_results(main)
+    assert fork["runs"] == {"a": 1} and fork["tuning"] == main["tuning"]
+    assert fork["meter"] == {
+        "train_seconds": 0.0,
+        "train_examples": 0,
+        "eval_seconds": 0.0,
+        "eval_examples": 0,
+    }
+    assert "meter_before" not in fork and fork["stage_seconds"] == {}
+    # each side then runs its own stages
+    main["runs"]["b"] = 2
+    main["meter"].update(train_seconds=30.0, train_examples=300)
+    main["stage_seconds"]["fed-7"] = 50.0
+    main["wall_seconds"] = 400.0
+    fork["runs"]["c"] = 3
+    fork["meter"].update(train_seconds=7.0, train_examples=70, eval_seconds=2.0, eval_examples=20)
+    fork["stage_seconds"] = {"fed-16": 60.0, "fed-7": 1.0}
+    fork["wall_seconds"] = 500.0
+    both = combine_results(main, fork)
+    assert both["runs"] == {"a": 1, "b": 2, "c": 3}
+    assert both["meter"] == {
+        "train_seconds": 37.0,
+        "train_examples": 370,
+        "eval_seconds": 7.0,
+        "eval_examples": 70,
+    }
+    assert both["stage_seconds"] == {"tune": 100.0, "fed-7": 51.0, "fed-16": 60.0}
+    assert both["wall_seconds"] == 500.0
+    assert "meter_before" not in both
+    assert main["runs"] == {"a": 1, "b": 2}  # inputs untouched
+
+
+def test_combine_refuses_mixups() -> None:
+    main = saved({"a": 1}, (1.0, 1, 1.0, 1), wall=1.0)
+    with pytest.raises(SystemExit, match="not a fork"):
+        combine_results(main, saved({"c": 3}, (1.0, 1, 1.0, 1), wall=1.0))
+    other = fork_results(main)
+    other["config"] = {"tag": "y"}
+    with pytest.raises(SystemExit, match="another configuration"):
+        combine_results(main, other)
+    clash = fork_results(main)
+    clash["runs"]["a"] = 9
+    with pytest.raises(SystemExit, match="runs 'a' differs"):
+        combine_results(main, clash)
+
+
 def test_configs_cover_the_issue() -> None:
     full = V2Config()
     assert set(full.rows) == set(ROUND_ROWS) == set(full.tune_rows)
@@ -319,3 +396,13 @@ def test_tiny_run_end_to_end_and_resume(tmp_path: Path) -> None:
     assert not any(line.startswith("  fed ") for line in logs)
     with pytest.raises(SystemExit, match="another configuration"):
         run_stages(replace(TINY, seeds=(5,)), tmp_path, log=logs.append)
+
+
+def test_write_json_replaces_the_file_whole(tmp_path: Path) -> None:
+    from benchmarks.quality_v2 import write_json
+
+    path = tmp_path / "quality.json"
+    write_json(path, {"runs": {"a": 1}})
+    write_json(path, {"runs": {"a": 1, "b": 2}})
+    assert json.loads(path.read_text()) == {"runs": {"a": 1, "b": 2}}
+    assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]

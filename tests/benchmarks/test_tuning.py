@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from benchmarks.tuning import Axis, edge, extended, tune
+from benchmarks.tuning import Axis, edge, extended, tune, tune_by_axis
 
 
 def peaked(**optimum: float) -> tuple[list[dict[str, float]], object]:
@@ -88,3 +88,44 @@ def test_bad_axes_are_refused() -> None:
         Axis("x", (1.0, 2.0), ratio=1.0)
     with pytest.raises(ValueError):
         tune(lambda _: 0.0, [])
+
+
+def test_tune_by_axis_on_a_product_surface_by_hand() -> None:
+    """Server lr and fuse weight multiply one update: the best product is 16."""
+    calls: list[dict[str, float]] = []
+
+    def score(point: Mapping[str, float]) -> float:
+        calls.append(dict(point))
+        return -((math.log2(point["lr"] * point["fuse"]) - 4.0) ** 2)
+
+    axes = [Axis("lr", (1.0, 2.0, 4.0)), Axis("fuse", (1.0, 2.0, 4.0))]
+    record = tune_by_axis(score, axes, {"lr": 1.0, "fuse": 2.0}, max_extensions=3)
+    # lr at fuse 2: 1, 2, 4 (edge) -> 8 (edge) -> 16 (worse): 8; fuse at lr 8: 1, 2, 4 -> 2.
+    assert record.chosen == {"lr": 8.0, "fuse": 2.0}
+    assert record.grids == {"lr": [1.0, 2.0, 4.0, 8.0, 16.0], "fuse": [1.0, 2.0, 4.0]}
+    assert record.extensions == {"lr": 2, "fuse": 0} and record.cap_hit == {}
+    assert record.best_score == 0.0
+    # each point scored once; the second sweep found nothing new to score
+    assert record.evaluations == len(calls) == 7
+    assert len({tuple(sorted(c.items())) for c in calls}) == 7
+
+
+def test_tune_by_axis_agrees_with_the_full_grid_on_a_separable_surface() -> None:
+    def score(point: Mapping[str, float]) -> float:
+        return -abs(math.log2(point["a"]) - 1.0) - abs(math.log2(point["b"]) + 2.0)
+
+    axes = [Axis("a", (1.0, 2.0, 4.0)), Axis("b", (0.5, 1.0, 2.0))]
+    by_axis = tune_by_axis(score, axes, {"a": 1.0, "b": 1.0})
+    full = tune(score, axes)
+    assert by_axis.chosen == full.chosen == {"a": 2.0, "b": 0.25}
+    assert by_axis.evaluations < full.evaluations
+
+
+def test_tune_by_axis_records_a_cap_and_refuses_bad_input() -> None:
+    axes = [Axis("lr", (1.0, 2.0))]
+    record = tune_by_axis(lambda p: p["lr"], axes, {"lr": 1.0}, max_extensions=1)
+    assert record.chosen == {"lr": 4.0} and record.cap_hit == {"lr": "high"}
+    with pytest.raises(ValueError, match="no value for"):
+        tune_by_axis(lambda p: 0.0, axes, {})
+    with pytest.raises(ValueError, match="passes"):
+        tune_by_axis(lambda p: 0.0, axes, {"lr": 1.0}, passes=0)
