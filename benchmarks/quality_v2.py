@@ -75,6 +75,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -484,6 +485,7 @@ def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None], thread
         if results["config"] != wanted:
             raise SystemExit(f"{json_path} was made with another configuration; move it away")
         earlier = float(results.get("wall_seconds", 0.0))
+        results.setdefault("run_id", uuid.uuid4().hex)
         results["meter_before"] = {
             "eval_seconds": results["meter"]["eval_seconds"],
             "eval_examples": results["meter"]["eval_examples"],
@@ -491,6 +493,7 @@ def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None], thread
     else:
         results = {
             "config": wanted,
+            "run_id": uuid.uuid4().hex,
             "machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -556,21 +559,28 @@ def fork_results(saved: dict[str, Any]) -> dict[str, Any]:
     fork["meter"] = _zero_meter()
     fork.pop("meter_before", None)
     fork["stage_seconds"] = {}
-    fork["forked_at_wall_seconds"] = saved.get("wall_seconds", 0.0)
+    fork["run_id"] = uuid.uuid4().hex
+    fork["forked_from"] = saved.get("run_id")
     return fork
 
 
 def combine_results(into: dict[str, Any], fork: dict[str, Any]) -> dict[str, Any]:
-    """``into`` with a fork's (``fork_results``) work added: its runs and tuning, its cost meter
-    and stage times. The wall time is the longer of the two branches (they ran side by side).
+    """``into`` with another process's work added: its runs and tuning, its cost meter and stage
+    times. ``fork`` is a fork (``fork_results``) or a run started on its own; either way its
+    meter counts only its own work. The wall time is the longer of the two (they ran side by
+    side).
 
-    Refuses a fork of another configuration, and a run or tuning saved by both with different
-    contents (the same seeds give the same numbers, so a difference means a mix-up).
+    Refuses results of another configuration, a copy of ``into`` itself (same ``run_id``: its
+    meter would be counted twice), and a run or tuning saved by both with different contents
+    (the same seeds give the same numbers, so a difference means a mix-up).
     """
     if fork.get("config") != into.get("config"):
         raise SystemExit("the fork was made with another configuration")
-    if "forked_at_wall_seconds" not in fork:
-        raise SystemExit("not a fork (made with --fork-from): its meter would be counted twice")
+    if fork.get("run_id") is None or fork.get("run_id") == into.get("run_id"):
+        raise SystemExit(
+            "not a fork (same or no run_id): a copy's meter would be counted twice; "
+            "make the second process's results with --fork-from or in an empty --out-dir"
+        )
     out: dict[str, Any] = json.loads(json.dumps(into))
     for part in ("tuning", "runs"):
         for key, value in fork[part].items():
@@ -604,10 +614,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=Path,
         metavar="DIR",
         help="start --out-dir as a fork of DIR's results (after 'tune'), to run other stages "
-        "in a second process; fold it back with --combine",
+        "in a second process; fold it back with --combine (a second process that needs no "
+        "tuning, e.g. 'references', can start in an empty --out-dir instead)",
     )
     parser.add_argument(
-        "--combine", type=Path, metavar="DIR", help="add DIR's forked results to --out-dir's"
+        "--combine",
+        type=Path,
+        metavar="DIR",
+        help="add DIR's results (a fork, or a run of other stages) to --out-dir's",
     )
     args = parser.parse_args(argv)
     if args.threads < 1:

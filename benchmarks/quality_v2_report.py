@@ -123,13 +123,15 @@ def markdown(results: Mapping[str, Any], config: V2Config, command: str) -> str:
         f"- seen tasks: {', '.join(base.seen)}; unseen: {', '.join(base.unseen)}",
         f"- test examples per task: up to {base.eval_examples}; dev per seen task: "
         f"{base.dev_examples}; local pool per seen task: {config.pool_examples}; seeds: "
-        f"{len(config.seeds)}; max length {base.max_length}, batch {base.batch_size}, "
-        f"learning rate {base.learning_rate}",
+        f"{len(config.seeds)}; max length {base.max_length}, learning rate "
+        f"{base.learning_rate}; each round a client trains on up to {config.round_examples} "
+        f"examples of its shard in batches of {config.local_batch_size}",
         "",
         "Accuracy (%) is the mean over seeds and tasks. Δ is the difference to tuned FedAvg "
         "(FedIT) at the same federation, in points, with its 95 % paired bootstrap interval over "
         "test examples and seeds; win / loss only when the interval excludes 0.",
     ]
+    lines += summary_lines(results, config, table)
     for federation in config.federations:
         stage = f"fed-{federation.name}"
         if stage not in table:
@@ -179,6 +181,57 @@ def markdown(results: Mapping[str, Any], config: V2Config, command: str) -> str:
     lines += _tuning_lines(results, config)
     lines += _cost_notes(results)
     return "\n".join(lines) + "\n"
+
+
+def dev_ranking(results: Mapping[str, Any]) -> list[tuple[str, float, dict[str, float]]]:
+    """Tuned rows by their best dev score, best first: (row, score, chosen hyperparameters).
+
+    The winner is what the app's defaults follow (the issue: the method and hyperparameters
+    that win on dev at the default federation)."""
+    ranked = [
+        (row, float(record["best_score"]), dict(record["chosen"]))
+        for row, record in results["tuning"].items()
+    ]
+    return sorted(ranked, key=lambda item: -item[1])
+
+
+def summary_lines(
+    results: Mapping[str, Any], config: V2Config, table: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """The headline: the dev winner, then per federation the rows whose seen-task accuracy
+    beats or trails tuned FedAvg (interval excluding 0) and how many tie."""
+    lines = ["", "## Summary", ""]
+    ranking = dev_ranking(results)
+    if ranking:
+        row, score, chosen = ranking[0]
+        hyper = ", ".join(f"{k} {v:g}" for k, v in chosen.items())
+        runner_up = f"; next: {ranking[1][0]} ({_pct(ranking[1][1])})" if len(ranking) > 1 else ""
+        lines.append(
+            f"- Best on dev (tuning, {config.federation(config.tune_federation).clients} "
+            f"clients): **{row}** at {hyper}, {_pct(score)}{runner_up}."
+        )
+    for federation in config.federations:
+        stage = f"fed-{federation.name}"
+        if stage not in table:
+            continue
+        verdicts: dict[str, list[str]] = {"win": [], "loss": [], "tie": []}
+        for row, cmp in table[stage].items():
+            if cmp["seen"] is not None and row != _reference_row():
+                d = cmp["seen"]["diff"]
+                verdicts[d["verdict"]].append(f"{row} ({100 * d['mean']:+.1f})")
+        lines.append(
+            f"- {federation.clients} clients, seen tasks vs tuned FedAvg: "
+            f"wins: {', '.join(verdicts['win']) or 'none'}; "
+            f"losses: {', '.join(verdicts['loss']) or 'none'}; "
+            f"{len(verdicts['tie'])} tie."
+        )
+    return lines
+
+
+def _reference_row() -> str:
+    from benchmarks.quality_v2 import REFERENCE_ROW
+
+    return REFERENCE_ROW
 
 
 def _tuning_lines(results: Mapping[str, Any], config: V2Config) -> list[str]:

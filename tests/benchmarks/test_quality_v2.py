@@ -262,6 +262,9 @@ def test_markdown_and_curves() -> None:
     assert "| zero-shot | 2 |" in text
     assert "server_lr: 1, 2, 4" in text
     assert "Not tuned (strategy defaults): ties, exact-mean." in text
+    assert "Best on dev (tuning, 2 clients): **fedavg (FedIT)** at server_lr 2, 50.0." in text
+    wins = [line for line in text.splitlines() if line.startswith("- 2 clients, seen tasks")]
+    assert len(wins) == 1 and "wins: ties (+" in wins[0] and "losses: none; 1 tie." in wins[0]
     mean = curves(results, "fed-2")["ties"]
     assert mean[0] == pytest.approx((0.05, 0.2))
     assert np.isnan(mean[1][1])
@@ -290,6 +293,7 @@ def saved(runs: dict[str, int], meter: tuple[float, int, float, int], wall: floa
         "meter_before": {"eval_seconds": 1.0, "eval_examples": 1},
         "stage_seconds": {"tune": 100.0},
         "wall_seconds": wall,
+        "run_id": "main",
     }
 
 
@@ -304,6 +308,7 @@ def test_fork_and_combine_add_the_forks_work_once() -> None:
         "eval_examples": 0,
     }
     assert "meter_before" not in fork and fork["stage_seconds"] == {}
+    assert fork["run_id"] != "main" and fork["forked_from"] == "main"
     # each side then runs its own stages
     main["runs"]["b"] = 2
     main["meter"].update(train_seconds=30.0, train_examples=300)
@@ -330,7 +335,9 @@ def test_fork_and_combine_add_the_forks_work_once() -> None:
 def test_combine_refuses_mixups() -> None:
     main = saved({"a": 1}, (1.0, 1, 1.0, 1), wall=1.0)
     with pytest.raises(SystemExit, match="not a fork"):
-        combine_results(main, saved({"c": 3}, (1.0, 1, 1.0, 1), wall=1.0))
+        combine_results(main, saved({"c": 3}, (1.0, 1, 1.0, 1), wall=1.0))  # a copy
+    independent = saved({"c": 3}, (1.0, 1, 1.0, 1), wall=5.0) | {"run_id": "other"}
+    assert combine_results(main, independent)["runs"] == {"a": 1, "c": 3}
     other = fork_results(main)
     other["config"] = {"tag": "y"}
     with pytest.raises(SystemExit, match="another configuration"):
