@@ -238,6 +238,15 @@ class Run:
     log: Callable[[str], None] = print
     started: float = field(default_factory=time.perf_counter)
     earlier_seconds: float = 0.0
+    only_seeds: tuple[int, ...] | None = None
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The configuration's seeds this invocation runs (``only_seeds`` splits a stage over
+        processes by seed; the saved keys are per seed, so ``combine_results`` joins them)."""
+        if self.only_seeds is None:
+            return self.config.seeds
+        return tuple(s for s in self.config.seeds if s in self.only_seeds)
 
     def save(self, step: str) -> None:
         """Write the JSON (after every (stage, row, seed)), with the wall time so far."""
@@ -345,7 +354,7 @@ def stage_tune(run: Run) -> None:
 def stage_references(run: Run, cache_dir: Path) -> None:
     """Zero-shot, individual and multi-task rows per seed (v1's adapters), per-example flags."""
     config, work, runs = run.config, run.work, run.results["runs"]
-    for seed in config.seeds:
+    for seed in run.seeds:
         key = f"references|zero-shot|{seed}"
         if key not in runs:
             flags = work.test_flags(initial_adapter(work.lora, seed=seed))
@@ -382,7 +391,7 @@ def stage_federation(run: Run, federation: Federation) -> None:
     config, runs = run.config, run.results["runs"]
     for row in config.rows:
         hyper = hyper_for(config, run.results, row)
-        for seed in config.seeds:
+        for seed in run.seeds:
             key = f"fed-{federation.name}|{row}|{seed}"
             if key in runs:
                 continue
@@ -402,8 +411,8 @@ def stage_federation(run: Run, federation: Federation) -> None:
 
 def stage_one_shot(run: Run, cache_dir: Path) -> None:
     """One-shot merges of the individual adapters (v1's rows and defaults), per seed."""
-    config, work, runs = run.config, run.work, run.results["runs"]
-    for seed in config.seeds:
+    work, runs = run.work, run.results["runs"]
+    for seed in run.seeds:
         todo = [r for r in ONE_SHOT_ROWS if f"one-shot|{r[0]}|{seed}" not in runs]
         if not todo:
             continue
@@ -518,9 +527,14 @@ def run_stages(
     log: Callable[[str], None] = print,
     cache_dir: Path = CACHE_DIR,
     threads: int = 2,
+    only_seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``stages`` (default: all, in order) of ``config``, resuming saved results."""
+    """Run ``stages`` (default: all, in order) of ``config``, resuming saved results;
+    ``only_seeds``: run only these of the configuration's seeds."""
+    if only_seeds is not None and not set(only_seeds) <= set(config.seeds):
+        raise SystemExit(f"seeds {sorted(set(only_seeds) - set(config.seeds))} not in the config")
     run = open_run(config, out_dir, log, threads)
+    run.only_seeds = tuple(only_seeds) if only_seeds is not None else None
     wanted = list(stages) if stages is not None else config.stages()
     unknown = set(wanted) - set(config.stages())
     if unknown:
@@ -610,6 +624,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--threads", type=int, default=2, help="torch CPU threads (1 per process when two share)"
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="seeds",
+        help="run only this seed of the configuration's (repeatable): splits a stage over "
+        "processes",
+    )
+    parser.add_argument(
         "--fork-from",
         type=Path,
         metavar="DIR",
@@ -641,7 +663,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.report_only or args.combine is not None:
         results = json.loads(json_path.read_text())
     else:
-        results = run_stages(config, args.out_dir, args.stage, threads=args.threads)
+        results = run_stages(
+            config, args.out_dir, args.stage, threads=args.threads, only_seeds=args.seeds
+        )
         full_estimate(results, V2Config(), print)
         write_json(json_path, results)
     command = "python -m benchmarks.quality_v2" + (" --quick" if args.quick else "")

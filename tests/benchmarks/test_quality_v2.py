@@ -413,3 +413,16 @@ def test_write_json_replaces_the_file_whole(tmp_path: Path) -> None:
     write_json(path, {"runs": {"a": 1, "b": 2}})
     assert json.loads(path.read_text()) == {"runs": {"a": 1, "b": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]
+
+
+def test_a_run_can_take_some_of_the_configs_seeds(tmp_path: Path) -> None:
+    from benchmarks.quality_v2 import Run, run_stages
+
+    def run(only: tuple[int, ...] | None) -> Run:
+        return Run(TWO, work=None, results={}, json_path=tmp_path / "x.json", only_seeds=only)  # type: ignore[arg-type]
+
+    assert run(None).seeds == (0, 1)
+    assert run((1,)).seeds == (1,)
+    with pytest.raises(SystemExit, match=r"seeds \[7\] not in the config"):
+        run_stages(TWO, tmp_path, only_seeds=[1, 7])
+    assert not list(tmp_path.iterdir())
