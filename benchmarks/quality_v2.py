@@ -159,7 +159,7 @@ class V2Config:
     tune_seed: int = 0
     lr_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
     fuse_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
-    max_extensions: int = 3
+    max_extensions: int = 6
     curve_examples: int = 25
     rows: tuple[str, ...] = tuple(ROUND_ROWS)
     tune_rows: tuple[str, ...] = tuple(ROUND_ROWS)
