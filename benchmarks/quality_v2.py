@@ -125,7 +125,9 @@ ROUND_ROWS: dict[str, RoundRow] = {
     "exact-mean": RoundRow("exact-mean"),
     "FFA-LoRA": RoundRow("fedavg", train_factors="b"),
 }
-# Untuned rows (a configuration that tunes only some) run at these, the strategy's defaults.
+# Where the tuning starts, and what untuned rows (a configuration that tunes only some) run at:
+# no server step (server lr 1) and the paper's fuse weight (2). Fixed here, not read from the
+# app's defaults, which follow this benchmark's results.
 DEFAULT_HYPER = {"server_lr": 1.0, "fuse_weight": 2.0}
 
 FULL_BASE = QualityConfig(

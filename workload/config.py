@@ -105,7 +105,9 @@ SCHEMA: Mapping[str, Setting] = {
     "keep-ratio": _n(0.2, "fraction of entries kept by pruning", 0.0, 1.0, low_open=True),
     "scale-quantile": _n(0.2, "rank directions keeping their scale", 0.0, 1.0, high_open=True),
     "fuse-weight": _n(2.0, "lambda, the merge's fuse weight"),
-    "server-lr": _n(1.0, "server step size", 0.0, low_open=True),
+    # 4.0: the quality benchmark v2's dev winner (robustmerge paper-exact, fuse 2) checked at the
+    # app's own client training (benchmarks.defaults_check; docs/quality.md, "The defaults")
+    "server-lr": _n(4.0, "server step size", 0.0, low_open=True),
     "weight-by-examples": _b(False, "weight clients by num-examples"),
     "fraction-train": _n(1.0, "fraction of nodes sampled to train", 0.0, 1.0),
     "min-train-nodes": _i(2, "fewest nodes sampled to train", low=1),

@@ -74,6 +74,7 @@ def make_run_config(model: Path, out: Path, **overrides: Any) -> dict[str, Any]:
             "round-timeout": 120.0,
             "output-dir": str(out),
             "secure-aggregation": True,
+            "server-lr": 1.0,  # the bounds compare the merge itself: global + 1 x merged
             **overrides,
         },
     )
