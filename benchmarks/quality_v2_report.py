@@ -225,7 +225,33 @@ def summary_lines(
             f"losses: {', '.join(verdicts['loss']) or 'none'}; "
             f"{len(verdicts['tie'])} tie."
         )
+        moves = late_moves(curves(results, stage), CURVE_WINDOW)
+        if moves:
+            low, high = min(moves.values()), max(moves.values())
+            lines.append(
+                f"  Curves over the last {CURVE_WINDOW} rounds (seen, mean of seeds): "
+                f"{100 * low:+.1f} to {100 * high:+.1f} points across rows"
+                + (" (still moving)." if max(abs(low), abs(high)) >= FLAT_POINTS else " (flat).")
+            )
     return lines
+
+
+# A curve is called flat when no row's seen accuracy moved by this much (a fraction) over the
+# last CURVE_WINDOW rounds.
+CURVE_WINDOW = 3
+FLAT_POINTS = 0.01
+
+
+def late_moves(
+    row_curves: Mapping[str, Sequence[tuple[float, float]]], window: int
+) -> dict[str, float]:
+    """Row -> change of its seen curve over the last ``window`` rounds (rows with more rounds
+    than ``window``)."""
+    return {
+        row: points[-1][0] - points[-1 - window][0]
+        for row, points in row_curves.items()
+        if len(points) > window
+    }
 
 
 def _reference_row() -> str:

@@ -426,3 +426,24 @@ def test_a_run_can_take_some_of_the_configs_seeds(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"seeds \[7\] not in the config"):
         run_stages(TWO, tmp_path, only_seeds=[1, 7])
     assert not list(tmp_path.iterdir())
+
+
+def test_late_moves_and_the_summary_say_whether_curves_flattened() -> None:
+    from benchmarks.quality_v2_report import late_moves
+
+    curves_by_row = {
+        "a": [(0.5, 0.0), (0.55, 0.0), (0.6, 0.0), (0.7, 0.0)],
+        "b": [(0.5, 0.0), (0.5, 0.0), (0.5, 0.0), (0.505, 0.0)],
+        "short": [(0.1, 0.0), (0.2, 0.0)],
+    }
+    moves = late_moves(curves_by_row, 3)
+    assert moves == pytest.approx({"a": 0.2, "b": 0.005})
+    results = synthetic_results()
+    for key, run in results["runs"].items():  # type: ignore[attr-defined]
+        if key.startswith("fed-2|"):
+            run["curve"] = [{"seen-avg": v} for v in (0.5, 0.5, 0.5, 0.504)]
+    text = markdown(results, TWO, "pytest")
+    assert "Curves over the last 3 rounds (seen, mean of seeds): +0.4 to +0.4 points" in text
+    assert "(flat)." in text
+    results["runs"]["fed-2|ties|0"]["curve"][-1]["seen-avg"] = 0.6  # type: ignore[index]
+    assert "(still moving)." in markdown(results, TWO, "pytest")
