@@ -34,22 +34,20 @@ from benchmarks.per_example import load_tracking_workload
 from benchmarks.quality import RESULTS_DIR, QualityConfig, run_federated
 from benchmarks.quality_v2 import ROUND_ROWS, write_json
 from benchmarks.quality_v2_report import dev_ranking
-from workload.config import SCHEMA
+from workload.config import Reader
 
 
 def app_config(dev_examples: int, eval_examples: int) -> QualityConfig:
-    """The benchmark sizes of the app's default run (every value from the run-config schema)."""
-
-    def names(key: str) -> tuple[str, ...]:
-        return tuple(n for n in str(SCHEMA[key].default).split(",") if n)
-
+    """The benchmark sizes of the app's default run: an empty run config read as the app reads
+    its own (every value the run-config schema's default)."""
+    defaults = Reader({}, "the schema's defaults")
     return QualityConfig(
-        seen=names("seen-tasks"),
-        unseen=names("unseen-tasks"),
-        train_examples=int(SCHEMA["train-examples"].default),
-        batch_size=int(SCHEMA["batch-size"].default),
-        max_length=int(SCHEMA["max-length"].default),
-        learning_rate=float(SCHEMA["learning-rate"].default),
+        seen=defaults.names("seen-tasks"),
+        unseen=defaults.names("unseen-tasks"),
+        train_examples=defaults.integer("train-examples"),
+        batch_size=defaults.integer("batch-size"),
+        max_length=defaults.integer("max-length"),
+        learning_rate=defaults.number("learning-rate"),
         dev_examples=dev_examples,
         eval_examples=eval_examples,
         tag="defaults",
@@ -84,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     row, dev_score, chosen = ranking[0]
     spec = ROUND_ROWS[row]
     config = app_config(args.dev_examples, args.eval_examples)
-    rounds = int(SCHEMA["num-server-rounds"].default)
+    rounds = Reader({}, "the schema's defaults").integer("num-server-rounds")
     work = load_tracking_workload(config, curve_examples=1)
     out: dict[str, Any] = {
         "winner": {"row": row, "dev": dev_score, "chosen": chosen},

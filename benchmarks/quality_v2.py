@@ -480,6 +480,11 @@ def full_estimate(results: dict[str, Any], full: V2Config, log: Callable[[str], 
     )
 
 
+def _zero_meter() -> dict[str, float | int]:
+    """A cost meter with nothing counted (a new run's, a fork's)."""
+    return {"train_seconds": 0.0, "train_examples": 0, "eval_seconds": 0.0, "eval_examples": 0}
+
+
 def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None], threads: int = 2) -> Run:
     """Load the workload and the saved results of ``config`` (or start new ones).
 
@@ -510,12 +515,7 @@ def open_run(config: V2Config, out_dir: Path, log: Callable[[str], None], thread
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "tuning": {},
             "runs": {},
-            "meter": {
-                "train_seconds": 0.0,
-                "train_examples": 0,
-                "eval_seconds": 0.0,
-                "eval_examples": 0,
-            },
+            "meter": _zero_meter(),
         }
     work = load_tracking_workload(config.base, config.curve_examples)
     return Run(config, work, results, json_path, log, earlier_seconds=earlier)
@@ -558,10 +558,6 @@ def run_stages(
         )
         run.save(f"stage {stage}")
     return run.results
-
-
-def _zero_meter() -> dict[str, float | int]:
-    return {"train_seconds": 0.0, "train_examples": 0, "eval_seconds": 0.0, "eval_examples": 0}
 
 
 def fork_results(saved: dict[str, Any]) -> dict[str, Any]:

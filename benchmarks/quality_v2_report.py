@@ -200,6 +200,8 @@ def summary_lines(
 ) -> list[str]:
     """The headline: the dev winner, then per federation the rows whose seen-task accuracy
     beats or trails tuned FedAvg (interval excluding 0) and how many tie."""
+    from benchmarks.quality_v2 import REFERENCE_ROW
+
     lines = ["", "## Summary", ""]
     ranking = dev_ranking(results)
     if ranking:
@@ -216,7 +218,7 @@ def summary_lines(
             continue
         verdicts: dict[str, list[str]] = {"win": [], "loss": [], "tie": []}
         for row, cmp in table[stage].items():
-            if cmp["seen"] is not None and row != _reference_row():
+            if cmp["seen"] is not None and row != REFERENCE_ROW:
                 d = cmp["seen"]["diff"]
                 verdicts[d["verdict"]].append(f"{row} ({100 * d['mean']:+.1f})")
         lines.append(
@@ -252,12 +254,6 @@ def late_moves(
         for row, points in row_curves.items()
         if len(points) > window
     }
-
-
-def _reference_row() -> str:
-    from benchmarks.quality_v2 import REFERENCE_ROW
-
-    return REFERENCE_ROW
 
 
 def _tuning_lines(results: Mapping[str, Any], config: V2Config) -> list[str]:
