@@ -76,7 +76,7 @@ def test_markdown_lists_rows(results: dict[str, object], tmp_path: Path) -> None
 
 def test_extend_adds_a_missing_stage_to_a_saved_run(results: dict[str, object]) -> None:
     out_dir = Path(str(results["out_dir"]))
-    saved_path = out_dir / "quality-tiny.json"
+    saved_path = out_dir / "quality-v1-tiny.json"
     saved = json.loads(saved_path.read_text())
     swept = [row for row in saved["per_seed"] if "swept" in row and "fedavg" in row]
     assert swept
