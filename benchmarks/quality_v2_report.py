@@ -335,25 +335,48 @@ def curves(results: Mapping[str, Any], stage: str) -> dict[str, list[tuple[float
 
 
 def plot(results: Mapping[str, Any], config: V2Config, path: Path) -> None:
-    """Per-round seen (solid) and unseen (dashed) accuracy per row, one panel per federation."""
+    """Per-round accuracy per row: one column per federation, seen tasks on top, unseen below,
+    one legend for all panels (a row keeps its colour everywhere; tuned FedAvg, the reference,
+    in black)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    from benchmarks.quality_v2 import REFERENCE_ROW
+
+    others = [row for row in config.rows if row != REFERENCE_ROW]
+    colours = {row: f"C{index % 10}" for index, row in enumerate(others)}
+    colours[REFERENCE_ROW] = "black"
     count = len(config.federations)
-    figure, axes = plt.subplots(1, count, figsize=(6 * count, 5), squeeze=False)
-    for axis, federation in zip(axes[0], config.federations, strict=True):
-        for index, (row, points) in enumerate(curves(results, f"fed-{federation.name}").items()):
-            xs = list(range(1, len(points) + 1))
-            colour = f"C{index % 10}"
-            axis.plot(xs, [100 * p[0] for p in points], "-o", color=colour, label=row)
-            axis.plot(xs, [100 * p[1] for p in points], "--x", color=colour)
-        axis.set_title(f"{federation.clients} clients ({federation.participation:.0%} per round)")
-        axis.set_xlabel("round")
-        axis.set_ylabel("curve-subset accuracy (%): seen solid, unseen dashed")
-        axis.legend(fontsize=6, loc="best")
-    figure.tight_layout()
+    figure, axes = plt.subplots(2, count, figsize=(5.5 * count, 8), squeeze=False, sharex="col")
+    for column, federation in enumerate(config.federations):
+        row_curves = curves(results, f"fed-{federation.name}")
+        for part, title in enumerate(("seen tasks", "unseen tasks")):
+            axis = axes[part][column]
+            for row, points in row_curves.items():
+                xs = list(range(1, len(points) + 1))
+                axis.plot(
+                    xs,
+                    [100 * p[part] for p in points],
+                    "-o",
+                    ms=3,
+                    color=colours.get(row),
+                    label=row,
+                )
+            axis.set_title(
+                f"{federation.clients} clients ({federation.participation:.0%} per round): {title}",
+                fontsize=9,
+            )
+            axis.set_ylabel(f"accuracy (%), {config.curve_examples} examples per task", fontsize=8)
+            axis.grid(alpha=0.3)
+        axes[1][column].set_xlabel("round")
+    handles = [
+        Line2D([], [], color=colour, marker="o", ms=3, label=row) for row, colour in colours.items()
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

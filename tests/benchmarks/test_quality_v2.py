@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ from benchmarks.quality_v2 import (
     fork_results,
     hyper_for,
 )
-from benchmarks.quality_v2_report import comparisons, curves, markdown
+from benchmarks.quality_v2_report import comparisons, curves, markdown, plot
 from workload.model import LoraSettings, build_lora_model, initial_adapter, set_lora_state
 from workload.tasks import load_task
 from workload.training import TrainSettings, evaluate_lora
@@ -268,6 +269,32 @@ def test_markdown_and_curves() -> None:
     mean = curves(results, "fed-2")["ties"]
     assert mean[0] == pytest.approx((0.05, 0.2))
     assert np.isnan(mean[1][1])
+
+
+def test_plot_draws_seen_and_unseen_panels_per_federation(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figures: list[Any] = []
+    original = plt.subplots
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        made = original(*args, **kwargs)
+        figures.append(made)
+        return made
+
+    path = tmp_path / "curves.png"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt, "subplots", spy)
+        plot(synthetic_results(), TWO, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    ((_, axes),) = figures
+    assert axes.shape == (2, len(TWO.federations))
+    seen, unseen = axes[0][0], axes[1][0]
+    assert "seen tasks" in seen.get_title() and "unseen tasks" in unseen.get_title()
+    ties = {line.get_label(): line for line in seen.get_lines()}["ties"]
+    assert list(ties.get_ydata()) == pytest.approx(
+        [100 * p[0] for p in curves(synthetic_results(), "fed-2")["ties"]]
+    )
 
 
 def test_hyper_for_uses_the_tuned_choice_else_the_defaults() -> None:
