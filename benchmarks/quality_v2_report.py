@@ -198,8 +198,9 @@ def dev_ranking(results: Mapping[str, Any]) -> list[tuple[str, float, dict[str, 
 def summary_lines(
     results: Mapping[str, Any], config: V2Config, table: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
-    """The headline: the dev winner, then per federation the rows whose seen-task accuracy
-    beats or trails tuned FedAvg (interval excluding 0) and how many tie."""
+    """The headline: the dev winner, then per federation the rows whose seen-task (then
+    unseen-task) accuracy beats or trails tuned FedAvg (interval excluding 0) and how many tie,
+    and whether the curves had flattened."""
     from benchmarks.quality_v2 import REFERENCE_ROW
 
     lines = ["", "## Summary", ""]
@@ -216,17 +217,19 @@ def summary_lines(
         stage = f"fed-{federation.name}"
         if stage not in table:
             continue
-        verdicts: dict[str, list[str]] = {"win": [], "loss": [], "tie": []}
-        for row, cmp in table[stage].items():
-            if cmp["seen"] is not None and row != REFERENCE_ROW:
-                d = cmp["seen"]["diff"]
-                verdicts[d["verdict"]].append(f"{row} ({100 * d['mean']:+.1f})")
-        lines.append(
-            f"- {federation.clients} clients, seen tasks vs tuned FedAvg: "
-            f"wins: {', '.join(verdicts['win']) or 'none'}; "
-            f"losses: {', '.join(verdicts['loss']) or 'none'}; "
-            f"{len(verdicts['tie'])} tie."
-        )
+        for part in ("seen", "unseen"):
+            verdicts: dict[str, list[str]] = {"win": [], "loss": [], "tie": []}
+            for row, cmp in table[stage].items():
+                if cmp[part] is not None and row != REFERENCE_ROW:
+                    d = cmp[part]["diff"]
+                    verdicts[d["verdict"]].append(f"{row} ({100 * d['mean']:+.1f})")
+            lines.append(
+                ("- " if part == "seen" else "  ")
+                + f"{federation.clients} clients, {part} tasks vs tuned FedAvg: "
+                f"wins: {', '.join(verdicts['win']) or 'none'}; "
+                f"losses: {', '.join(verdicts['loss']) or 'none'}; "
+                f"{len(verdicts['tie'])} tie."
+            )
         moves = late_moves(curves(results, stage), CURVE_WINDOW)
         if moves:
             low, high = min(moves.values()), max(moves.values())

@@ -266,6 +266,8 @@ def test_markdown_and_curves() -> None:
     assert "Best on dev (tuning, 2 clients): **fedavg (FedIT)** at server_lr 2, 50.0." in text
     wins = [line for line in text.splitlines() if line.startswith("- 2 clients, seen tasks")]
     assert len(wins) == 1 and "wins: ties (+" in wins[0] and "losses: none; 1 tie." in wins[0]
+    unseen = [line for line in text.splitlines() if line.startswith("  2 clients, unseen tasks")]
+    assert len(unseen) == 1 and "wins: ties (+" in unseen[0] and "1 tie." in unseen[0]
     mean = curves(results, "fed-2")["ties"]
     assert mean[0] == pytest.approx((0.05, 0.2))
     assert np.isnan(mean[1][1])
