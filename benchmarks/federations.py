@@ -96,6 +96,41 @@ def round_subsample(
     )
 
 
+def local_work_draw(
+    shard: TaskData, examples: int | None, *, seed: int, server_round: int, node: int
+) -> TaskData:
+    """What node ``node`` trains in round ``server_round``: exactly ``examples`` examples of
+    its ``shard`` (a fixed amount of local work: ``examples / batch size`` local steps), or the
+    whole shard when ``examples`` is None.
+
+    A shard at least that large gives ``round_subsample``'s draw without replacement; a smaller
+    one gives whole passes over the shard, each in a new seeded order, then a partial pass (so
+    a small Dirichlet shard trains several local epochs, as a site with little data would).
+    """
+    if examples is None or (examples >= 1 and len(shard) >= examples):
+        return round_subsample(shard, examples, seed=seed, server_round=server_round, node=node)
+    if examples < 1:
+        raise ValueError(f"examples must be >= 1 or None; got {examples}")
+    if not len(shard):
+        raise ValueError(f"node {node} has an empty shard")
+    key = hashlib.sha256(f"{seed}:{server_round}:{node}:passes".encode()).digest()[:8]
+    order_source = random.Random(int.from_bytes(key, "big"))
+    picked: list[int] = []
+    while len(picked) < examples:
+        order = list(range(len(shard)))
+        order_source.shuffle(order)
+        picked.extend(order[: examples - len(picked)])
+    return TaskData(
+        shard.name,
+        [shard.texts[i] for i in picked],
+        [shard.labels[i] for i in picked],
+        list(shard.label_names),
+    )
+
+
+Draw = Callable[..., TaskData]
+
+
 @dataclass
 class RunMeter:
     """What a federated run cost: examples trained, bytes received, merge seconds per round.
@@ -109,14 +144,19 @@ class RunMeter:
     current_round: int = 1
 
     def metered_hook(
-        self, shards: Sequence[TaskData], round_examples: int | None = None, seed: int = 0
+        self,
+        shards: Sequence[TaskData],
+        round_examples: int | None = None,
+        seed: int = 0,
+        draw: Draw = round_subsample,
     ) -> Callable[[int, TaskData], TaskData]:
-        """``run_federated``'s data hook: node i + 1 trains on ``round_subsample`` of
-        ``shards[i]`` (at most ``round_examples``; seeded by ``seed``, the round and the node),
-        and the examples it trains are counted."""
+        """``run_federated``'s data hook: node i + 1 trains on ``draw`` of ``shards[i]``
+        (``round_subsample``: at most ``round_examples``; ``local_work_draw``: exactly that
+        many; seeded by ``seed``, the round and the node), and the examples it trains are
+        counted."""
 
         def hook(node: int, _drawn: TaskData) -> TaskData:
-            data = round_subsample(
+            data = draw(
                 shards[node - 1],
                 round_examples,
                 seed=seed,

@@ -49,6 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.inprocess import FakeGrid, set_task_identity, train_reply
+from benchmarks.train_cache import TrainCache
 from strategies import wire
 from strategies.merging import available_methods, merge_lora, parse_layout
 from strategies.merging.pruning import complementary_scale, prune_by_magnitude
@@ -342,6 +343,7 @@ def run_federated(
     client_ranks: Sequence[int] | None = None,
     round_hook: Callable[[int, Any], None] | None = None,
     local_batch_size: int | None = None,
+    train_cache: TrainCache | None = None,
 ) -> list[Scores]:
     """R rounds of FedRobustMerge in-process, one client per seen task; scores after each round.
 
@@ -369,7 +371,9 @@ def run_federated(
     ``client.app.site_start`` (the global truncated to its rank, the client's own code) and
     replies at its rank with ``lora-rank``. ``round_hook`` gets (round, the strategy's
     ``RoundReport``) after each merge (merge time, site ranks, truncation errors, bytes
-    received).
+    received). ``train_cache`` (``TrainCache``) reuses a client's training when the same start,
+    data, settings and seed come again (every run of one seed starts from the same global, so
+    its round 1 is the same for every method and step size).
     """
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -424,10 +428,17 @@ def run_federated(
             start = dict(message.content.array_records["arrays"].to_torch_state_dict())
             if client_ranks:
                 start = site_start(start, work.lora.with_rank(node_ranks[node]))
-            model = work.model_for(start)
-            set_lora_state(model, start)
-            result = train_lora(model, data, local, seed=seed * 100 + server_round)
-            trained = get_lora_state(model)
+            train_seed = seed * 100 + server_round
+            cached = train_cache.get(start, data, local, train_seed) if train_cache else None
+            if cached is None:
+                model = work.model_for(start)
+                set_lora_state(model, start)
+                result = train_lora(model, data, local, seed=train_seed)
+                trained = get_lora_state(model)
+                if train_cache is not None:
+                    train_cache.put(start, data, local, train_seed, trained, result)
+            else:
+                trained, result = cached
             if reply_hook is not None:
                 trained = reply_hook(node, start, trained)
             rank = node_ranks[node] if client_ranks else None
