@@ -35,6 +35,7 @@ import torch
 from strategies.adapter_io.compat import check_compatible
 from strategies.adapter_io.errors import AdapterFileError
 from strategies.adapter_io.layout import AdapterFolder
+from strategies.adapter_io.lora_content import check_lora_content
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.adapter_io.writing import check_target, write_adapter_dir
 from strategies.audit import AUDIT_FILE, AuditError, package_version, verify_run
@@ -201,7 +202,7 @@ def run_merge(args: argparse.Namespace) -> int:
     """The ``merge`` subcommand: check everything, merge in memory, then write atomically."""
     method: str = args.method
     hyperparameters = _given_hyperparameters(args, method)
-    create_method(method, **hyperparameters)  # value errors now, before any file is read
+    _check_hyperparameter_values(method, hyperparameters)  # now, before any file is read
     device = resolve_device(None if args.device == "auto" else args.device)
     paths = [Path(item) for item in args.adapters]
     labels = _labels(args.adapters, paths)
@@ -210,7 +211,9 @@ def run_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, paths, overwrite=args.overwrite)
 
-    folders = [read_adapter_dir(path) for path in paths]
+    # Each folder on its own first (LoRA pairs of its rank on its targets), so a bad one is named
+    # itself rather than blamed on the folder it is then compared with.
+    folders = [check_lora_content(read_adapter_dir(path)) for path in paths]
     check_compatible(folders)
     tensors = [folder.tensors for folder in folders]
     parameters = sum(tensor.numel() for adapter in tensors for tensor in adapter.values())
@@ -300,6 +303,20 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
                 f"(it takes {', '.join(takes) if takes else 'no hyperparameters'})"
             )
     return given
+
+
+def _check_hyperparameter_values(method: str, hyperparameters: Mapping[str, Any]) -> None:
+    """Build the method once to refuse out-of-range values, naming the flag, not the parameter
+    (``--keep-ratio must be in (0, 1], got 1.5``)."""
+    try:
+        create_method(method, **hyperparameters)
+    except ValueError as error:
+        message = str(error)
+        for name, flag in HYPERPARAMETER_FLAGS.items():
+            if message.startswith(f"{name} "):
+                message = flag + message[len(name) :]
+                break
+        raise CliError(message) from None
 
 
 def _check_counts(weights: list[float] | None, fuse_weight: object, labels: Sequence[str]) -> None:

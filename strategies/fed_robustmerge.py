@@ -289,7 +289,18 @@ class FedRobustMerge(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration, FedAvg's and the merge's."""
-        super().summary()
+        # FedAvg's summary prints "Weighted by: '<weighted_by_key>'", true of its evaluation
+        # metrics but not of the merge when weight-by-examples is false: say what is weighted
+        # while it prints, then restore the key (every reply is still read by it).
+        key = self.weighted_by_key
+        if not self.weight_by_examples:
+            self.weighted_by_key = (
+                f"equal in the merge (weight-by-examples = false); {key} in metrics"
+            )
+        try:
+            super().summary()
+        finally:
+            self.weighted_by_key = key
         log(
             INFO,
             "\t└──> Merge: %s %s on %s",

@@ -3,12 +3,19 @@
 The staging folder sits beside the target (same parent, so the rename stays on one file
 system). A crash therefore leaves either the old folder or the new one, never a partial one; at
 worst a hidden ``.<name>.tmp-*`` folder beside it.
+
+The staging folder is made as ``mkdir`` makes any folder, mode 0777 less the process's umask
+(0755 under the usual 022), not as ``tempfile.mkdtemp`` does (always 0700): the adapter folder it
+becomes holds a model's weights, no secret, and its files are written with the umask's modes
+too. Who wants outputs private sets a private umask (077), and then the folders follow.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +39,7 @@ def replace_folder(target: Path, fill: Callable[[Path], None], *, overwrite: boo
         If the file system fails; the staging folder is removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = make_staging_dir(target)
     try:
         fill(staging)
         fsync_dir(staging)
@@ -41,6 +48,26 @@ def replace_folder(target: Path, fill: Callable[[Path], None], *, overwrite: boo
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(target.parent)
+
+
+def make_staging_dir(target: Path) -> Path:
+    """A new, empty, hidden folder ``.<name>.tmp-<random>`` beside ``target``, mode 0777 less
+    the umask (``tempfile.mkdtemp`` would make it 0700, and so the renamed folder)."""
+    for _ in range(100):
+        staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
+        try:
+            staging.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return staging
+    raise FileExistsError(f"no free staging folder name beside '{target}'")
+
+
+def match_umask_mode(file: Path, staging: Path) -> None:
+    """Give ``file`` 0666 less the umask, read off ``staging`` (made 0777 less the umask by
+    ``make_staging_dir``) instead of calling ``os.umask``, which would change it for a moment
+    for every thread."""
+    os.chmod(file, stat.S_IMODE(staging.stat().st_mode) & 0o666)
 
 
 def _swap_into_place(staging: Path, target: Path, overwrite: bool) -> None:

@@ -77,6 +77,8 @@ def write_adapter_dir(
     def fill(staging: Path) -> None:
         weights = staging / ADAPTER_WEIGHTS
         save_file(prepared, weights, metadata={"format": "pt"})
+        # safetensors writes its file 0600; give it the mode every other file here gets
+        atomic.match_umask_mode(weights, staging)
         atomic.fsync_file(weights)
         atomic.write_file(staging / ADAPTER_CONFIG, config_bytes)
         for name, data in extras.items():
