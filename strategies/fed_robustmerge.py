@@ -56,8 +56,20 @@ from strategies.reply_checks import (
     reply_rank,
     state_dict_to_record,
 )
-from strategies.robust import NormBound, RobustSettings, clip_scale, norm_bound
-from strategies.robust_replies import RewrittenReply, clamp_coordinates, krum_keep, update_norm
+from strategies.robust import (
+    DEFAULT_CENTER_RADIUS,
+    NormBound,
+    RobustSettings,
+    clip_scale,
+    norm_bound,
+)
+from strategies.robust_replies import (
+    RewrittenReply,
+    clamp_coordinates,
+    clip_to_center,
+    krum_keep,
+    update_norm,
+)
 from strategies.round_diagnostics import DiagnosticsSample, score_directions
 from strategies.round_metrics import metrics_only, report_metrics, weighted_metrics
 from strategies.round_report import RoundReport, RoundState
@@ -754,10 +766,14 @@ class FedRobustMerge(FedAvg):
 
     def _rewrite(self, accepted: list[AcceptedReply], report: RoundReport) -> list[AcceptedReply]:
         """Clip the replies the screen marked (clip mode) to the bound, then the coordinate-wise
-        stage (trimmed-mean, median)."""
+        stage (trimmed-mean, median) or centered clipping."""
         assert self.current_global is not None
         accepted = [self._clipped(reply, report) for reply in accepted]
-        if self.robust.rewrites_coordinates:
+        if self.robust.clips_to_center:
+            centered = clip_to_center(accepted, self.current_global, DEFAULT_CENTER_RADIUS)
+            report.clamped_fraction = centered.clamped_fraction
+            accepted = centered.replies
+        elif self.robust.rewrites_coordinates:
             clamped = clamp_coordinates(
                 accepted, self.current_global, self.robust.trim_fraction_or_median
             )

@@ -15,7 +15,10 @@ import torch
 
 from strategies.reply_checks import AcceptedReply
 from strategies.robust import (
+    center_scales,
     clamp_to_range,
+    clip_toward,
+    coordinate_median,
     multikrum_select,
     pairwise_squared_distances,
     trim_count,
@@ -36,14 +39,16 @@ def update_norm(reply: AcceptedReply, base: Tensors) -> float:
 
 @dataclass(frozen=True)
 class RewrittenReply(AcceptedReply):
-    """An accepted reply whose update is scaled by ``scale`` and then clamped, key by key, to
-    [``low``, ``high``] (when given); node, arrays and example count stay the source's."""
+    """An accepted reply whose update is scaled by ``scale`` (toward ``center`` when given:
+    center + scale (update - center)) and then clamped, key by key, to [``low``, ``high``]
+    (when given); node, arrays and example count stay the source's."""
 
     source: AcceptedReply
     base: Tensors
     scale: float = 1.0
     low: Tensors | None = None
     high: Tensors | None = None
+    center: Tensors | None = None
 
     @classmethod
     def of(
@@ -54,6 +59,7 @@ class RewrittenReply(AcceptedReply):
         scale: float = 1.0,
         low: Tensors | None = None,
         high: Tensors | None = None,
+        center: Tensors | None = None,
     ) -> RewrittenReply:
         """``reply`` rewritten as asked."""
         shared = {field.name: getattr(reply, field.name) for field in fields(AcceptedReply)}
@@ -64,12 +70,15 @@ class RewrittenReply(AcceptedReply):
             scale=scale,
             low=low,
             high=high,
+            center=center,
         )
 
     def tensor(self, key: str) -> torch.Tensor:
         """Global + the rewritten update of ``key``, float32."""
         delta = self.source.tensor(key) - self.base[key]
-        if self.scale != 1.0:
+        if self.center is not None:
+            delta = clip_toward(delta, self.center[key], self.scale)
+        elif self.scale != 1.0:
             delta = delta * self.scale
         if self.low is not None and self.high is not None:
             delta = clamp_to_range(delta, self.low[key], self.high[key])
@@ -125,3 +134,25 @@ def clamp_coordinates(
         RewrittenReply.of(reply, base, low=low, high=high) for reply in replies
     ]
     return Clamped(rewritten, trim, moved / total if total else 0.0)
+
+
+def clip_to_center(replies: Sequence[AcceptedReply], base: Tensors, radius: float) -> Clamped:
+    """Every reply's update pulled to within ``radius`` x the median distance of the
+    coordinate-wise median (``strategies.robust.centered_clip``); ``clamped_fraction`` is the
+    share of the replies pulled in. Unchanged for T <= 2."""
+    count = len(replies)
+    if count <= 2:
+        return Clamped(list(replies), 0, 0.0)
+    center: dict[str, torch.Tensor] = {}
+    squared = torch.zeros(count, dtype=torch.float64)
+    for key in base:
+        stack = _delta_stack(replies, base, key)
+        center[key] = coordinate_median(stack)
+        offsets = (stack - center[key]).to(torch.float64)
+        squared += offsets.reshape(count, -1).square().sum(dim=1)
+    scales = center_scales(squared.sqrt().tolist(), radius)
+    rewritten: list[AcceptedReply] = [
+        reply if scale == 1.0 else RewrittenReply.of(reply, base, scale=scale, center=center)
+        for reply, scale in zip(replies, scales, strict=True)
+    ]
+    return Clamped(rewritten, 0, sum(scale < 1.0 for scale in scales) / count)

@@ -5,12 +5,20 @@
 - ``krum``: multi-Krum selection, the replies whose updates lie closest to the others.
 - ``coordinatewise``: each client's delta clamped, coordinate by coordinate, to the range the
   coordinate-wise median or trimmed mean trusts (so any merge method can follow).
+- ``centered_clip``: each client's delta pulled to within a robust radius of the coordinate-wise
+  median (a candidate default against adaptive attackers).
 - ``registry``: the run-config names (``robust-aggregation``) and their checked parameters.
 
 The strategy (``strategies.fed_robustmerge``) applies them to replies; these modules only see
 tensors and floats.
 """
 
+from strategies.robust.centered_clip import (
+    DEFAULT_CENTER_RADIUS,
+    center_scales,
+    clip_toward,
+    coordinate_median,
+)
 from strategies.robust.coordinatewise import clamp_to_range, trim_count, trimmed_range
 from strategies.robust.krum import multikrum_select, pairwise_squared_distances
 from strategies.robust.norm_screen import NormBound, clip_scale, lower_median, norm_bound
@@ -22,13 +30,17 @@ from strategies.robust.registry import (
 )
 
 __all__ = [
+    "DEFAULT_CENTER_RADIUS",
     "DEFAULT_HISTORY",
     "DEFAULT_NORM_FACTOR",
     "ROBUST_AGGREGATIONS",
     "NormBound",
     "RobustSettings",
+    "center_scales",
     "clamp_to_range",
     "clip_scale",
+    "clip_toward",
+    "coordinate_median",
     "lower_median",
     "multikrum_select",
     "norm_bound",

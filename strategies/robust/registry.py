@@ -5,7 +5,10 @@ Every option but "none" runs the norm screen first (cheap, and it needs no tunin
 - "norm": nothing more;
 - "krum": a selection stage, multi-Krum (``strategies.robust.krum``), before the merge;
 - "trimmed-mean", "median": a coordinate-wise stage (``strategies.robust.coordinatewise``)
-  that clamps each client's delta before the merge.
+  that clamps each client's delta before the merge;
+- "centered-clip": each client's delta pulled to within a robust radius of the coordinate-wise
+  median (``strategies.robust.centered_clip``) before the merge; a candidate default against
+  adaptive attackers (issue 28), not the default.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ROBUST_AGGREGATIONS = ("norm", "none", "krum", "trimmed-mean", "median")
+from strategies.robust.centered_clip import DEFAULT_CENTER_RADIUS
+
+ROBUST_AGGREGATIONS = ("norm", "none", "krum", "trimmed-mean", "median", "centered-clip")
 SELECTION_STAGES = frozenset({"krum"})
 COORDINATE_STAGES = frozenset({"trimmed-mean", "median"})
+CENTER_STAGES = frozenset({"centered-clip"})
 
 # With the default reject, an outsized update leaves the round and the global moves as the good
 # clients alone move it. A clipped update (robust-clip) keeps at most factor x the reference norm;
@@ -79,8 +85,15 @@ class RobustSettings:
 
     @property
     def rewrites_coordinates(self) -> bool:
-        """Whether the coordinate-wise stage runs."""
-        return self.aggregation in COORDINATE_STAGES
+        """Whether a stage rewrites each client's delta from all of them (the coordinate-wise
+        clamp or centered clipping): it needs every reply at once and dense deltas of one
+        shape."""
+        return self.aggregation in COORDINATE_STAGES | CENTER_STAGES
+
+    @property
+    def clips_to_center(self) -> bool:
+        """Whether the centered-clipping stage runs (instead of the coordinate-wise clamp)."""
+        return self.aggregation in CENTER_STAGES
 
     @property
     def trim_fraction_or_median(self) -> float | None:
@@ -96,7 +109,9 @@ class RobustSettings:
         if self.selects:
             select = self.krum_select or "T - f"
             text += f"; multi-Krum f={self.krum_malicious} m={select}"
-        if self.rewrites_coordinates:
+        if self.clips_to_center:
+            text += f"; centered clip ({DEFAULT_CENTER_RADIUS:g} x median distance to the median)"
+        elif self.rewrites_coordinates:
             trim = "median" if self.aggregation == "median" else f"trim {self.trim_fraction:g}"
             text += f"; coordinate-wise clamp ({trim})"
         return text
