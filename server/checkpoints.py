@@ -5,16 +5,21 @@ Layout under the run's output folder::
     checkpoints/round-0003/adapter_model.safetensors   the global adapter after round 3
     checkpoints/round-0003/adapter_config.json          so PeftModel.from_pretrained loads it
     checkpoints/round-0003/state.json                   round, content checksum, run state
+    checkpoints/round-0003/README.md                    its model card (server.model_card)
     final/                                              the last global adapter (same format)
 
 Each folder is written beside its target and renamed into place (see
 ``strategies.adapter_io.writing.write_adapter_dir``), so a crash leaves either the old set or
 the new one. ``state.json`` carries a SHA-256 over the tensors' names, dtypes, shapes and bytes; a
-checkpoint that fails to load or to match it is reported and the previous one is used.
+checkpoint that fails to load or to match it is reported and the previous one is used. The model
+card, when there is one, is written in the same atomic step and its SHA-256 kept in ``state.json``
+too; a card that no longer matches is reported, but does not make the checkpoint unusable (it
+only describes the adapter: resume needs the tensors and the state).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
+from server.model_card import CARD_FILE
 from strategies.adapter_io.digest import tensors_checksum
 from strategies.adapter_io.errors import AdapterFileError
 from strategies.adapter_io.reading import read_adapter_dir
@@ -33,8 +39,9 @@ from strategies.adapter_io.writing import write_adapter_dir
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
+CARD_DIGEST_KEY = "model-card-sha256"
 
-__all__ = ["STATE_FILE", "Checkpoint", "CheckpointStore", "tensors_checksum"]
+__all__ = ["CARD_FILE", "STATE_FILE", "Checkpoint", "CheckpointStore", "tensors_checksum"]
 
 
 @dataclass(frozen=True)
@@ -61,33 +68,52 @@ class CheckpointStore:
         return self.checkpoint_dir / f"round-{server_round:04d}"
 
     def save(
-        self, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+        self,
+        server_round: int,
+        tensors: Mapping[str, torch.Tensor],
+        state: Mapping[str, Any],
+        card: str | None = None,
     ) -> Path:
-        """Write the checkpoint of ``server_round`` atomically and prune old ones."""
+        """Write the checkpoint of ``server_round`` atomically (with its model card ``card``,
+        the text of README.md, when given) and prune old ones."""
         payload = {
             "format": STATE_FORMAT,
             "server-round": server_round,
             "tensors-sha256": tensors_checksum(tensors),
             **state,
         }
+        extras: dict[str, str] = {}
+        if card is not None:
+            payload[CARD_DIGEST_KEY] = _text_digest(card)
+            extras[CARD_FILE] = card
+        extras[STATE_FILE] = json.dumps(payload, indent=1, sort_keys=True)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = write_adapter_dir(
             self.round_path(server_round),
             dict(tensors),
             self.adapter_config,
-            extra_files={STATE_FILE: json.dumps(payload, indent=1, sort_keys=True)},
+            extra_files=extras,
             overwrite=True,
         )
         self._prune()
         return path
 
-    def save_final(self, tensors: Mapping[str, torch.Tensor], report: Mapping[str, Any]) -> Path:
-        """Write the final global adapter to ``final/`` with a small JSON about the run."""
+    def save_final(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        report: Mapping[str, Any],
+        card: str | None = None,
+    ) -> Path:
+        """Write the final global adapter to ``final/`` with a small JSON about the run (and its
+        model card ``card`` as README.md, when given)."""
+        extras = {"run_report.json": json.dumps(report, indent=1, sort_keys=True)}
+        if card is not None:
+            extras[CARD_FILE] = card
         return write_adapter_dir(
             self.run_dir / "final",
             dict(tensors),
             self.adapter_config,
-            extra_files={"run_report.json": json.dumps(report, indent=1, sort_keys=True)},
+            extra_files=extras,
             overwrite=True,
         )
 
@@ -119,6 +145,7 @@ class CheckpointStore:
             )
         if tensors_checksum(folder.tensors) != state.get("tensors-sha256"):
             raise AdapterFileError(path, None, f"tensors do not match the checksum in {STATE_FILE}")
+        _check_card(path, state.get(CARD_DIGEST_KEY))
         return Checkpoint(server_round, folder.tensors, state, path)
 
     def latest_valid(self) -> Checkpoint | None:
@@ -138,3 +165,28 @@ class CheckpointStore:
     def _prune(self) -> None:
         for server_round in self.rounds()[: -self.keep]:
             shutil.rmtree(self.round_path(server_round), ignore_errors=True)
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_card(path: Path, expected: object) -> None:
+    """Warn when a checkpoint's model card is missing or differs from the digest its state.json
+    recorded; the checkpoint stays usable (the card describes it, resume does not read it)."""
+    if expected is None:
+        return  # written without a card (or before cards existed)
+    card = path / CARD_FILE
+    try:
+        actual = hashlib.sha256(card.read_bytes()).hexdigest()
+    except OSError as error:
+        log(WARNING, "%s: model card unreadable (%s); the checkpoint is still used", card, error)
+        return
+    if actual != expected:
+        log(
+            WARNING,
+            "%s does not match the digest in %s (edited after the run?); the checkpoint is "
+            "still used",
+            card,
+            STATE_FILE,
+        )

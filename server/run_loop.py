@@ -4,7 +4,7 @@ Flower's ``Strategy.start`` has no start round, so the loop is ours. Every aggre
 through it: a ``server.round_modes.RoundMode`` does one round's training and evaluation (over
 the Message API, or SecAgg+), and the loop does what every round shares: the server-side
 evaluation, the history entry, communication accounting, the checkpoint (global adapter,
-history, strategy settings), metrics.json, the plot and the audit record.
+history, strategy settings, model card), metrics.json, the plot and the audit record.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from server.audit_log import AuditLog
 from server.checkpoints import CheckpointStore
 from server.communication import round_communication
 from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
+from server.model_card import model_card
 from server.round_modes import RoundMode
 from strategies.audit import AUDIT_FILE
 
@@ -87,7 +88,15 @@ def run_federation(
             global_tensors = run_round(
                 grid, mode, settings, server_round, global_tensors, history, evaluate, audit
             )
-            save_round(store, files, server_round, history, global_tensors, mode.checkpoint_state())
+            save_round(
+                store,
+                files,
+                server_round,
+                history,
+                global_tensors,
+                mode.checkpoint_state(),
+                audit_head=audit.prev,
+            )
     finally:
         mode.close()
     finish_run(store, files, history, global_tensors, audit)
@@ -156,6 +165,19 @@ class RunFiles:
         write_metrics(self.run_dir, dict(self.summary), list(history))
         plot_accuracy(self.run_dir, history, self.seen_tasks, self.unseen_tasks)
 
+    def card(
+        self, history: Sequence[dict[str, Any]], audit_head: str, server_round: int | None = None
+    ) -> str:
+        """The model card of the adapter after ``server_round`` (None: the final one)."""
+        return model_card(
+            self.summary,
+            history,
+            audit_head=audit_head,
+            server_round=server_round,
+            seen_tasks=self.seen_tasks,
+            unseen_tasks=self.unseen_tasks,
+        )
+
 
 def resume_or_archive(
     store: CheckpointStore, run_dir: Path, resume: bool
@@ -189,9 +211,17 @@ def save_round(
     history: Sequence[dict[str, Any]],
     tensors: Mapping[str, torch.Tensor],
     strategy_state: Mapping[str, Any],
+    *,
+    audit_head: str,
 ) -> None:
-    """After a round: its checkpoint (adapter, history, merge settings), metrics.json, plot."""
-    store.save(server_round, tensors, {"history": list(history), "strategy": dict(strategy_state)})
+    """After a round: its checkpoint (adapter, history, merge settings, model card naming the
+    audit head ``audit_head``), metrics.json, plot."""
+    store.save(
+        server_round,
+        tensors,
+        {"history": list(history), "strategy": dict(strategy_state)},
+        card=files.card(history, audit_head, server_round),
+    )
     files.write(history)
 
 
@@ -202,10 +232,16 @@ def finish_run(
     tensors: Mapping[str, torch.Tensor],
     audit: AuditLog,
 ) -> Path:
-    """The run's last metrics.json and plot, the final adapter folder, the run-end record."""
+    """The run's last metrics.json and plot, the run-end record, then the final adapter folder
+    with its model card (which names the run-end record's hash, the head ``audit verify``
+    prints)."""
     files.write(history)
-    final = store.save_final(tensors, {"run": dict(files.summary), "rounds": len(history)})
     audit.end()
+    final = store.save_final(
+        tensors,
+        {"run": dict(files.summary), "rounds": len(history)},
+        card=files.card(history, audit.prev),
+    )
     log(INFO, "Final adapter: %s", final)
     return final
 

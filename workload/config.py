@@ -163,6 +163,13 @@ SCHEMA: Mapping[str, Setting] = {
     "eval-examples": _i(256, "eval examples per task", low=1),
     "seen-tasks": Setting("names", "banking77,stackoverflow,sentiment,hwu64", "trained tasks"),
     "unseen-tasks": Setting("names", "clinc150,mcid", "evaluated-only tasks", allow_empty=True),
+    # simulated sites' data (workload.partitioners): task i mod len, or flwr-datasets' partitioners
+    # over the pooled seen tasks
+    "partitioner": _c(
+        "task", "simulated sites' data", ("task", "iid", "dirichlet", "pathological")
+    ),
+    "partition-alpha": _n(0.5, "dirichlet: concentration (small = skewed)", 0.0, low_open=True),
+    "partition-classes": _i(2, "pathological: classes per site", low=1),
     # causal-lm only
     "data-path": _s("", "site data when node-config has none"),
     "server-eval-data": _s("", "JSONL the server scores every round"),

@@ -7,8 +7,9 @@ towards their label names (``workload.training``). Local data: a site's own file
 workload: task ``seen-tasks[partition-id % len(seen-tasks)]``, a class-balanced subset of
 ``train-examples`` of its train split redrawn every round (seed ``seed + partition-id +
 server-round``), scored on ``eval-examples`` of its dev split (seed ``seed``, the same subset
-every round). The server scores the global adapter on the test splits of the seen and unseen
-tasks.
+every round). With run-config ``partitioner`` other than ``"task"`` a simulated node trains on
+its shard of the pooled seen tasks instead (``workload.partitioners``). The server scores the
+global adapter on the test splits of the seen and unseen tasks.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from workload.kinds.base import (
 )
 from workload.kinds.registry import register_task_kind
 from workload.model import LoraSettings, build_lora_model, get_lora_state
+from workload.partitioners import PartitionSettings, site_shard, uniform_draw
 from workload.tasks import (
     TASK_NAMES,
     TaskData,
@@ -102,8 +104,33 @@ def local_data(
             "node-config has neither 'data-path' (a site's own data file) nor 'partition-id' "
             "(a simulated node of the default workload)"
         )
+    partitioning = PartitionSettings.from_run_config(run.run_config)
+    if partitioning.partitioner != "task":
+        return partitioned_data(run, workload, partitioning, partition, split, limit, seed)
     task = workload.seen_tasks[partition % len(workload.seen_tasks)]
     return load_task(task, split, limit=limit, seed=seed)
+
+
+def partitioned_data(
+    run: LocalRound,
+    workload: WorkloadSettings,
+    partitioning: PartitionSettings,
+    partition: int,
+    split: Literal["train", "dev"],
+    limit: int,
+    seed: int,
+) -> TaskData:
+    """The node's shard of the pooled seen tasks (``workload.partitioners``): a uniform draw of
+    its train part, or its held-out 10 % for evaluation."""
+    if "num-partitions" not in run.node_config:
+        raise ValueError(
+            f"run-config partitioner {partitioning.partitioner!r} needs node-config "
+            "'num-partitions' (set by the simulation); a real site sets 'data-path'"
+        )
+    count = read_int(run.node_config, "num-partitions", 1, minimum=1, source="node config")
+    shard = site_shard(workload.seen_tasks, partition, count, partitioning)
+    train_part, dev_part = split_holdout(shard)
+    return uniform_draw(train_part if split == "train" else dev_part, limit, seed=seed)
 
 
 @register_task_kind("classification")
@@ -161,8 +188,10 @@ class Classification(TaskKind):
     def check_server_workload(
         self, workload: ServerWorkload, run_config: Mapping[str, Any]
     ) -> None:
-        """Valid training settings; seen and unseen tasks known and not overlapping."""
+        """Valid training and partitioning settings; seen and unseen tasks known and not
+        overlapping."""
         TrainSettings.from_run_config(run_config)
+        PartitionSettings.from_run_config(run_config)
         for key, names in (
             ("seen-tasks", workload.seen_tasks),
             ("unseen-tasks", workload.unseen_tasks),
