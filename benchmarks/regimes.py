@@ -563,8 +563,9 @@ def open_run(
     earlier = 0.0
     if json_path.exists():
         results: dict[str, Any] = json.loads(json_path.read_text())
-        if results["config"] != wanted:
+        if measured_part(results["config"]) != measured_part(wanted):
             raise SystemExit(f"{json_path} was made with another configuration; move it away")
+        results["config"] = wanted  # the plan (regimes, skipped cells) may have grown
         earlier = float(results.get("wall_seconds", 0.0))
         results["meter_before"] = dict(results["meter"])
     else:
@@ -581,6 +582,16 @@ def open_run(
         }
     work = load_tracking_workload(config.base, config.curve_examples)
     return RegimeRun(config, work, results, json_path, cache_dir, log, earlier_seconds=earlier)
+
+
+PLAN_FIELDS = ("regimes", "skipped")
+
+
+def measured_part(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a saved run's numbers depend on: the configuration without the plan (which regimes
+    run, which cells are skipped), so a plan can grow or shrink across sessions while the saved
+    cells stay comparable."""
+    return {k: v for k, v in config.items() if k not in PLAN_FIELDS}
 
 
 def zero_meter() -> dict[str, float]:

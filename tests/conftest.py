@@ -1,11 +1,20 @@
-"""Fixtures shared across the test packages."""
+"""Fixtures shared across the test packages, and the Hypothesis profile every run uses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import settings
+
+# Derandomised by default: each property test draws the same examples on every run and every
+# machine (seeded by the test itself), so a failure in CI reproduces locally as it was. Set
+# HYPOTHESIS_PROFILE=explore to let Hypothesis draw fresh examples when hunting for new bugs.
+settings.register_profile("derandomized", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))
 
 
 @pytest.fixture

@@ -382,3 +382,12 @@ def test_tiny_run_end_to_end_resumes_and_reuses_exactly(tmp_path: Path) -> None:
     assert rerun["runs"][key]["curve"] == runs[key]["curve"]
     with pytest.raises(SystemExit, match="another configuration"):
         run_stages(replace(TINY, seeds=(5,)), tmp_path, log=logs.append)
+    # the plan may grow across sessions: a new regime runs, the saved cells stay
+    grown = replace(TINY, regimes=(*TINY.regimes, Regime("2", 1, (1,))), rows=TINY.rows)
+    more = run_stages(grown, tmp_path, log=logs.append, cache_dir=cache, stages=["zero-shot"])
+    assert more["runs"].keys() == rerun["runs"].keys()
+    assert json.loads((tmp_path / "regimes-tiny.json").read_text())["config"]["regimes"][-1] == {
+        "federation": "2",
+        "steps": 1,
+        "rounds": [1],
+    }

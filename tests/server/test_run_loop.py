@@ -1,5 +1,11 @@
 """The round loop with clients that vanish or crash, driven by a grid that runs real ClientApp
-handlers in threads and waits for them only until the round timeout, as Flower's Grid does."""
+handlers in threads and waits for them only until the round timeout, as Flower's Grid does.
+
+No wall clock decides who is late: a late client waits on an event until the round is over, and
+once every punctual client's reply is in, the grid ends the round by moving the reply stream's
+clock past its deadline (``ThreadGrid.round_over``). The timeout itself is long, so punctual
+clients that train slowly on a loaded machine still make it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 
+import server.reply_stream
 from client.app import train
 from server.checkpoints import CheckpointStore
 from server.round_modes import MessageRounds
@@ -29,8 +36,9 @@ from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 from workload.model import LoraSettings, initial_adapter
 
 Handler = Callable[[Message, Context], Message]
-# Generous, so that punctual clients make it even on a loaded machine; late ones never do.
-ROUND_TIMEOUT = 20.0
+# Long, so that punctual clients make it even on a loaded machine; late ones never do, since
+# the grid ends the round as soon as every punctual reply is in (see ``ThreadGrid``).
+ROUND_TIMEOUT = 600.0
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -42,16 +50,41 @@ def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 RELEASE_LATE_CLIENTS = threading.Event()
+LATE = "late"  # attribute of a handler that answers only after the round
 
 
 def slow(handler: Handler) -> Handler:
     """A client that answers only after the round is over (released by ``join_all``)."""
 
     def run(message: Message, context: Context) -> Message:
-        RELEASE_LATE_CLIENTS.wait(timeout=300)
+        RELEASE_LATE_CLIENTS.wait(timeout=900)
         return handler(message, context)
 
+    setattr(run, LATE, True)
     return run
+
+
+class StreamClock:
+    """``server.reply_stream``'s clock: the real one, moved past any deadline once the grid
+    says the round is over (every punctual reply in)."""
+
+    def __init__(self) -> None:
+        self.round_over = threading.Event()
+
+    def monotonic(self) -> float:
+        return time.monotonic() + (1e9 if self.round_over.is_set() else 0.0)
+
+    def sleep(self, seconds: float) -> None:
+        self.round_over.wait(timeout=seconds)
+
+
+STREAM_CLOCK = StreamClock()
+
+
+@pytest.fixture(autouse=True)
+def stream_clock(monkeypatch: pytest.MonkeyPatch) -> StreamClock:
+    monkeypatch.setattr(server.reply_stream, "time", STREAM_CLOCK)
+    return STREAM_CLOCK
 
 
 def crashing(message: Message, context: Context) -> Message:
@@ -69,6 +102,7 @@ class ThreadGrid:
         self.inbox: dict[str, Message] = {}
         self.lock = threading.Lock()
         self.pushes = 0
+        self.punctual: set[str] = set()  # message ids of this push whose reply is not in yet
 
     def join_all(self) -> None:
         """Let late handlers finish, so no thread outlives the test."""
@@ -81,6 +115,7 @@ class ThreadGrid:
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Start each node's handler in its own thread; its reply lands in the inbox."""
+        STREAM_CLOCK.round_over.clear()
         ids = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -105,6 +140,8 @@ class ThreadGrid:
                     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
                     self.replies[(server_round, node)] = reply
 
+            if not getattr(self.handlers[node], LATE, False):
+                self.punctual.add(message_id)
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -112,9 +149,14 @@ class ThreadGrid:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """The replies already in for ``message_ids`` (never waits)."""
+        """The replies already in for ``message_ids`` (never waits); the round is over when
+        every punctual client's reply has been pulled."""
         with self.lock:
-            return [self.inbox.pop(i) for i in list(message_ids) if i in self.inbox]
+            replies = [self.inbox.pop(i) for i in list(message_ids) if i in self.inbox]
+            self.punctual -= {reply.metadata.reply_to_message_id for reply in replies}
+            if not self.punctual:
+                STREAM_CLOCK.round_over.set()
+            return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
         """Push, then wait for every reply or the timeout (Flower's blocking call)."""

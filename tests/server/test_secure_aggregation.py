@@ -27,6 +27,7 @@ from flwr.common import FitRes, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.workflow import SecAggPlusWorkflow
 
 import client.secure_aggregation as client_secagg
 from client.app import app as client_app
@@ -511,5 +512,11 @@ def test_settings_secure_aggregation_cannot_honour_are_refused_with_the_key(
 
 
 def test_the_defaults_pass_and_secure_aggregation_off_checks_nothing() -> None:
-    check_secure_aggregation(ServerSettings.from_run_config({"secure-aggregation": True}))
-    check_secure_aggregation(ServerSettings.from_run_config({"merge-mode": "paper-equation"}))
+    workflow = check_secure_aggregation(
+        ServerSettings.from_run_config({"secure-aggregation": True})
+    )
+    assert isinstance(workflow, SecAggPlusWorkflow)
+    # every setting the secure path refuses is let through, with no workflow, when it is off
+    for key, value in REFUSALS:
+        off = ServerSettings.from_run_config({"secure-aggregation": False, key: value})
+        assert check_secure_aggregation(off) is None, key

@@ -1,0 +1,71 @@
+"""ExactSum's edges, found by mutation testing (docs/development.md, "Mutation testing"): where
+the window of bins sits, what it keeps and drops, the term limit, empty and float16 terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strategies.merging import exact_sum
+from strategies.merging.exact_sum import MAX_TERMS, ExactSum
+
+
+def total(*terms: float, dtype: torch.dtype = torch.float64) -> float:
+    summed = ExactSum((1,))
+    for term in terms:
+        summed.add(torch.tensor([term], dtype=dtype))
+    return float(summed.value()[0])
+
+
+def test_the_window_keeps_bits_down_to_its_lower_bins_unit_and_drops_below() -> None:
+    # 1 has its leading bit in bin 0 (units 2^0); the bin below it has units 2^-32
+    assert total(1.0, 2.0**-32) == 1.0 + 2.0**-32
+    assert total(1.0, 2.0**-33) == 1.0
+    assert total(1.0, 3 * 2.0**-33) == 1.0 + 2.0**-32  # truncated to the unit, not rounded
+
+
+def test_a_leading_bit_just_below_a_bin_boundary_stays_in_its_bin() -> None:
+    # 2^30 and 2^31 lead in bin 0 (bits 2^0 .. 2^31), so 0.5 (bin -1) is still in the window
+    assert total(2.0**30, 0.5) == 2.0**30 + 0.5
+    assert total(2.0**31, 0.5) == 2.0**31 + 0.5
+    # 2^32 leads in bin 1: the window moves up and 0.5 falls below it
+    assert total(2.0**32, 0.5) == 2.0**32
+
+
+def test_the_term_limit_is_max_terms() -> None:
+    summed = ExactSum((1,))
+    summed.count = MAX_TERMS - 1
+    summed.add(torch.ones(1))  # the last one allowed
+    with pytest.raises(ValueError, match=f"^an exact sum takes at most {MAX_TERMS} terms$"):
+        summed.add(torch.ones(1))
+
+
+def test_non_finite_terms_are_refused_in_those_words() -> None:
+    with pytest.raises(ValueError, match=r"^an exact sum takes finite values only$"):
+        ExactSum((1,)).add(torch.tensor([float("inf")]))
+
+
+def test_an_empty_term_is_counted_and_sums_to_empty() -> None:
+    summed = ExactSum((0,))
+    summed.add(torch.zeros(0))
+    assert summed.count == 1 and summed.value().shape == (0,)
+
+
+def test_float16_terms_are_sliced_in_float64() -> None:
+    # sliced in float16, 0.5 / 2^-32 would overflow to inf
+    halves = [torch.tensor([0.5, -0.25], dtype=torch.float16)] * 3
+    summed = ExactSum((2,))
+    for term in halves:
+        summed.add(term)
+    assert summed.value().tolist() == [1.5, -0.75]
+    assert exact_sum.BIN_BITS == 32 and exact_sum.BINS == 2  # what the cases above assume
+
+
+def test_the_value_is_rounded_once_from_the_bins_whatever_raised_the_window() -> None:
+    # 2^-30 and 2^-22 sit in bin -1, 2^31 in bin 0. The exact sum 2^31 + 2^-22 + 2^-30 is just
+    # above half of float64's ulp at 2^31 (2^-21), so it rounds up; rounding 2^31 + 2^-22 first
+    # (a tie, to even: 2^31) and adding 2^-30 after would give 2^31.
+    want = 2.0**31 + 2.0**-21
+    assert total(2.0**-30, 2.0**31, 2.0**-22) == want  # the window raised between bin -1 terms
+    assert total(2.0**31, 2.0**-22, 2.0**-30) == want
+    assert total(2.0**-22, 2.0**-30, 2.0**31) == want
