@@ -45,13 +45,20 @@ task ``seen-tasks[partition-id % len(seen-tasks)]``, a class-balanced subset of
 
 from __future__ import annotations
 
+import math
+import sys
 import time
+from collections.abc import Callable
 from logging import INFO
+from types import TracebackType
+from typing import IO
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.privacy import clip_when_asked
 from client.secure_aggregation import secure_aggregation_mod
@@ -62,8 +69,96 @@ from workload.config import read_float, read_int
 from workload.kinds import get_task_kind
 from workload.kinds.base import LocalRound
 from workload.model import LoraSettings
+from workload.training import TrainProgress, reporting_progress
 
 app = ClientApp(mods=[clip_when_asked])
+
+# A local-training progress line at least this often (seconds), and every this fraction of the
+# steps, whichever comes first (when the log is not a terminal).
+PROGRESS_INTERVAL_SECONDS = 10.0
+PROGRESS_STEP = 0.1
+
+
+class TrainingProgressLog:
+    """The local training's progress (``workload.training.TrainProgress``) in round
+    ``server_round``: a rich bar when the log stream (default ``sys.stderr``) is a terminal,
+    else log lines at most one per ``interval`` seconds or per ``step`` of the steps, whichever
+    comes first, and one for the last step. Use as a context manager (it closes the bar)."""
+
+    def __init__(
+        self,
+        server_round: int,
+        *,
+        stream: IO[str] | None = None,
+        isatty: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = PROGRESS_INTERVAL_SECONDS,
+        step: float = PROGRESS_STEP,
+    ) -> None:
+        self.server_round = server_round
+        self.stream = stream if stream is not None else sys.stderr
+        self.on_terminal = (isatty if isatty is not None else self.stream.isatty)()
+        self.clock = clock
+        self.interval = interval
+        self.step = step
+        self.bar: Progress | None = None
+        self._last = (clock(), 0)  # (time, step) of the last line
+
+    def __call__(self, progress: TrainProgress) -> None:
+        if self.on_terminal:
+            self._show_bar(progress)
+            return
+        now = self.clock()
+        last_time, last_step = self._last
+        every = max(1, math.ceil(self.step * progress.steps))
+        if (
+            progress.step == progress.steps
+            or now - last_time >= self.interval
+            or progress.step - last_step >= every
+        ):
+            log(
+                INFO,
+                "client: round %d training, epoch %d/%d, step %d/%d, train-loss %.4f",
+                self.server_round,
+                progress.epoch,
+                progress.epochs,
+                progress.step,
+                progress.steps,
+                progress.mean_loss,
+            )
+            self._last = (now, progress.step)
+
+    def _show_bar(self, progress: TrainProgress) -> None:
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn(f"client: round {self.server_round} training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps, epoch {task.fields[epoch]}, train-loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+            )
+            self.bar.add_task("train", total=progress.steps, epoch="", loss="")
+            self.bar.start()
+        self.bar.update(
+            self.bar.task_ids[0],
+            completed=progress.step,
+            epoch=f"{progress.epoch}/{progress.epochs}",
+            loss=f"{progress.mean_loss:.4f}",
+        )
+
+    def __enter__(self) -> TrainingProgressLog:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def _global_adapter(msg: Message) -> dict[str, torch.Tensor]:
@@ -129,7 +224,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round, learning_rate = _train_config(msg)
     run = LocalRound(context.run_config, context.node_config, server_round, learning_rate)
     start = site_start(_global_adapter(msg), lora)
-    result = kind.train_round(lora, run, start)
+    # Local training's progress in the log (classification kind: workload.training.train_lora).
+    with TrainingProgressLog(server_round) as progress, reporting_progress(progress):
+        result = kind.train_round(lora, run, start)
     records = reply_records(result.trained, start, _message_config(msg))
     metrics = MetricRecord(
         {

@@ -27,6 +27,7 @@ from server.checkpoints import CheckpointStore
 from server.communication import round_communication
 from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_metrics
 from server.model_card import model_card
+from server.progress import RoundWatch, renderer_for, watching
 from server.round_modes import RoundMode
 from strategies.audit import AUDIT_FILE
 
@@ -117,7 +118,9 @@ def run_round(
     history entry and returns the new global adapter."""
     started = time.perf_counter()
     log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
-    outcome = mode.train(grid, server_round, global_tensors, settings.round_timeout)
+    watch = RoundWatch(server_round, renderer_for(), verdicts=lambda: strategy_verdicts(mode))
+    with watching(watch):  # live progress while the replies come in (server.progress)
+        outcome = mode.train(grid, server_round, global_tensors, settings.round_timeout)
     if outcome.merged is not None:
         global_tensors = outcome.merged
     audit.round(server_round, global_tensors, outcome.audit)
@@ -141,6 +144,14 @@ def run_round(
     entry["seconds"] = time.perf_counter() - started
     history.append(entry)
     return global_tensors
+
+
+def strategy_verdicts(mode: RoundMode) -> tuple[int, int]:
+    """(accepted, rejected) replies of the strategy's open or last round, so far."""
+    state = mode.core.round
+    if state is None:
+        return 0, 0
+    return len(state.report.accepted_nodes), len(state.report.rejected)
 
 
 def open_audit(

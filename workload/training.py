@@ -18,7 +18,10 @@ seeded generator and dropout from the seeded torch RNG, forked so the caller's R
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -104,6 +107,39 @@ class TrainResult:
 
     num_examples: int
     mean_loss: float
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where ``train_lora`` is, reported after every optimiser step.
+
+    ``step`` of ``steps`` counts the steps of all local epochs together (``epoch`` is 1-based,
+    of ``epochs``); ``mean_loss`` averages the training loss over the ``examples`` seen so far.
+    """
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    examples: int
+    mean_loss: float
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+# The callback train_lora reports to when its caller passes none: set by a caller that does not
+# call train_lora itself (the ClientApp, through the task kind) with ``reporting_progress``.
+_PROGRESS: ContextVar[ProgressCallback | None] = ContextVar("train_progress", default=None)
+
+
+@contextmanager
+def reporting_progress(callback: ProgressCallback) -> Iterator[None]:
+    """Within the block, ``train_lora`` calls without a ``progress`` argument report to
+    ``callback``."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -223,7 +259,12 @@ def _check_data(data: TaskData) -> None:
 
 
 def train_lora(
-    model: torch.nn.Module, data: TaskData, settings: TrainSettings, *, seed: int
+    model: torch.nn.Module,
+    data: TaskData,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train the LoRA factors of ``model`` on ``data`` in place (CPU, fp32).
 
@@ -232,7 +273,8 @@ def train_lora(
     ``lora_B`` ones with ``settings.train_factors = "b"``: every ``lora_A`` then stays exactly
     as it came); a fresh optimizer per call, as every round starts from the global adapter.
     Each local epoch visits the examples in a new seeded order. Same model state, data, settings
-    and seed give the same result.
+    and seed give the same result. ``progress`` (default: the one ``reporting_progress`` set,
+    else none) is called with a ``TrainProgress`` after every step; it decides what to show.
     """
     _check_data(data)
     tokenizer = load_tokenizer(model_path(model))
@@ -242,7 +284,9 @@ def train_lora(
     lengths = [len(ids) for ids in text_ids]
     targets = torch.tensor(data.labels, dtype=torch.long)
     order_generator = torch.Generator().manual_seed(seed)
-    loss_sum, seen = 0.0, 0
+    loss_sum, seen, step = 0.0, 0, 0
+    report = progress if progress is not None else _PROGRESS.get()
+    steps = settings.local_epochs * math.ceil(len(text_ids) / settings.batch_size)
     was_training = model.training
     with trainable_parameters(model, settings.train_factors) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
@@ -250,7 +294,7 @@ def train_lora(
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                for _ in range(settings.local_epochs):
+                for epoch in range(1, settings.local_epochs + 1):
                     for positions in _length_grouped_batches(
                         lengths, settings.batch_size, order_generator
                     ):
@@ -269,6 +313,18 @@ def train_lora(
                         optimizer.step()
                         loss_sum += float(loss.detach()) * len(positions)
                         seen += len(positions)
+                        step += 1
+                        if report is not None:
+                            report(
+                                TrainProgress(
+                                    epoch=epoch,
+                                    epochs=settings.local_epochs,
+                                    step=step,
+                                    steps=steps,
+                                    examples=seen,
+                                    mean_loss=loss_sum / seen,
+                                )
+                            )
         finally:
             model.train(was_training)
     return TrainResult(num_examples=len(data.texts), mean_loss=loss_sum / seen)

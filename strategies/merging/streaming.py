@@ -20,9 +20,10 @@ fold each reply in as it arrives and drop it (docs/strategy.md, "Streaming round
   the weighted mean.
 
 Every sum is an ``ExactSum``, so the merge does not depend on the order the replies arrive in,
-bit for bit. Methods whose round needs every client at once (dare's drop is seeded by the
-client's position in the stack; the product-space methods factor the stacked factors) have no
-fold: ``round_fold`` returns None and the strategy buffers them.
+bit for bit. Methods without a fold here buffer: ``round_fold`` returns None for them. DARE's
+round form seeds each client's drop by the content of its own tensor (``drop_each_by_content``),
+so it could fold, but no fold is written for it yet; the product-space methods (svd,
+exact-mean, paper-equation) factor the stacked factors, which needs every client at once.
 """
 
 from __future__ import annotations
