@@ -246,6 +246,7 @@ def markdown(results: Mapping[str, Any], config: RegimeConfig, command: str) -> 
                 f"{cost['client_s']:.1f} s per client and round."
             )
     lines += _heat_lines(table, config)
+    lines += tuning_lines(results)
     cache = results.get("train_cache")
     if cache:
         lines += [
@@ -254,6 +255,40 @@ def markdown(results: Mapping[str, Any], config: RegimeConfig, command: str) -> 
             f"{cache['misses']} trained.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def tuning_lines(results: Mapping[str, Any]) -> list[str]:
+    """Every tuned point so far with its mean seen dev accuracy at each rounds cell it reached,
+    and the choice per cell where a (regime, row) has finished tuning."""
+    points = results.get("tune_points", {})
+    if not points:
+        return []
+    lines = ["", "## Tuning so far (tuning seed, mean seen dev accuracy %)", ""]
+    for name, entries in points.items():
+        regime, row = name.split("|", 1)
+        scored = []
+        for entry in entries.values():
+            hyper = entry["hyper"]
+            label = f"lr {hyper['server_lr']:g}"
+            if "robustmerge" in row:
+                label += f", keep {hyper['keep_ratio']:g}"
+            dev = ", ".join(
+                f"{r} rnd {100 * v:.1f}"
+                for r, v in sorted(entry["dev"].items(), key=lambda x: int(x[0]))
+            )
+            scored.append(f"{label}: {dev}")
+        chosen = results.get("tuning", {}).get(name, {}).get("chosen")
+        verdict = (
+            "; chosen: "
+            + ", ".join(
+                f"{r} rnd lr {h['server_lr']:g}"
+                for r, h in sorted(chosen.items(), key=lambda x: int(x[0]))
+            )
+            if chosen
+            else " (tuning not finished)"
+        )
+        lines.append(f"- {regime}, {row}: " + "; ".join(scored) + verdict)
+    return lines
 
 
 def _setting(results: Mapping[str, Any], cell: Cell, row: str) -> str:

@@ -296,6 +296,19 @@ def test_report_compares_each_cell_with_tuned_fedavg(tmp_path: Path) -> None:
     assert "robustmerge (paper-exact) 2.00" in text  # step norm relative to FedAvg
     assert "Cells planned but not measured yet" in text and "3 clients x 4 steps x 2" in text
     assert "quick run: one regime per federation" in text  # the skip reason
+    results["tune_points"] = {
+        "3x4|robustmerge (paper-exact)": {
+            "p": {
+                "hyper": full_hyper({"server_lr": 2.0}),
+                "dev": {"2": 0.5, "1": 0.25},
+                "record": {"signals": []},
+            }
+        }
+    }
+    results["tuning"] = {}
+    tuning = markdown(results, config, "cmd")
+    assert "- 3x4, robustmerge (paper-exact): lr 2, keep 0.2: 1 rnd 25.0, 2 rnd 50.0" in tuning
+    assert "(tuning not finished)" in tuning
     plot(results, config, tmp_path / "map.png")
     assert (tmp_path / "map.png").stat().st_size > 1000
 
