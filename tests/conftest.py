@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -25,3 +26,19 @@ def flower_task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def flower_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog on Flower's logger "flwr" (progress lines and the strategy's log go there): when
+    that logger does not propagate, caplog's handler is attached to it for the test."""
+    flower = logging.getLogger("flwr")
+    attach = not flower.propagate  # else caplog's root handler sees the records already
+    if attach:
+        flower.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="flwr")
+    try:
+        yield caplog
+    finally:
+        if attach:
+            flower.removeHandler(caplog.handler)

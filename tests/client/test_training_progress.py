@@ -4,8 +4,6 @@ log lines (plain, rate-limited on a fake clock) or bar (on a terminal)."""
 from __future__ import annotations
 
 import io
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +16,6 @@ from tests.workload.tiny_model import tiny_run_config
 from workload.model import LoraSettings, build_lora_model, initial_adapter
 from workload.tasks import load_task
 from workload.training import TrainProgress, TrainSettings, reporting_progress, train_lora
-
-
-@pytest.fixture
-def flower_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    flower = logging.getLogger("flwr")
-    attach = not flower.propagate  # else caplog's root handler sees the records already
-    if attach:
-        flower.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    try:
-        yield caplog
-    finally:
-        if attach:
-            flower.removeHandler(caplog.handler)
 
 
 def steps(total: int, epochs: int = 1) -> list[TrainProgress]:

@@ -9,9 +9,7 @@ No test reads the wall clock for its asserts: the plain lines and the stream run
 from __future__ import annotations
 
 import io
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,21 +34,6 @@ from tests.server.test_run_loop import STREAM_CLOCK, ThreadGrid, crashing, run, 
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-@pytest.fixture
-def flower_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog on Flower's logger (which the progress lines go to)."""
-    flower = logging.getLogger("flwr")
-    attach = not flower.propagate  # else caplog's root handler sees the records already
-    if attach:
-        flower.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    try:
-        yield caplog
-    finally:
-        if attach:
-            flower.removeHandler(caplog.handler)
 
 
 def test_round_progress_counts_and_its_lines() -> None:
