@@ -181,20 +181,25 @@ def screen_bound(
     hostile: int,
     factor: float,
     streamed: bool,
+    pool: int | None = None,
 ) -> float | None:
     """The bound the norm screen will hold this round's updates to, as the attacker predicts it
     (None: no bound, a lone first reply).
 
-    ``streamed``: the round is judged against the history alone (the plain screen with at least
-    two remembered norms). Otherwise the pool is the round's norms, the ``hostile`` ones counted
-    at the top (the largest float: they are sent near the bound, above the median), plus the
-    history.
+    ``streamed``: the round can stream (the plain screen); with at least two remembered norms it
+    is judged against the history alone. Otherwise the pool is the round's norms in arrival
+    order, the ``hostile`` ones last and counted at the top (the largest float: they are sent
+    near the bound, above the median), plus the history; a streamable round of more than
+    ``pool`` replies (``robust-pool``, the first round) is judged by its first ``pool`` replies
+    alone.
     """
     if streamed and len(history) >= 2:
         bound = norm_bound([], history, factor)
     else:
-        top = [sys.float_info.max] * hostile
-        bound = norm_bound([*honest_norms, *top], history, factor)
+        norms = [*honest_norms, *([sys.float_info.max] * hostile)]
+        if streamed and pool is not None and len(norms) > pool:
+            norms = norms[:pool]
+        bound = norm_bound(norms, history, factor)
     return None if bound is None else bound.bound
 
 

@@ -351,7 +351,9 @@ class AttackHooks:
         history = list(self.history)
         factor, hostile = self.settings.norm_factor, self.setup.malicious
         if self.crafted is None or not attack.omniscient:
-            top = math_.screen_bound(honest_norms, history, hostile, factor, self.streamed)
+            top = math_.screen_bound(
+                honest_norms, history, hostile, factor, self.streamed, self.settings.pool
+            )
             view = RoundView(
                 honest=torch.stack([self.honest[node] for node in sorted(self.honest)]),
                 own=math_.flatten({k: trained[k] - start[k] for k in keys}, keys),
@@ -366,7 +368,12 @@ class AttackHooks:
         reply = {k: start[k] + delta[k] for k in keys}
         sent = math_.update_norm({k: reply[k] - start[k] for k in keys})
         self.predicted = math_.screen_bound(
-            [*honest_norms, *([sent] * hostile)], history, 0, factor, self.streamed
+            [*honest_norms, *([sent] * hostile)],
+            history,
+            0,
+            factor,
+            self.streamed,
+            self.settings.pool,
         )
         return reply
 

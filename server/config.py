@@ -144,6 +144,7 @@ class ServerSettings:
                 norm_factor=reader.number("robust-norm-factor"),
                 clip=reader.boolean("robust-clip"),
                 history=reader.integer("robust-history"),
+                pool=reader.integer("robust-pool"),
                 krum_malicious=reader.integer("robust-krum-malicious"),
                 krum_select=reader.integer("robust-krum-select"),
                 trim_fraction=reader.number("robust-trim-fraction"),

@@ -7,6 +7,7 @@ Robustness", NeurIPS 2025 (https://arxiv.org/abs/2502.17159).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -62,6 +63,7 @@ from strategies.robust import (
     RobustSettings,
     clip_scale,
     norm_bound,
+    pool_label,
 )
 from strategies.robust_replies import (
     RewrittenReply,
@@ -443,7 +445,14 @@ class FedRobustMerge(FedAvg):
         fold = self._stream_fold(state)
         if fold is not None:
             return self._aggregate_streamed(state, replies, fold)
-        accepted = self._accept(list(replies), report)
+        return self._finish_buffered(state, self._accept(list(replies), report))
+
+    def _finish_buffered(
+        self, state: RoundState, accepted: list[AcceptedReply]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The buffered round's end: the accepted (screened) replies merged at once."""
+        report = state.report
+        server_round = report.server_round
         state.closed = True
         if len(accepted) < self.min_merge_replies:
             return self._skip(report, len(accepted))
@@ -479,11 +488,10 @@ class FedRobustMerge(FedAvg):
         the method has a fold (``merging.streaming``), no stage needs every reply at once
         (multi-Krum, the coordinate-wise clamps, a DP wrapper's pre-screen), and when the norm
         screen is on, its bound is known before the first reply (from the accepted norms of
-        earlier rounds). None: the round buffers its replies (docs/strategy.md, "Streaming
+        earlier rounds, or from a pool of this round's first replies held back,
+        ``_hold_back_pool``). None: the round buffers its replies (docs/strategy.md, "Streaming
         rounds")."""
         if state.prescreen is not None or self.robust.selects or self.robust.rewrites_coordinates:
-            return None
-        if self.robust.screens and self._history_bound() is None:
             return None
         return round_fold(self.method, list(state.global_tensors), self.device)
 
@@ -491,35 +499,100 @@ class FedRobustMerge(FedAvg):
         """The norm screen's bound from earlier rounds' accepted norms alone (None: < 2)."""
         return norm_bound([], self.norm_history, self.robust.norm_factor)
 
-    def _aggregate_streamed(
-        self, state: RoundState, replies: Iterable[Message], fold: RoundFold
-    ) -> tuple[ArrayRecord | None, MetricRecord]:
-        """``aggregate_train`` one reply at a time: each is checked, screened against the
-        history's bound, folded into the running sums and dropped; the last reply leaves only
-        the division and the server step. The new global does not depend on the arrival order
-        (exact sums); accepted nodes are listed in node order."""
-        report = state.report
-        base = state.global_tensors
-        report.streamed = True
-        if self.robust.screens:
-            report.norm_bound = self._history_bound()
-        sample = DiagnosticsSample(
-            list(base), self.diagnostics_modules, self.seed, report.server_round
-        )
-        seen: set[int] = set()
-        metric_sources: list[tuple[int, RecordDict]] = []
+    def _hold_back_pool(
+        self, report: RoundReport, replies: Iterator[Message], seen: set[int]
+    ) -> tuple[list[AcceptedReply], Message | None]:
+        """A first round's pool: the first ``robust.pool`` replies that pass the per-reply
+        checks (rejected ones are dropped on arrival), and the next reply, or None when the
+        stream ended first (the round is then buffered, as before issue 25). The bound is in
+        held adapters: at most pool + 1 replies at once, whatever the number of clients.
+
+        A node that replies twice while its first reply is held has both rejected, as a
+        buffered round does."""
+        pool: list[AcceptedReply] = []
+        senders: Counter[int] = Counter()
         for message in replies:
             node = message.metadata.src_node_id
+            if len(pool) >= self.robust.pool and node not in seen:
+                return pool, message
+            senders[node] += 1
+            if node in seen:
+                held = [reply for reply in pool if reply.node_id == node]
+                pool = [reply for reply in pool if reply.node_id != node]
+                for reply in held:
+                    report.bytes_received -= reply.num_bytes
+                    report.accepted_nodes.remove(node)
+                    report.update_norms.pop(node, None)
+                _reject(report, node, f"node sent {senders[node]} replies in one round")
+                continue
+            seen.add(node)
             try:
-                if node in seen:
-                    raise ReplyRejectedError("node sent a second reply in one round")
-                seen.add(node)
                 reply = self._check_reply(message, report, self.other_ranks_refused)
-                self._screen_one(reply, report)
-                reply = self._clipped(reply, report)
             except ReplyRejectedError as rejection:
                 _reject(report, node, rejection.reason, privacy=rejection.privacy)
                 continue
+            report.bytes_received += reply.num_bytes
+            report.accepted_nodes.append(node)
+            pool.append(reply)
+        return pool, None
+
+    def _aggregate_streamed(
+        self, state: RoundState, replies: Iterable[Message], fold: RoundFold
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """``aggregate_train`` one reply at a time: each is checked, screened against the
+        history's bound, folded into the running sums and dropped; the last reply leaves only
+        the division and the server step. The new global does not depend on the arrival order
+        (exact sums); accepted nodes are listed in node order.
+
+        Without a history (the first round), the first ``robust.pool`` checked replies are
+        held back and screened against their own median (and what history there is), then
+        folded, and every later reply is screened against that pool's bound on arrival. Which
+        replies are accepted then depends on the arrival order only through which replies
+        formed the pool; the new global is the same bit for bit for any order that accepts the
+        same set. A round of at most ``robust.pool`` replies is buffered, as before."""
+        report = state.report
+        base = state.global_tensors
+        seen: set[int] = set()
+        stream: Iterator[Message] = iter(replies)
+        pool: list[AcceptedReply] = []
+        if self.robust.screens and self._history_bound() is None:
+            pool, following = self._hold_back_pool(report, stream, seen)
+            if following is None:
+                pool.sort(key=lambda reply: (reply.arrays.object_id, reply.num_examples))
+                return self._finish_buffered(state, self._screen(pool, report))
+            stream = itertools.chain([following], stream)
+            report.streamed = True
+            report.norm_pool = pool_label(streamed=True, pool_size=len(pool))
+            pool = self._screen(pool, report)
+        elif self.robust.screens:
+            report.norm_pool = pool_label(streamed=True, pool_size=None)
+            report.norm_bound = self._history_bound()
+        report.streamed = True
+        sample = DiagnosticsSample(
+            list(base), self.diagnostics_modules, self.seed, report.server_round
+        )
+        metric_sources: list[tuple[int, RecordDict]] = []
+
+        def arrivals() -> Iterator[tuple[AcceptedReply, bool]]:
+            """(reply, already counted): the pool's screened replies, then the stream's."""
+            while pool:
+                yield pool.pop(), True
+            for message in stream:
+                node = message.metadata.src_node_id
+                try:
+                    if node in seen:
+                        raise ReplyRejectedError("node sent a second reply in one round")
+                    seen.add(node)
+                    reply = self._check_reply(message, report, self.other_ranks_refused)
+                    self._screen_one(reply, report)
+                except ReplyRejectedError as rejection:
+                    _reject(report, node, rejection.reason, privacy=rejection.privacy)
+                    continue
+                yield reply, False
+
+        for reply, counted in arrivals():
+            node = reply.node_id
+            reply = self._clipped(reply, report)
             began = time.perf_counter()
             weight = float(reply.num_examples) if self.weight_by_examples else 1.0
             if isinstance(reply, SparseReply) and isinstance(fold, RobustMergeFold):
@@ -530,9 +603,11 @@ class FedRobustMerge(FedAvg):
                 fold.add(ReplyTensors(reply), weight)
             sample.offer(reply, weight)
             report.fold_seconds += time.perf_counter() - began
-            report.bytes_received += reply.num_bytes
-            report.accepted_nodes.append(node)
+            if not counted:
+                report.bytes_received += reply.num_bytes
+                report.accepted_nodes.append(node)
             metric_sources.append((reply.num_examples, metrics_only(reply.content)))
+            del reply
         state.closed = True
         report.accepted_nodes.sort()
         if fold.count < self.min_merge_replies:
@@ -710,10 +785,13 @@ class FedRobustMerge(FedAvg):
         prescreen = self.round.prescreen if report is self.round.report else None
         if prescreen is not None:
             report.norm_bound = prescreen.norm_bound
+            report.norm_pool = prescreen.norm_pool
             report.screened = list(prescreen.screened)
             report.krum_dropped = list(prescreen.krum_dropped)
         else:
             norms = [report.update_norms[reply.node_id] for reply in accepted]
+            if report.norm_pool is None:
+                report.norm_pool = pool_label(streamed=False, pool_size=None)
             report.norm_bound = norm_bound(norms, self.norm_history, self.robust.norm_factor)
         kept: list[AcceptedReply] = []
         for reply in accepted:
@@ -750,7 +828,7 @@ class FedRobustMerge(FedAvg):
         bound = report.norm_bound
         if bound is None or norm is None or norm <= bound.bound:
             return
-        pool = "earlier rounds'" if report.streamed else "this round's and earlier rounds'"
+        pool = report.norm_pool or pool_label(streamed=report.streamed, pool_size=None)
         reason = (
             f"update norm {norm:.4g} exceeds robust-norm-factor {self.robust.norm_factor:g} x "
             f"the median update norm {bound.reference:.4g} ({pool}, {bound.pool} norms)"

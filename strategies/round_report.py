@@ -44,6 +44,8 @@ class RoundReport:
     clipped: list[int] = field(default_factory=list)
     krum_dropped: list[int] = field(default_factory=list)
     clamped_fraction: float | None = None
+    # Which pool of norms set ``norm_bound`` (``strategies.robust.pool_label``; issue 25).
+    norm_pool: str | None = None
     secure_status: str | None = None
     # Streamed rounds (issue 15): replies folded into running sums as they arrived;
     # ``fold_seconds`` is the time spent folding, ``merge_seconds`` then only the final
@@ -76,6 +78,7 @@ class RoundReport:
             "robust": {
                 "norm-reference": self.norm_bound.reference if self.norm_bound else None,
                 "norm-bound": self.norm_bound.bound if self.norm_bound else None,
+                "norm-pool": self.norm_pool if self.norm_bound else None,
                 "screened": list(self.screened),
                 "clipped": list(self.clipped),
                 "krum-dropped": list(self.krum_dropped),

@@ -122,6 +122,7 @@ SCHEMA: Mapping[str, Setting] = {
     "robust-norm-factor": _n(10.0, "bound = factor x median update norm", 1.0),
     "robust-clip": _b(False, "clip outsized updates instead of rejecting them"),
     "robust-history": _i(64, "accepted update norms remembered", low=0),
+    "robust-pool": _i(8, "first-round replies held back to screen the rest", low=2),
     "robust-krum-malicious": _i(1, "krum: replies assumed malicious", low=0),
     "robust-krum-select": _i(0, "krum: replies merged (0 = all but f)", low=0),
     "robust-trim-fraction": _n(

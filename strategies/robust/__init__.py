@@ -7,6 +7,8 @@
   coordinate-wise median or trimmed mean trusts (so any merge method can follow).
 - ``centered_clip``: each client's delta pulled to within a robust radius of the coordinate-wise
   median (a candidate default against adaptive attackers).
+- ``round_pool``: which pool of norms judged a reply (a first round's held-back replies, this
+  round's, earlier rounds'), in the words the rejection reasons and the audit record use.
 - ``registry``: the run-config names (``robust-aggregation``) and their checked parameters.
 
 The strategy (``strategies.fed_robustmerge``) applies them to replies; these modules only see
@@ -25,14 +27,17 @@ from strategies.robust.norm_screen import NormBound, clip_scale, lower_median, n
 from strategies.robust.registry import (
     DEFAULT_HISTORY,
     DEFAULT_NORM_FACTOR,
+    DEFAULT_POOL,
     ROBUST_AGGREGATIONS,
     RobustSettings,
 )
+from strategies.robust.round_pool import pool_label
 
 __all__ = [
     "DEFAULT_CENTER_RADIUS",
     "DEFAULT_HISTORY",
     "DEFAULT_NORM_FACTOR",
+    "DEFAULT_POOL",
     "ROBUST_AGGREGATIONS",
     "NormBound",
     "RobustSettings",
@@ -45,6 +50,7 @@ __all__ = [
     "multikrum_select",
     "norm_bound",
     "pairwise_squared_distances",
+    "pool_label",
     "trim_count",
     "trimmed_range",
 ]

@@ -34,6 +34,12 @@ DEFAULT_NORM_FACTOR = 10.0
 # Accepted norms remembered across rounds (about 8 rounds of 8 clients).
 DEFAULT_HISTORY = 64
 DEFAULT_TRIM_FRACTION = 0.25
+# Replies a first round (no history) holds back to screen against their own median before it
+# streams the rest (``strategies.robust.round_pool``): the lower median of 8 (the 4th smallest)
+# stays an honest norm while at most 4 of them are outsized (a quarter of 16 sites, all among
+# the first 8, still cannot raise it); it is the diagnostics sample's size, and 8 held adapters
+# plus the exact sums (4) and the global stay under 16.
+DEFAULT_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class RobustSettings:
     krum_malicious: int = 1
     krum_select: int = 0
     trim_fraction: float = DEFAULT_TRIM_FRACTION
+    pool: int = DEFAULT_POOL
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -67,6 +74,8 @@ class RobustSettings:
             return f"robust-norm-factor must be a finite number >= 1, got {self.norm_factor}"
         if self.history < 0:
             return f"robust-history must be >= 0, got {self.history}"
+        if self.pool < 2:
+            return f"robust-pool must be >= 2 (a median needs two norms), got {self.pool}"
         if self.krum_malicious < 0 or self.krum_select < 0:
             return "robust-krum-malicious and robust-krum-select must be >= 0"
         if not 0.0 <= self.trim_fraction < 0.5:

@@ -147,6 +147,12 @@ def test_screen_bound_puts_the_hostile_norms_at_the_top() -> None:
     assert aa.screen_bound([7.0, 8.0], [1.0, 4.0], 1, 10.0, streamed=True) == 10.0
     # streamed but under two remembered norms: the round's pool
     assert aa.screen_bound([7.0, 8.0], [1.0], 1, 2.0, streamed=True) == 14.0
+    # a first round of 5 replies over a pool of 3: the first three arrivals, 1, 2, 3 -> 2
+    assert aa.screen_bound([1.0, 2.0, 3.0, 4.0], [], 1, 10.0, streamed=True, pool=3) == 20.0
+    # the same round buffered (a stage holds every reply): 1, 2, 3, 4, top -> 3
+    assert aa.screen_bound([1.0, 2.0, 3.0, 4.0], [], 1, 10.0, streamed=False, pool=3) == 30.0
+    # a round no larger than the pool is judged by all of it
+    assert aa.screen_bound([1.0, 2.0], [], 1, 10.0, streamed=True, pool=3) == 20.0
 
 
 def test_cap_norm_and_scale_to() -> None:
@@ -202,19 +208,22 @@ def test_under_bound_passes_the_default_screen_and_one_percent_more_does_not() -
 # ----------------------------------------------------------------------------- the hooks
 
 
-def _run_rounds(attack: str, defence: RobustSettings, rounds: int = 3) -> AttackHooks:
-    """``rounds`` rounds of 1 hostile of 4 on mock replies through the hooks (checks the
-    predicted bound every round, and that the attackers' history is the server's)."""
-    setup = share_setup(("a", "b"), 2, 1)
+def _run_rounds(
+    attack: str, defence: RobustSettings, rounds: int = 3, copies: int = 2, hostile: int = 1
+) -> AttackHooks:
+    """``rounds`` rounds of ``hostile`` of ``2 x copies`` on mock replies through the hooks
+    (checks the predicted bound every round, and that the attackers' history is the server's)."""
+    setup = share_setup(("a", "b"), copies, hostile)
     hooks = AttackHooks(attack, setup, defence)
     base = make_global(0)
     strategy = FedRobustMerge(
         device="cpu", min_train_nodes=1, min_available_nodes=1, robust=defence
     )
+    clients = len(setup.client_tasks)
     for server_round in range(1, rounds + 1):
-        start_round(strategy, base, nodes=4, server_round=server_round)
+        start_round(strategy, base, nodes=clients, server_round=server_round)
         replies = []
-        for node in range(1, 5):
+        for node in range(1, clients + 1):
             sent = hooks.reply_hook(node, base, trained(base, 10 * server_round + node))
             replies.append(reply(node, sent))
         arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -237,6 +246,17 @@ def test_adaptive_attacks_pass_the_screen_every_round(attack: str, defence: str)
     if defence == "norm":
         assert hooks.hostile_rejected == 0
     assert len(hooks.history) == (12 if defence != "krum" else 9)
+
+
+@pytest.mark.parametrize("attack", ["under-bound-reversed", "min-max"])
+def test_attackers_predict_a_first_round_judged_by_its_pool(attack: str) -> None:
+    """4 of 16: round 1 has more replies than the first-round pool (8), so the server judges
+    it by the pool of the first 8 (honest) arrivals; the attackers' bound is the server's."""
+    settings = RobustSettings()
+    hooks = _run_rounds(attack, settings, rounds=2, copies=8, hostile=4)
+    assert hooks.rounds == 2 and hooks.hostile_rejected == 0
+    pooled = aa.screen_bound([1.0] * 12, [], 4, settings.norm_factor, True, settings.pool)
+    assert pooled == pytest.approx(settings.norm_factor)  # the hostile norms are not in it
 
 
 @pytest.mark.parametrize("attack", ["scaled-x10", "under-bound-reversed"])

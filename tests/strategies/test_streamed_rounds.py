@@ -43,11 +43,12 @@ def replies_for(
 
 
 def warmed(strategy: FedRobustMerge, nodes: range) -> dict[str, torch.Tensor]:
-    """Round 1 (buffered: the screen has no history yet); returns the global after it."""
+    """Round 1 (no history yet: buffered up to the first-round pool, streamed after it);
+    returns the global after it."""
     base = make_global()
     start_round(strategy, base, nodes=len(nodes), server_round=1)
     record, _ = strategy.aggregate_train(1, replies_for(base, 1, nodes))
-    assert not strategy.round_report(1).streamed
+    assert strategy.round_report(1).streamed == (len(nodes) > strategy.robust.pool)
     return as_tensors(record)
 
 
@@ -138,7 +139,9 @@ class LiveReplies:
 
 
 def test_a_streamed_round_holds_one_reply_at_a_time_and_a_buffered_one_all() -> None:
-    strategy = FedRobustMerge(device="cpu")
+    # A first-round pool larger than the round: round 1 buffers (tests/strategies/
+    # test_round1_pool.py covers the default pool of 8).
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(pool=16))
     base = make_global()
     start_round(strategy, base, nodes=12)
     buffered = LiveReplies(base, 1, 12)
