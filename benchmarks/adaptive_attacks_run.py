@@ -24,11 +24,19 @@ Stages
   defence's and the undefended no-attack run. The report compares each run with the same
   defence's no-attack run (paired bootstrap over seeds and test examples,
   ``benchmarks.stats``), and each defence's no-attack run with the undefended one (its cost).
+- ``skew``: what each measured defence costs where honest sites differ most: ``skew_clients``
+  sites over the seen tasks with Dirichlet(``skew_alpha``) label skew inside each task
+  (``benchmarks.federations``; each task's pool ``skew_pool`` examples, a site's round a seeded
+  draw of its shard), nobody attacking, ``measure_seeds``, whole test subsets; each defence
+  against the undefended run (issue 28: at most 0.5 seen points at 16 clients with Dirichlet
+  label skew).
 
 Resumable: the JSON (``attacks-adaptive[-tag].json``) is replaced atomically after every
 (stage, share, defence, attack, seed); a rerun skips what is saved and refuses a JSON made
-with another configuration. After a run it prints the full run's time at the unit costs this
-run measured (seconds per local step and per evaluated example, with ``benchmarks.budget``).
+with another configuration (a configuration that only gained fields, for a new stage, is the
+same one: the saved runs do not depend on them). After a run it prints the full run's time at
+the unit costs this run measured (seconds per local step and per evaluated example, with
+``benchmarks.budget``).
 
 Usage::
 
@@ -63,6 +71,7 @@ from benchmarks.attacks import (
     defence_settings,
     share_setup,
 )
+from benchmarks.federations import Federation, RunMeter, federation_shards, task_pools
 from benchmarks.per_example import (
     TrackingWorkload,
     decode_flags,
@@ -74,12 +83,13 @@ from benchmarks.quality_v2 import write_json
 from benchmarks.quality_v2_report import compare
 from workload.tasks import TaskData
 
-STAGES = ("screen", "measure")
+STAGES = ("screen", "measure", "skew")
 # Every attack but three variants, to fit the run in about 6 CPU-hours: ipm-10 (capped by the
 # screen, it is under-bound along the reversed mean), min-max-std and min-sum-std (the same
 # attacks along -std). They stay registered and the tests run them.
 SCREEN_ATTACKS = tuple(a for a in ALL_ATTACKS if a not in ("ipm-10", "min-max-std", "min-sum-std"))
 TOLERANCE = 0.02  # the issue's bar: within 2 seen points of the same defence's no-attack run
+SKEW_TOLERANCE = 0.005  # and at most 0.5 seen points of cost with nobody attacking
 
 
 FULL_BASE = QualityConfig(
@@ -114,6 +124,9 @@ class AdaptiveConfig:
     measure_seeds: tuple[int, ...] = (0, 1, 2)
     curve_examples: int = 8
     resamples: int = 2000
+    skew_clients: int = 16
+    skew_alpha: float = 0.1
+    skew_pool: int = 512
 
     @property
     def stem(self) -> str:
@@ -124,6 +137,15 @@ class AdaptiveConfig:
     def setups(self) -> list[Setup]:
         """The federations, one per hostile share."""
         return [share_setup(self.base.seen, copies, hostile) for copies, hostile in self.shares]
+
+    def skew_federation(self) -> Federation:
+        """The skew stage's federation: ``skew_clients`` sites, Dirichlet(``skew_alpha``)."""
+        name = f"dirichlet-{self.skew_alpha:g}-{self.skew_clients}"
+        return Federation(name, self.skew_clients, alpha=self.skew_alpha, rounds=self.rounds)
+
+    def skew_defences(self) -> list[str]:
+        """The skew stage's defences: the undefended reference, then the measured ones."""
+        return list(dict.fromkeys(["none", *self.measure_defences]))
 
 
 QUICK = AdaptiveConfig(
@@ -156,6 +178,8 @@ QUICK = AdaptiveConfig(
     measure_seeds=(0, 1),
     curve_examples=4,
     resamples=200,
+    skew_clients=4,
+    skew_pool=32,
 )
 
 
@@ -189,19 +213,35 @@ class Run:
         self.log(f"{step} saved")
 
 
-def federated(run: Run, setup: Setup, defence: str, attack: str, seed: int) -> dict[str, Any]:
+def federated(
+    run: Run,
+    setup: Setup,
+    defence: str,
+    attack: str,
+    seed: int,
+    shards: Sequence[TaskData] | None = None,
+) -> dict[str, Any]:
     """One attacked run: per-round curve scores, the final adapter in ``run.work.last_adapter``,
     what the defence did to the hostile replies, and the training cost (the meter counts local
     steps: a step's cost is mostly the fixed embedding of the task's label names, so it barely
-    depends on the batch size; ``benchmarks.quality_v2``'s note)."""
+    depends on the batch size; ``benchmarks.quality_v2``'s note).
+
+    ``shards``: node i + 1's local data (a seeded draw of ``base.train_examples`` of it each
+    round, ``benchmarks.federations``) in place of its task's draw."""
     config = run.config
     hooks = AttackHooks(attack, setup, defence_settings(defence, setup))
+    draws = RunMeter()
+    shard_draw = draws.metered_hook(shards, config.base.train_examples, seed) if shards else None
     trained = [0]
 
     def data_hook(node: int, data: TaskData) -> TaskData:
-        out = hooks.data_hook(node, data)
+        out = hooks.data_hook(node, shard_draw(node, data) if shard_draw else data)
         trained[0] += math.ceil(len(out) / config.local_batch_size)
         return out
+
+    def round_hook(server_round: int, report: Any) -> None:
+        draws.round_hook(server_round, report)
+        hooks.round_hook(server_round, report)
 
     eval_before = run.work.eval_seconds
     began = time.perf_counter()
@@ -218,7 +258,7 @@ def federated(run: Run, setup: Setup, defence: str, attack: str, seed: int) -> d
         strategy_options={"robust": hooks.settings},
         data_hook=data_hook,
         reply_hook=hooks.reply_hook,
-        round_hook=hooks.round_hook,
+        round_hook=round_hook,
         local_batch_size=config.local_batch_size,
     )
     spent = time.perf_counter() - began - (run.work.eval_seconds - eval_before)
@@ -307,6 +347,39 @@ def stage_measure(run: Run) -> None:
                 run.save(key)
 
 
+def skew_setup(config: AdaptiveConfig, seed: int) -> tuple[Setup, list[TaskData]]:
+    """The skew stage's federation for ``seed``: its setup (nobody hostile) and the sites'
+    shards (each seen task's pool split over its sites with Dirichlet label skew)."""
+    federation = config.skew_federation()
+    pools = task_pools(config.base.seen, config.skew_pool, seed)
+    shards = federation_shards(pools, federation, seed)
+    return Setup(federation.name, tuple(d.name for d in shards), 0), shards
+
+
+def stage_skew(run: Run) -> None:
+    """Each measured defence and the undefended run without attack at the skewed federation,
+    every seed, whole test subsets (saved after each)."""
+    config = run.config
+    for seed in config.measure_seeds:
+        setup, shards = skew_setup(config, seed)
+        for defence in config.skew_defences():
+            key = run_key("skew", setup.name, defence, "none", seed)
+            if key in run.results["runs"]:
+                continue
+            record = federated(run, setup, defence, "none", seed, shards)
+            assert run.work.last_adapter is not None
+            record |= _scored(run, run.work.test_flags(run.work.last_adapter))
+            run.results["runs"][key] = record
+            run.save(key)
+
+
+STAGE_RUNS: dict[str, Callable[[Run], None]] = {
+    "screen": stage_screen,
+    "measure": stage_measure,
+    "skew": stage_skew,
+}
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -331,7 +404,10 @@ def plan_counts(config: AdaptiveConfig, test_total: int) -> dict[str, budget.Sta
         measure = budget.StageCount(
             measure.train + measured * steps, measure.evaluate + measured * (curve + test_total)
         )
-    return {"screen": screen, "measure": measure}
+    skewed = len(config.skew_defences()) * len(config.measure_seeds)
+    steps = config.skew_clients * config.rounds * steps_per_round
+    skew = budget.StageCount(skewed * steps, skewed * (curve + test_total))
+    return {"screen": screen, "measure": measure, "skew": skew}
 
 
 def full_estimate(results: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -399,30 +475,34 @@ def screen_table(results: Mapping[str, Any], config: AdaptiveConfig) -> str:
     return "\n".join(lines)
 
 
-def _flags(results: Mapping[str, Any], share: str, defence: str, attack: str) -> dict[int, Any]:
+def _flags(
+    results: Mapping[str, Any], share: str, defence: str, attack: str, stage: str = "measure"
+) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for key, row in results["runs"].items():
-        stage, run_share, run_defence, run_attack, seed = key.split("|")
-        if (stage, run_share, run_defence, run_attack) == ("measure", share, defence, attack):
+        run_stage, run_share, run_defence, run_attack, seed = key.split("|")
+        if (run_stage, run_share, run_defence, run_attack) == (stage, share, defence, attack):
             out[int(seed)] = {t: decode_flags(f) for t, f in row["flags"].items()}
     return out
 
 
-def measure_rows(results: Mapping[str, Any], config: AdaptiveConfig) -> list[dict[str, Any]]:
-    """Per (share, defence, attack) measured: seen and unseen accuracy and the difference to the
-    reference (the same defence's no-attack run; for a no-attack run, the undefended one) with
-    its paired bootstrap interval."""
+def measure_rows(
+    results: Mapping[str, Any], config: AdaptiveConfig, stage: str = "measure"
+) -> list[dict[str, Any]]:
+    """Per (share, defence, attack) of ``stage`` (measure, skew): seen and unseen accuracy and
+    the difference to the reference (the same defence's no-attack run; for a no-attack run, the
+    undefended one) with its paired bootstrap interval."""
     seen, unseen = list(config.base.seen), list(config.base.unseen)
     rows: list[dict[str, Any]] = []
     pairs = sorted(
-        {tuple(key.split("|")[1:4]) for key in results["runs"] if key.startswith("measure|")}
+        {tuple(key.split("|")[1:4]) for key in results["runs"] if key.startswith(f"{stage}|")}
     )
     for share, defence, attack in pairs:
         reference = ("none", "none") if attack == "none" else (defence, "none")
         if (defence, attack) == reference:
             continue
-        row = _flags(results, share, defence, attack)
-        against = _flags(results, share, *reference)
+        row = _flags(results, share, defence, attack, stage)
+        against = _flags(results, share, reference[0], reference[1], stage)
         seen_cmp = compare(row, against, seen, config.resamples)
         if seen_cmp is None:
             continue
@@ -450,9 +530,9 @@ def _interval(comparison: Mapping[str, Any] | None) -> str:
     )
 
 
-def measure_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def measure_table(rows: Sequence[Mapping[str, Any]], tolerance: float = TOLERANCE) -> str:
     """Markdown: per measured run, seen and unseen accuracy (%) and the difference with its 95 %
-    interval; ``beyond 2`` when the seen difference is below -2 points."""
+    interval; ``beyond <tolerance>`` when the seen difference is below -tolerance (points)."""
     lines = [
         "| share | defence | attack | against | seeds | seen (diff [95 %]) | unseen (diff [95 %]) "
         "| verdict |",
@@ -460,7 +540,8 @@ def measure_table(rows: Sequence[Mapping[str, Any]]) -> str:
     ]
     for row in rows:
         diff = row["seen"]["diff"]["mean"]
-        verdict = "beyond 2" if diff < -TOLERANCE else "within 2"
+        bar = f"{100 * tolerance:g}"
+        verdict = f"beyond {bar}" if diff < -tolerance else f"within {bar}"
         lines.append(
             f"| {row['share']} | {row['defence']} | {row['attack']} | {row['against']} | "
             f"{row['seen']['seeds']} | {_interval(row['seen'])} | {_interval(row['unseen'])} | "
@@ -487,6 +568,11 @@ def markdown(results: Mapping[str, Any], config: AdaptiveConfig, command: str) -
         "examples per task)\n\nAgainst the same defence's no-attack run (a no-attack run: "
         "against the undefended one, its cost); paired bootstrap 95 % intervals.\n\n"
         + measure_table(measure_rows(results, config))
+        + f"\n\n## No attack, {config.skew_clients} sites with Dirichlet({config.skew_alpha:g}) "
+        f"label skew ({len(config.measure_seeds)} seeds)\n\nWhat each defence costs where "
+        "honest sites differ most: against the undefended run, paired bootstrap 95 % "
+        "intervals (the issue's bar: at most 0.5 seen points).\n\n"
+        + measure_table(measure_rows(results, config, "skew"), SKEW_TOLERANCE)
         + "\n"
     )
 
@@ -501,8 +587,10 @@ def open_run(config: AdaptiveConfig, out_dir: Path, log: Callable[[str], None]) 
     wanted = json.loads(json.dumps(asdict(config)))
     if path.exists():
         results: dict[str, Any] = json.loads(path.read_text())
-        if results["config"] != wanted:
+        saved = results["config"]
+        if any(key not in wanted or wanted[key] != value for key, value in saved.items()):
             raise SystemExit(f"{path} was made with another configuration; move it away")
+        results["config"] = wanted  # fields added since (a new stage's) change no saved run
     else:
         results = {
             "config": wanted,
@@ -539,7 +627,7 @@ def run_stages(
         if stage not in wanted:
             continue
         began = time.perf_counter()
-        (stage_screen if stage == "screen" else stage_measure)(run)
+        STAGE_RUNS[stage](run)
         seconds = run.results.setdefault("stage_seconds", {})
         seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - began, 1)
         run.save(f"stage {stage}")

@@ -316,7 +316,13 @@ def test_hostile_nodes_are_the_last_and_omniscient_ones_train_one_example() -> N
 
 @pytest.mark.slow
 def test_tiny_benchmark_runs_every_stage_resumes_and_reports(tmp_path: Path) -> None:
-    from benchmarks.adaptive_attacks_run import QUICK, markdown, measure_rows, run_stages
+    from benchmarks.adaptive_attacks_run import (
+        QUICK,
+        markdown,
+        measure_rows,
+        run_stages,
+        skew_setup,
+    )
 
     tiny = replace(
         QUICK,
@@ -346,6 +352,12 @@ def test_tiny_benchmark_runs_every_stage_resumes_and_reports(tmp_path: Path) -> 
         "measure|1-of-4|norm|none|0",
         f"measure|1-of-4|norm|{worst}|0",
     }
+    skewed = {k for k in runs if k.startswith("skew|")}
+    assert skewed == {"skew|dirichlet-0.1-4|none|none|0", "skew|dirichlet-0.1-4|norm|none|0"}
+    setup, shards = skew_setup(tiny, 0)
+    assert setup.malicious == 0 and len(shards) == tiny.skew_clients
+    assert sorted(setup.client_tasks) == sorted(tiny.base.seen * 2)
+    assert sum(len(d) for d in shards) == tiny.skew_pool * len(tiny.base.seen)
     for key in screen:
         assert len(runs[key]["flags"]["mcid"]) == 4
         assert runs[key]["hostile-rejected"] == 0
@@ -353,8 +365,16 @@ def test_tiny_benchmark_runs_every_stage_resumes_and_reports(tmp_path: Path) -> 
     assert saved["runs"].keys() == runs.keys()
     rows = measure_rows(saved, tiny)
     assert {(r["defence"], r["attack"]) for r in rows} == {("norm", "none"), ("norm", worst)}
+    assert [(r["defence"], r["attack"]) for r in measure_rows(saved, tiny, "skew")] == [
+        ("norm", "none")
+    ]
     text = markdown(saved, tiny, "cmd")
     assert "### 1-of-4" in text and "under-bound-reversed" in text
+    assert "Dirichlet(0.1)" in text and "| dirichlet-0.1-4 | norm | none | none/none |" in text
+    # a results file from before the skew stage's fields were added resumes as the same run
+    for key in ("skew_clients", "skew_alpha", "skew_pool"):
+        del saved["config"][key]
+    (tmp_path / "attacks-adaptive-tiny.json").write_text(json.dumps(saved))
     logs.clear()
     again = run_stages(tiny, tmp_path, log=logs.append)
     assert again["runs"].keys() == runs.keys()
