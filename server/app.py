@@ -22,6 +22,7 @@ from server.round_modes import MessageRounds, RoundMode
 from server.run_loop import LoopSettings, run_federation
 from server.secure_aggregation import check_secure_aggregation
 from server.secure_rounds import SecureRounds
+from server.tracking import open_tracking
 from strategies.adapter_io.config import adapter_config_for
 from strategies.fed_robustmerge import FedRobustMerge
 from workload.kinds import get_task_kind
@@ -166,4 +167,5 @@ def main(grid: Grid, context: Context) -> None:
         store=store,
         summary=run_summary(context, settings, mode.core),
         evaluate=evaluate,
+        tracking=open_tracking(settings.tracking, settings.tracking_uri, settings.output_dir),
     )

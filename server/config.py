@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.tracking import backend_refusal
 from strategies.combinations import combination_refusal, mixed_rank_refusal, robust_refusal
 from strategies.merging import available_methods
 from strategies.merging.robustmerge import MODES
@@ -67,6 +68,8 @@ class ServerSettings:
     secagg_quantization_range: int = 4194304
     robust: RobustSettings = field(default_factory=RobustSettings)
     client_ranks: tuple[int, ...] = ()
+    tracking: str = "none"
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         refusal = combination_refusal(
@@ -94,6 +97,14 @@ class ServerSettings:
                 "clip each reply's dense update against the global adapter, and a sparse reply "
                 "holds only the kept entries"
             )
+        if self.tracking_uri and self.tracking != "mlflow":
+            raise ConfigError(
+                f"run config 'tracking-uri' = {self.tracking_uri!r} is read only with "
+                f"tracking = 'mlflow' (got tracking = {self.tracking!r}): set both, or neither"
+            )
+        tracking_refusal = backend_refusal(self.tracking)
+        if tracking_refusal is not None:
+            raise ConfigError(tracking_refusal)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -150,6 +161,8 @@ class ServerSettings:
                 trim_fraction=reader.number("robust-trim-fraction"),
             ),
             client_ranks=reader.ranks("client-ranks"),
+            tracking=reader.choice("tracking"),
+            tracking_uri=reader.string("tracking-uri"),
         )
 
 

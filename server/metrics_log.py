@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,20 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         raise
 
 
-def write_metrics(run_dir: Path, summary: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> Path:
-    """metrics.json: the run's settings and one entry per round (0 = before training)."""
+def write_metrics(
+    run_dir: Path,
+    summary: dict[str, Any],
+    rounds: Sequence[dict[str, Any]],
+    *,
+    tracking: Mapping[str, Any] | None = None,
+) -> Path:
+    """metrics.json: the run's settings, one entry per round (0 = before training) and, when
+    given, the experiment tracking's state (backend, failed calls; ``server.tracking``)."""
     path = run_dir / METRICS_FILE
-    write_json_atomic(path, {"run": summary, "rounds": list(rounds)})
+    payload: dict[str, Any] = {"run": summary, "rounds": list(rounds)}
+    if tracking is not None:
+        payload["tracking"] = dict(tracking)
+    write_json_atomic(path, payload)
     return path
 
 

@@ -29,6 +29,7 @@ from server.metrics_log import METRICS_FILE, PLOT_FILE, plot_accuracy, write_met
 from server.model_card import model_card
 from server.progress import RoundWatch, renderer_for, watching
 from server.round_modes import RoundMode
+from server.tracking import RunTracking, open_tracking
 from strategies.audit import AUDIT_FILE
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
@@ -69,26 +70,40 @@ def run_federation(
     store: CheckpointStore,
     summary: dict[str, Any],
     evaluate: Evaluate | None = None,
+    tracking: RunTracking | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run (or resume) the federation in ``mode``; returns the final global adapter."""
-    files = RunFiles(settings.run_dir, summary, settings.seen_tasks, settings.unseen_tasks)
+    """Run (or resume) the federation in ``mode``; returns the final global adapter.
+    ``tracking`` (default none) is told the run config, each round and the end
+    (``server.tracking``); its failures never stop the run, they are counted in metrics.json."""
+    tracking = tracking if tracking is not None else open_tracking("none", "", settings.run_dir)
+    files = RunFiles(
+        settings.run_dir,
+        summary,
+        settings.seen_tasks,
+        settings.unseen_tasks,
+        tracking=tracking.status,
+    )
     global_tensors = {key: value.to(torch.float32) for key, value in initial.items()}
     start, resumed, history, saved_strategy = resume_or_archive(
         store, settings.run_dir, settings.resume
     )
+    tracking.started(summary.get("run-config", {}), start + 1)
     if resumed is not None:
         global_tensors = resumed
         mode.restore(saved_strategy, history)
     elif evaluate is not None:
         history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
         log_server_eval(0, history[-1]["server-eval"])
+        tracking.round_done(history[-1])
         files.write(history)
     audit = open_audit(settings.run_dir, summary, start, global_tensors)
+    round_grid = tracking.grid(grid)  # notes each client's train metrics when tracking is on
     try:
         for server_round in range(start + 1, settings.num_rounds + 1):
             global_tensors = run_round(
-                grid, mode, settings, server_round, global_tensors, history, evaluate, audit
+                round_grid, mode, settings, server_round, global_tensors, history, evaluate, audit
             )
+            tracking.round_done(history[-1])
             save_round(
                 store,
                 files,
@@ -98,9 +113,14 @@ def run_federation(
                 mode.checkpoint_state(),
                 audit_head=audit.prev,
             )
+    except BaseException:
+        tracking.aborted()
+        raise
     finally:
         mode.close()
-    finish_run(store, files, history, global_tensors, audit)
+    final = finish_run(store, files, history, global_tensors, audit)
+    tracking.finished(final, audit.prev)
+    files.write(history, plot=False)  # the tracking's last failure count
     return global_tensors
 
 
@@ -170,11 +190,15 @@ class RunFiles:
     summary: Mapping[str, Any]
     seen_tasks: Sequence[str] = ()
     unseen_tasks: Sequence[str] = ()
+    # metrics.json's ``tracking`` entry, read at each write (``RunTracking.status``).
+    tracking: Callable[[], Mapping[str, Any]] | None = None
 
-    def write(self, history: Sequence[dict[str, Any]]) -> None:
-        """metrics.json and the plot, from the history so far."""
-        write_metrics(self.run_dir, dict(self.summary), list(history))
-        plot_accuracy(self.run_dir, history, self.seen_tasks, self.unseen_tasks)
+    def write(self, history: Sequence[dict[str, Any]], *, plot: bool = True) -> None:
+        """metrics.json and (``plot``) the plot, from the history so far."""
+        tracking = self.tracking() if self.tracking is not None else None
+        write_metrics(self.run_dir, dict(self.summary), list(history), tracking=tracking)
+        if plot:
+            plot_accuracy(self.run_dir, history, self.seen_tasks, self.unseen_tasks)
 
     def card(
         self, history: Sequence[dict[str, Any]], audit_head: str, server_round: int | None = None

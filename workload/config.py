@@ -98,6 +98,9 @@ SCHEMA: Mapping[str, Setting] = {
     "seed": _i(0, "seed of sampling, data subsets and initialisation", low=0),
     "output-dir": _s("outputs", "where checkpoints and metrics go", non_empty=True),
     "resume": _b(False, "continue from the last checkpoint in output-dir"),
+    # Experiment tracking (server.tracking, docs/tracking.md)
+    "tracking": _c("none", "experiment tracking backend", ("none", "tensorboard", "mlflow")),
+    "tracking-uri": _s("", "MLflow tracking URI; '' = output-dir/mlflow.db"),
     # Aggregation
     "merge-method": _c("robustmerge", "merge method (strategies.merging registry)"),
     "merge-mode": _c("paper-exact", "RobustMerge form (strategies.merging.robustmerge.MODES)"),
