@@ -15,6 +15,13 @@ variants interleaved in every repeat:
 - ``fedavg via merge_lora``: the same mean through our entry point (validation, stacking), for
   context.
 
+First, a sweep over model sizes (``--sizes``, default 4, 8, 16 and 32 layers): at each size,
+new adapters, ours and the plain mean timed side by side (interleaved, ``--sweep-repeats``
+rounds, medians of wall-clock and of process CPU seconds) and their ratio, the number that
+says what RobustMerge costs over the least any merge does (target: at most 4x at every size;
+the fixed costs per tensor weigh most at small sizes), and, per size, whether every pruning
+mask and pruned tensor of ours equals the straightforward reading's (``torch.equal``).
+
 It then checks that ours and the straightforward reading keep exactly the same entries (every
 pruning mask compared with ``torch.equal``) and prints the largest difference of the merged
 tensors, measures each variant's peak memory in a fresh subprocess (CPU: peak RSS above the
@@ -45,7 +52,12 @@ from dataclasses import dataclass
 import torch
 
 from strategies import merge_lora
-from strategies.merging.pruning import magnitude_mask, prune_by_magnitude
+from strategies.merging.pruning import (
+    magnitude_mask,
+    magnitude_threshold,
+    prune_by_magnitude,
+    prune_with_row_mass,
+)
 from strategies.merging.threshold import kth_smallest
 
 Adapter = dict[str, torch.Tensor]
@@ -235,14 +247,117 @@ def time_variants(
     return timings
 
 
+@dataclass
+class SweepRow:
+    """One size of the sweep: medians of ours and of the plain mean, wall clock and CPU."""
+
+    layers: int
+    parameters: int
+    ours_wall: float
+    mean_wall: float
+    ours_cpu: float
+    mean_cpu: float
+    masks_equal: int
+    pruned_equal: int
+    tensors: int
+
+    @property
+    def ratio_wall(self) -> float:
+        return self.ours_wall / self.mean_wall
+
+    @property
+    def ratio_cpu(self) -> float:
+        return self.ours_cpu / self.mean_cpu
+
+
+SWEEP_TARGET = 4.0
+
+
+def sweep_sizes(
+    sizes: Sequence[int], clients: int, rank: int, seed: int, device: torch.device, repeats: int
+) -> list[SweepRow]:
+    """Ours against the plain mean at each number of layers, interleaved on the same inputs.
+
+    Per size: fresh adapters, one warm-up run each, then ``repeats`` rounds in which the two
+    run back to back in alternating order; wall-clock (``time.perf_counter``) and process CPU
+    seconds (``time.process_time``, all threads; less disturbed by other jobs on a shared
+    machine) are recorded per run. The masks and pruned tensors are compared with the
+    straightforward reading's at every size.
+    """
+    rows = []
+    for layers in sizes:
+        adapters = build_adapters(layers, clients, rank, seed)
+        if device.type == "cuda":
+            adapters = [{key: value.to(device) for key, value in a.items()} for a in adapters]
+        masks_equal, pruned_equal, tensors = compare_masks(adapters, device)
+        walls: dict[str, list[float]] = {"ours": [], "plain mean": []}
+        cpus: dict[str, list[float]] = {"ours": [], "plain mean": []}
+        for name in walls:
+            VARIANTS[name](adapters, device)
+        for round_index in range(repeats):
+            order = ["ours", "plain mean"] if round_index % 2 == 0 else ["plain mean", "ours"]
+            for name in order:
+                gc.collect()
+                synchronize(device)
+                wall_started, cpu_started = time.perf_counter(), time.process_time()
+                result = VARIANTS[name](adapters, device)
+                synchronize(device)
+                walls[name].append(time.perf_counter() - wall_started)
+                cpus[name].append(time.process_time() - cpu_started)
+                del result
+        rows.append(
+            SweepRow(
+                layers=layers,
+                parameters=sum(value.numel() for value in adapters[0].values()),
+                ours_wall=statistics.median(walls["ours"]),
+                mean_wall=statistics.median(walls["plain mean"]),
+                ours_cpu=statistics.median(cpus["ours"]),
+                mean_cpu=statistics.median(cpus["plain mean"]),
+                masks_equal=masks_equal,
+                pruned_equal=pruned_equal,
+                tensors=tensors,
+            )
+        )
+        del adapters
+        gc.collect()
+    return rows
+
+
+def print_sweep(rows: Sequence[SweepRow], clients: int, repeats: int) -> None:
+    """The sweep as a table: seconds, the ratio to the plain mean, and the mask agreement."""
+    print(
+        f"size sweep: {clients} adapters, ours vs a plain stacked mean side by side, medians of "
+        f"{repeats} interleaved rounds (target: ours / plain mean <= {SWEEP_TARGET:g}x)"
+    )
+    print()
+    print(
+        "| layers | parameters per adapter | ours s | plain mean s | ours / mean (wall) | "
+        "ours CPU s | mean CPU s | ours / mean (CPU) | masks, pruned tensors identical |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(
+            f"| {row.layers} | {row.parameters / 1e6:.1f}M | {row.ours_wall:.3f} | "
+            f"{row.mean_wall:.3f} | {row.ratio_wall:.2f}x | {row.ours_cpu:.3f} | "
+            f"{row.mean_cpu:.3f} | {row.ratio_cpu:.2f}x | "
+            f"{row.masks_equal}/{row.tensors}, {row.pruned_equal}/{row.tensors} |"
+        )
+    worst = max(row.ratio_wall for row in rows)
+    verdict = "met" if worst <= SWEEP_TARGET else "NOT met"
+    print()
+    print(f"largest ratio (wall): {worst:.2f}x, target <= {SWEEP_TARGET:g}x: {verdict}")
+
+
 def time_thresholds(
     adapters: Sequence[Mapping[str, torch.Tensor]], device: torch.device, repeats: int
-) -> list[tuple[int, float, float]]:
-    """The threshold alone, ``kth_smallest`` vs ``torch.kthvalue``, per distinct tensor size.
+) -> list[tuple[int, float, float, float]]:
+    """The threshold alone per distinct tensor size: the merge's ``magnitude_threshold``,
+    ``kth_smallest`` and ``torch.kthvalue``.
 
-    For one tensor of each size: |x| of the T stacked tasks, k at keep ratio 0.2, both
+    For one tensor of each size: |x| of the T stacked tasks, k at keep ratio 0.2, the three
     functions interleaved ``10 * repeats`` times; returns (entries per task, median seconds of
-    ours, median seconds of torch.kthvalue), after checking that they agree bit for bit.
+    magnitude_threshold, of kth_smallest, of torch.kthvalue), after checking that they agree
+    bit for bit.
     """
     by_size: dict[int, str] = {}
     for key, value in adapters[0].items():
@@ -253,18 +368,32 @@ def time_thresholds(
         flat = stack.abs().reshape(len(adapters), -1)
         k = math.floor(size * (1.0 - KEEP_RATIO))
         reference = torch.kthvalue(flat, k, dim=1).values
-        if not torch.equal(kth_smallest(flat, k).view(torch.int32), reference.view(torch.int32)):
-            raise AssertionError(f"kth_smallest differs from torch.kthvalue on {key}")
+        for select in (magnitude_threshold, kth_smallest):
+            if not torch.equal(select(flat, k).view(torch.int32), reference.view(torch.int32)):
+                raise AssertionError(f"{select.__name__} differs from torch.kthvalue on {key}")
+        merge_s: list[float] = []
         ours_s: list[float] = []
         theirs_s: list[float] = []
         for _ in range(10 * repeats):
-            for select, into in ((kth_smallest, ours_s), (_kthvalue, theirs_s)):
+            selects = (
+                (magnitude_threshold, merge_s),
+                (kth_smallest, ours_s),
+                (_kthvalue, theirs_s),
+            )
+            for select, into in selects:
                 synchronize(device)
                 started = time.perf_counter()
                 select(flat, k)
                 synchronize(device)
                 into.append(time.perf_counter() - started)
-        rows.append((size, statistics.median(ours_s), statistics.median(theirs_s)))
+        rows.append(
+            (
+                size,
+                statistics.median(merge_s),
+                statistics.median(ours_s),
+                statistics.median(theirs_s),
+            )
+        )
     return rows
 
 
@@ -283,20 +412,33 @@ class Agreement:
     max_rel_diff: float
 
 
-def compare_with_straightforward(
+def compare_masks(
     adapters: Sequence[Mapping[str, torch.Tensor]], device: torch.device
-) -> Agreement:
-    """Masks and pruned tensors key by key (``torch.equal``), then the merged results."""
+) -> tuple[int, int, int]:
+    """Key by key, ours against ``straightforward_prune``: (masks equal, pruned tensors equal
+    bit for bit, tensors). A's pruned stack comes from ``prune_with_row_mass``, as in the merge.
+    """
     tensors = masks_equal = pruned_equal = 0
     for key in adapters[0]:
         stack = torch.stack([adapter[key] for adapter in adapters]).to(device, torch.float32)
         reference_pruned, reference_mask = straightforward_prune(stack)
         tensors += 1
         masks_equal += bool(torch.equal(magnitude_mask(stack, KEEP_RATIO), reference_mask))
-        pruned = prune_by_magnitude(stack, KEEP_RATIO)
+        if ".lora_A." in key:
+            pruned = prune_with_row_mass(stack, KEEP_RATIO)[0]
+        else:
+            pruned = prune_by_magnitude(stack, KEEP_RATIO)
         pruned_equal += bool(
             torch.equal(pruned.view(torch.int32), reference_pruned.view(torch.int32))
         )
+    return masks_equal, pruned_equal, tensors
+
+
+def compare_with_straightforward(
+    adapters: Sequence[Mapping[str, torch.Tensor]], device: torch.device
+) -> Agreement:
+    """Masks and pruned tensors key by key (``torch.equal``), then the merged results."""
+    masks_equal, pruned_equal, tensors = compare_masks(adapters, device)
     merged = ours(adapters, device)
     reference = straightforward(adapters, device)
     max_abs = max_rel = 0.0
@@ -384,13 +526,18 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 # Functions whose cumulative time makes up our merge, as (label, file suffix, function name).
 OUR_PARTS: tuple[tuple[str, str, str], ...] = (
-    ("input validation (finiteness, shapes)", "validation.py", "validate_adapters"),
-    ("stacking the T adapters", "api.py", "_stack"),
-    ("pruning A and B (threshold + mask)", "pruning.py", "prune_by_magnitude"),
-    ("  of which the threshold (kth_smallest)", "threshold.py", "kth_smallest"),
-    ("complementary scale", "pruning.py", "complementary_scale"),
-    ("B normalisation (einsum)", "functional.py", "einsum"),
-    ("A sum (tensordot)", "functional.py", "tensordot"),
+    ("input validation (keys, shapes, dtypes)", "validation.py", "validate_adapters"),
+    ("stacking the T adapters", "api.py", "stack_tensors"),
+    (
+        "finiteness screen of stacks (robustmerge: of merged pairs)",
+        "validation.py",
+        "check_stack_finite",
+    ),
+    ("pruning A (threshold + mask + row masses)", "pruning.py", "prune_with_row_mass"),
+    ("pruning B (threshold + mask)", "pruning.py", "prune_by_magnitude"),
+    ("  of which the thresholds of A and B", "pruning.py", "_threshold_bits"),
+    ("complementary scale from the row masses", "pruning.py", "scale_from_row_mass"),
+    ("A sum and B normalisation", "robustmerge.py", "_combine"),
 )
 REFERENCE_PARTS: tuple[tuple[str, str, str], ...] = (
     ("stacking (torch.stack)", "~", "<built-in method torch.stack>"),
@@ -477,10 +624,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peak-gbps", type=float, default=None, help="CUDA card's bandwidth if not in the table"
     )
+    parser.add_argument(
+        "--sizes",
+        default="4,8,16,32",
+        help="layer counts of the ours-vs-plain-mean sweep, comma-separated; '' skips it "
+        "(default 4,8,16,32)",
+    )
+    parser.add_argument(
+        "--sweep-repeats", type=int, default=9, help="interleaved rounds per sweep size (default 9)"
+    )
+    parser.add_argument("--sweep-only", action="store_true", help="print the size sweep and stop")
     parser.add_argument("--memory-probe", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.layers < 1 or args.clients < 1 or args.rank < 1 or args.repeats < 1:
         parser.error("--layers, --clients, --rank and --repeats must be positive")
+    try:
+        args.sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated layer counts, got {args.sizes!r}")
+    if any(size < 1 for size in args.sizes) or args.sweep_repeats < 1:
+        parser.error("--sizes and --sweep-repeats must be positive")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -506,6 +669,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"load average before the run (other users of the machine): {os.getloadavg()[0]:.2f}")
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
+    sweep_ok = True
+    if args.sizes:
+        print()
+        rows = sweep_sizes(
+            args.sizes, args.clients, args.rank, args.seed, device, args.sweep_repeats
+        )
+        print_sweep(rows, args.clients, args.sweep_repeats)
+        sweep_ok = all(
+            row.masks_equal == row.tensors and row.pruned_equal == row.tensors for row in rows
+        )
+        print()
+    if not sweep_ok:
+        print("ERROR: ours and the straightforward reading disagree in the sweep", file=sys.stderr)
+        return 1
+    if args.sweep_only:
+        return 0
     adapters = build_adapters(args.layers, args.clients, args.rank, args.seed)
     parameters = sum(value.numel() for value in adapters[0].values())
     print(
@@ -559,12 +738,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("the threshold alone (|x| of the T stacked tasks, k at keep ratio 0.2, bit-identical):")
     print()
-    print("| entries per task | kth_smallest ms | torch.kthvalue ms | speed-up |")
-    print("| ---: | ---: | ---: | ---: |")
-    for size, ours_threshold, reference_threshold in thresholds:
+    print(
+        "| entries per task | magnitude_threshold ms (the merge's) | kth_smallest ms | "
+        "torch.kthvalue ms | speed-up of the merge's |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for size, merge_threshold, ours_threshold, reference_threshold in thresholds:
         print(
-            f"| {size:,} | {ours_threshold * 1e3:.3f} | {reference_threshold * 1e3:.3f} | "
-            f"{reference_threshold / ours_threshold:.1f}x |"
+            f"| {size:,} | {merge_threshold * 1e3:.3f} | {ours_threshold * 1e3:.3f} | "
+            f"{reference_threshold * 1e3:.3f} | {reference_threshold / merge_threshold:.1f}x |"
         )
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -11,7 +11,12 @@ import torch
 
 from strategies.merging.method import MergeMethod
 from strategies.merging.registry import create_method
-from strategies.merging.validation import check_weights, validate_adapters
+from strategies.merging.validation import (
+    check_keys_finite,
+    check_stack_finite,
+    check_weights,
+    validate_adapters,
+)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -65,7 +70,11 @@ def merge_lora_with_report(
     """Merge PEFT LoRA state dicts with a registered method (a name, or a built method and no
     hyperparameters); see ``merge_lora``."""
     merger = build_method(method, hyperparameters)
-    layout = validate_adapters(adapters, labels)
+    # Finiteness is checked per key once it is stacked, not in a pass over every input: on the
+    # merged pair (1/T of the data) when the method says NaN and Inf always reach its output,
+    # else on each stack, while it is in cache.
+    layout = validate_adapters(adapters, labels, check_finite=False)
+    screen_outputs = merger.propagates_non_finite()
     count = len(adapters)
     target = resolve_device(device)
     normalised = normalised_weights(weights, count, target)
@@ -77,11 +86,16 @@ def merge_lora_with_report(
     for index, module in enumerate(layout.modules):
         a_shape = adapters[0][module.a_key].shape
         b_shape = adapters[0][module.b_key].shape
-        a_stack = stack_tensors(adapters, module.a_key, target).reshape(count, a_shape[0], -1)
-        b_stack = stack_tensors(adapters, module.b_key, target).reshape(
-            count, b_shape[0], b_shape[1]
-        )
+        a_stack = stack_tensors(adapters, module.a_key, target)
+        b_stack = stack_tensors(adapters, module.b_key, target)
+        if not screen_outputs:
+            check_stack_finite(a_stack, adapters, module.a_key, labels)
+            check_stack_finite(b_stack, adapters, module.b_key, labels)
+        a_stack = a_stack.reshape(count, a_shape[0], -1)
+        b_stack = b_stack.reshape(count, b_shape[0], b_shape[1])
         pair = merger.merge_pair(a_stack, b_stack, normalised, module_index=index)
+        if screen_outputs and not bool(torch.isfinite(pair.a.sum() + pair.b.sum())):
+            check_keys_finite(adapters, (module.a_key, module.b_key), labels)
         merged[module.a_key] = pair.a.reshape(a_shape).to(device="cpu", dtype=torch.float32)
         merged[module.b_key] = pair.b.reshape(b_shape).to(device="cpu", dtype=torch.float32)
         if pair.relative_error is not None:
@@ -91,9 +105,9 @@ def merge_lora_with_report(
         if progress is not None:
             progress(index + 1, steps)
     for offset, key in enumerate(layout.other_keys, start=len(layout.modules) + 1):
-        merged[key] = merger.merge_other(stack_tensors(adapters, key, target), normalised).to(
-            device="cpu", dtype=torch.float32
-        )
+        other = stack_tensors(adapters, key, target)
+        check_stack_finite(other, adapters, key, labels)
+        merged[key] = merger.merge_other(other, normalised).to(device="cpu", dtype=torch.float32)
         if progress is not None:
             progress(offset, steps)
     if report.relative_errors:

@@ -64,6 +64,13 @@ class MergeMethod(ABC):
         """
         return self
 
+    def propagates_non_finite(self) -> bool:
+        """True when a NaN or Inf in any input of a pair always reaches the merged pair and the
+        merge raises nothing on it; ``merge_lora`` then checks finiteness on the merged pair
+        (1/T of the data) instead of on every stack. False (the safe default): inputs are
+        checked before the merge."""
+        return False
+
     def merges_products(self) -> bool:
         """True when the method merges the products B_t A_t (then it implements
         ``product_terms`` and ``update_terms``), False when it merges A and B separately."""

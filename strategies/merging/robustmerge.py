@@ -51,7 +51,11 @@ from strategies.merging.method import (
     check_unit_interval,
     task_coefficients,
 )
-from strategies.merging.pruning import complementary_scale, prune_by_magnitude
+from strategies.merging.pruning import (
+    prune_by_magnitude,
+    prune_with_row_mass,
+    scale_from_row_mass,
+)
 from strategies.merging.registry import register_method
 
 Mode = Literal["paper-exact", "paper-equation"]
@@ -115,6 +119,16 @@ class RobustMerge(MergeMethod):
     def merges_products(self) -> bool:
         return self.mode == "paper-equation"
 
+    def propagates_non_finite(self) -> bool:
+        """Paper-exact mode: a NaN or Inf in any input of a pair reaches the merged pair.
+
+        A NaN fails the threshold comparison and is kept as NaN * 0 = NaN; an Inf is kept; the
+        sums and products of steps 3-4 carry either into A_m or B_m (times a zero weight: NaN).
+        So ``merge_lora`` checks finiteness on the merged pair, 1/T of the data, instead of on
+        every stack. The paper's equation factors its product by SVD, which refuses NaN: no.
+        """
+        return self.mode == "paper-exact"
+
     def merge_pair(
         self,
         a_stack: torch.Tensor,
@@ -124,17 +138,16 @@ class RobustMerge(MergeMethod):
         module_index: int,
     ) -> PairMerge:
         a_pruned, b_pruned, scale = self.prune_and_scale(a_stack, b_stack)
-        return self.combine(a_pruned, b_pruned, scale, weights)
+        # The pruned stacks are this call's own buffers: B's numerator may scale them in place.
+        return self._combine(a_pruned, b_pruned, scale, weights, own_buffers=True)
 
     def prune_and_scale(
         self, a_stack: torch.Tensor, b_stack: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-2, each task on its own: pruned A (T x r x d_in), pruned B, s~ (T x r)."""
-        a_pruned = prune_by_magnitude(a_stack, self.keep_ratio)
+        a_pruned, total, kept = prune_with_row_mass(a_stack, self.keep_ratio)
         b_pruned = prune_by_magnitude(b_stack, self.keep_ratio)
-        scale = complementary_scale(
-            a_stack, a_pruned, self.scale_quantile if self.scale_floor else None
-        )
+        scale = scale_from_row_mass(total, kept, self.scale_quantile if self.scale_floor else None)
         return a_pruned, b_pruned, scale
 
     def combine(
@@ -145,12 +158,24 @@ class RobustMerge(MergeMethod):
         weights: torch.Tensor,
     ) -> PairMerge:
         """Steps 3-4 (or the paper's equation) from pruned factors and their scales."""
+        return self._combine(a_pruned, b_pruned, scale, weights, own_buffers=False)
+
+    def _combine(
+        self,
+        a_pruned: torch.Tensor,
+        b_pruned: torch.Tensor,
+        scale: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        own_buffers: bool,
+    ) -> PairMerge:
+        """``combine``; with ``own_buffers`` it may overwrite ``b_pruned`` (one buffer less)."""
         lambdas = task_coefficients(self.fuse_weight, weights)
         if self.mode == "paper-exact":
             a_coefficients = lambdas if self.form == "one-shot" else lambdas / lambdas.shape[0]
             a_merged = torch.tensordot(a_coefficients, a_pruned, dims=1)
-            numerator = (b_pruned * (lambdas[:, None] * scale)[:, None, :]).sum(dim=0)
-            return PairMerge(a=a_merged, b=numerator / scale.sum(dim=0))
+            terms = _scale_columns(b_pruned, lambdas[:, None] * scale, in_place=own_buffers)
+            return PairMerge(a=a_merged, b=terms.sum(dim=0) / scale.sum(dim=0))
         left, right = self._equation_terms(a_pruned, b_pruned, scale, lambdas)
         return truncate_product(left, right, a_pruned.shape[1])
 
@@ -219,3 +244,30 @@ class RobustMerge(MergeMethod):
             "scale_floor": self.scale_floor,
             "form": self.form,
         }
+
+
+def _scale_columns(
+    b_stack: torch.Tensor, coefficients: torch.Tensor, *, in_place: bool
+) -> torch.Tensor:
+    """B_t[:, i] * c_t[i] for a T x d_out x r stack and T x r coefficients.
+
+    The same products as ``b_stack * coefficients[:, None, :]``, but rows of B are taken
+    ``group`` at a time (coefficients repeated ``group`` times), so the broadcast's inner
+    loop runs over group * r entries instead of r = 16, which vectorises better on CPU.
+    ``in_place`` overwrites ``b_stack`` (the caller's own buffer).
+    """
+    count, d_out, rank = b_stack.shape
+    group = _row_group(d_out, rank)
+    tiled = coefficients.repeat(1, group)[:, None, :]
+    if in_place and b_stack.is_contiguous() and not b_stack.requires_grad:
+        b_stack.view(count, d_out // group, group * rank).mul_(tiled)
+        return b_stack
+    return (b_stack.reshape(count, d_out // group, group * rank) * tiled).reshape(b_stack.shape)
+
+
+def _row_group(d_out: int, rank: int) -> int:
+    """The largest g <= 256 / rank dividing d_out (at least 1): rows of B scaled together."""
+    for group in range(max(256 // max(rank, 1), 1), 0, -1):
+        if d_out % group == 0:
+            return group
+    return 1

@@ -16,11 +16,18 @@ ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def validate_adapters(
     adapters: Sequence[Mapping[str, torch.Tensor]],
     labels: Sequence[int | str] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> AdapterLayout:
     """Check keys, dtypes, shapes, ranks, A/B pairing and finiteness; return the shared layout.
 
     The first adapter is the reference; every other one must carry the same keys with the same
-    shapes. ``labels`` name the adapters in errors (default: their index).
+    shapes. ``labels`` name the adapters in errors (default: their index). ``check_finite=False``
+    leaves finiteness to the caller, who checks each key once it has stacked it
+    (``check_stack_finite``: one reduction over a stack still in cache instead of one pass over
+    every input tensor) or once it has merged it (``check_keys_finite`` when the merged pair is
+    not finite, for a method whose merge carries every NaN and Inf into its result): the same
+    error, raised when that key's turn comes.
     """
     if len(adapters) == 0:
         raise MergeInputError("nothing to merge: zero adapters were given")
@@ -35,8 +42,8 @@ def validate_adapters(
     layout = parse_layout(reference.keys(), adapter=names[0])
     for module in layout.modules:
         a, b = reference[module.a_key], reference[module.b_key]
-        check_tensor(a, adapter=names[0], key=module.a_key)
-        check_tensor(b, adapter=names[0], key=module.b_key)
+        check_tensor(a, adapter=names[0], key=module.a_key, check_finite=check_finite)
+        check_tensor(b, adapter=names[0], key=module.b_key, check_finite=check_finite)
         if a.dim() < 2 or b.dim() < 2 or math.prod(b.shape[2:]) != 1:
             raise MergeInputError(
                 f"LoRA factors must be A (r x ...) and B (d_out x r); got A {tuple(a.shape)}, "
@@ -52,7 +59,7 @@ def validate_adapters(
                 key=module.a_key,
             )
     for key in layout.other_keys:
-        check_tensor(reference[key], adapter=names[0], key=key)
+        check_tensor(reference[key], adapter=names[0], key=key, check_finite=check_finite)
     expected = set(reference)
     for index in range(1, len(adapters)):
         adapter = adapters[index]
@@ -73,7 +80,7 @@ def validate_adapters(
             )
         for key, ref_tensor in reference.items():
             tensor = adapter[key]
-            check_tensor(tensor, adapter=name, key=key)
+            check_tensor(tensor, adapter=name, key=key, check_finite=check_finite)
             if tensor.shape != ref_tensor.shape:
                 raise MergeInputError(
                     f"shape {tuple(tensor.shape)} does not match {tuple(ref_tensor.shape)} "
@@ -84,8 +91,12 @@ def validate_adapters(
     return layout
 
 
-def check_tensor(value: object, *, adapter: int | str, key: str) -> torch.Tensor:
-    """A floating-point torch tensor with only finite values, or a MergeInputError."""
+def check_tensor(
+    value: object, *, adapter: int | str, key: str, check_finite: bool = True
+) -> torch.Tensor:
+    """A floating-point torch tensor with only finite values, or a MergeInputError.
+
+    ``check_finite=False`` checks the type and dtype only."""
     if not isinstance(value, torch.Tensor):
         raise MergeInputError(
             f"expected a torch.Tensor, got {type(value).__name__}", adapter=adapter, key=key
@@ -96,12 +107,44 @@ def check_tensor(value: object, *, adapter: int | str, key: str) -> torch.Tensor
             adapter=adapter,
             key=key,
         )
-    if not _all_finite(value):
+    if check_finite and not _all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise MergeInputError(
             f"{bad} non-finite value(s) (NaN or Inf) of {value.numel()}", adapter=adapter, key=key
         )
     return value
+
+
+def check_stack_finite(
+    stack: torch.Tensor,
+    adapters: Sequence[Mapping[str, torch.Tensor]],
+    key: str,
+    labels: Sequence[int | str] | None = None,
+) -> None:
+    """Raise ``check_tensor``'s error for the first adapter whose ``key`` holds NaN or Inf.
+
+    ``stack`` is that key of every adapter stacked (task dimension first, any float dtype). Its
+    sum screens them all at once (NaN and Inf propagate into it); only a non-finite sum, also
+    reached by overflow or by a float64 entry too large for the stack's dtype, sends each input
+    through the exact check, so what is accepted and refused is what ``validate_adapters``
+    accepts and refuses.
+    """
+    if stack.numel() == 0 or bool(torch.isfinite(stack.sum())):
+        return
+    check_keys_finite(adapters, (key,), labels)
+
+
+def check_keys_finite(
+    adapters: Sequence[Mapping[str, torch.Tensor]],
+    keys: Sequence[str],
+    labels: Sequence[int | str] | None = None,
+) -> None:
+    """The exact finiteness check of ``keys`` (in that order) in every adapter: raise
+    ``check_tensor``'s error for the first that holds NaN or Inf, else return."""
+    names: Sequence[int | str] = labels if labels is not None else range(len(adapters))
+    for key in keys:
+        for name, adapter in zip(names, adapters, strict=True):
+            check_tensor(adapter[key], adapter=name, key=key)
 
 
 def _all_finite(value: torch.Tensor) -> bool:
