@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoints import CheckpointStore
@@ -27,33 +26,13 @@ from server.round_modes import MessageRounds
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge
 from strategies.audit import AUDIT_FILE, ZERO_HASH, AuditError, record_hash, verify_run
-from tests.messages import AnsweredOnPull
-from tests.strategies.test_fed_robustmerge import make_global, reply, trained
+from tests.server.three_sites import HOSTILE, ThreeSites
+from tests.strategies.test_fed_robustmerge import make_global
 
 ADAPTER_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"]}
 ROUNDS = 3
-HOSTILE = 3  # its update is 1000x an honest one's: the norm screen rejects it
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-class Sites(AnsweredOnPull):
-    """Nodes 1-3 train from the global they are sent; node 3 scales its update x1000."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3]
-
-    def answer(self, message: Message) -> Message:
-        node = message.metadata.dst_node_id
-        server_round = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-        base = {
-            k: v.float()
-            for k, v in message.content.array_records["arrays"].to_torch_state_dict().items()
-        }
-        moved = trained(base, 100 * server_round + node)
-        factor = 1000.0 if node == HOSTILE else 1.0
-        tensors = {k: base[k] + factor * (moved[k] - base[k]) for k in base}
-        return Message(reply(node, tensors, 10 * node).content, reply_to=message)
 
 
 def run(
@@ -61,7 +40,7 @@ def run(
 ) -> None:
     strategy = FedRobustMerge(device="cpu", min_train_nodes=3, fraction_evaluate=0.0)
     run_federation(
-        Sites(),  # type: ignore[arg-type]
+        ThreeSites(),  # type: ignore[arg-type]
         MessageRounds(strategy),
         LoopSettings(num_rounds=ROUNDS, round_timeout=60.0, run_dir=run_dir, resume=resume),
         initial=start if start is not None else make_global(),

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
@@ -38,13 +37,12 @@ from server.tracking.tensorboard_backend import TENSORBOARD_DIR
 from strategies import FedRobustMerge
 from strategies.audit import AUDIT_FILE
 from strategies.wire import NUM_EXAMPLES, TRAIN_LOSS
-from tests.messages import AnsweredOnPull
-from tests.strategies.test_fed_robustmerge import make_global, reply, trained
+from tests.server.three_sites import HOSTILE, ThreeSites
+from tests.strategies.test_fed_robustmerge import make_global
 from workload.config import ConfigError
 
 ADAPTER_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"]}
 ROUNDS = 3
-HOSTILE = 3  # its update is 1000x an honest one's: the norm screen rejects it
 RUN_CONFIG: dict[str, ParamValue] = {"num-server-rounds": ROUNDS, "seed": 0, "tracking": "x"}
 
 
@@ -52,26 +50,11 @@ def site_loss(node: int, server_round: int) -> float:
     return node + server_round / 10
 
 
-class Sites(AnsweredOnPull):
-    """Nodes 1-3 train from the global they are sent; node 3 scales its update x1000."""
+class Sites(ThreeSites):
+    """``ThreeSites`` reporting a train loss that says which node and round it came from."""
 
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3]
-
-    def answer(self, message: Message) -> Message:
-        node = message.metadata.dst_node_id
-        server_round = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-        base = {
-            k: v.float()
-            for k, v in message.content.array_records["arrays"].to_torch_state_dict().items()
-        }
-        moved = trained(base, 100 * server_round + node)
-        factor = 1000.0 if node == HOSTILE else 1.0
-        tensors = {k: base[k] + factor * (moved[k] - base[k]) for k in base}
-        sent = reply(
-            node, tensors, 10 * node, extra_metrics={TRAIN_LOSS: site_loss(node, server_round)}
-        )
-        return Message(sent.content, reply_to=message)
+    def extra_metrics(self, node: int, server_round: int) -> dict[str, float]:
+        return {TRAIN_LOSS: site_loss(node, server_round)}
 
 
 def evaluate(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
