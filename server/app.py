@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from datetime import UTC, datetime
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import flwr
@@ -17,6 +17,7 @@ from flwr.supercore import log
 
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
+from server.local_work import run_config_warning
 from server.privacy import wrap_with_privacy
 from server.round_modes import MessageRounds, RoundMode
 from server.run_loop import LoopSettings, run_federation
@@ -124,6 +125,9 @@ def run_summary(context: Context, settings: ServerSettings, core: FedRobustMerge
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the initial adapter from the model config, run the rounds."""
     settings = ServerSettings.from_run_config(context.run_config)
+    step_warning = run_config_warning(context.run_config)
+    if step_warning is not None:
+        log(WARNING, "%s", step_warning)
     # Refuses what SecAgg+ cannot honour, before anything is loaded.
     secure_workflow = check_secure_aggregation(settings)
     # The global adapter lives at the largest rank in use (run-config client-ranks, else
