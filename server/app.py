@@ -62,6 +62,7 @@ def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
         keep_ratio=settings.keep_ratio,
         scale_quantile=settings.scale_quantile,
         fuse_weight=settings.fuse_weight,
+        merge_options=settings.merge_options(),
         merge_target=settings.merge_target,
         server_lr=settings.server_lr,
         weight_by_examples=settings.weight_by_examples,

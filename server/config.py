@@ -68,6 +68,7 @@ class ServerSettings:
     secagg_quantization_range: int = 4194304
     robust: RobustSettings = field(default_factory=RobustSettings)
     client_ranks: tuple[int, ...] = ()
+    dare_drop_rate: float = 0.5
     tracking: str = "none"
     tracking_uri: str = ""
 
@@ -105,6 +106,11 @@ class ServerSettings:
         tracking_refusal = backend_refusal(self.tracking)
         if tracking_refusal is not None:
             raise ConfigError(tracking_refusal)
+
+    def merge_options(self) -> dict[str, float]:
+        """The merge method's own hyperparameters from the run config (``merge_options`` of
+        FedRobustMerge): dare's drop rate; none for the other methods."""
+        return {"drop_rate": self.dare_drop_rate} if self.merge_method == "dare" else {}
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -161,6 +167,7 @@ class ServerSettings:
                 trim_fraction=reader.number("robust-trim-fraction"),
             ),
             client_ranks=reader.ranks("client-ranks"),
+            dare_drop_rate=reader.number("dare-drop-rate"),
             tracking=reader.choice("tracking"),
             tracking_uri=reader.string("tracking-uri"),
         )

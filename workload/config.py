@@ -107,6 +107,9 @@ SCHEMA: Mapping[str, Setting] = {
     "merge-target": _c("delta", "what is merged (strategies.merging.rounds.TARGETS)"),
     "keep-ratio": _n(0.2, "fraction of entries kept by pruning", 0.0, 1.0, low_open=True),
     "scale-quantile": _n(0.2, "rank directions keeping their scale", 0.0, 1.0, high_open=True),
+    "dare-drop-rate": _n(
+        0.5, "dare: probability a client's delta entry is dropped", 0.0, 1.0, high_open=True
+    ),
     "fuse-weight": _n(2.0, "lambda, the merge's fuse weight"),
     # 4.0: the quality benchmark v2's dev winner (robustmerge paper-exact, fuse 2) checked at the
     # app's own client training (benchmarks.defaults_check; docs/quality.md, "The defaults")
