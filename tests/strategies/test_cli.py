@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from strategies import cli, merge_lora
+from strategies import cli, cli_commands, merge_lora
 from strategies.adapter_io.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_WEIGHTS
 from strategies.adapter_io.reading import read_adapter_dir
+from strategies.cli_merge_checks import merge_error_message
 from strategies.merging import available_methods
 from tests.strategies.conftest import (
     PeftFolders,
@@ -167,7 +168,7 @@ def test_large_merges_report_progress_on_stderr(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cli, "PROGRESS_ABOVE_PARAMETERS", 10)
+    monkeypatch.setattr(cli_commands, "PROGRESS_ABOVE_PARAMETERS", 10)
     folders = [str(synthetic_adapter(f"c{seed}", seed=seed)) for seed in range(2)]
     assert cli.main(["merge", *folders, "--out", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().err.splitlines()
@@ -361,9 +362,9 @@ def test_merge_engine_errors_name_the_folder_not_the_index() -> None:
     from strategies.merging import MergeInputError
 
     error = MergeInputError("weight must be a finite number >= 0, got -1.0", adapter=1)
-    assert cli._merge_error_message(error, ["a", "b"]).startswith("adapter folder 'b': weight")
+    assert merge_error_message(error, ["a", "b"]).startswith("adapter folder 'b': weight")
     keyed = MergeInputError("bad", adapter="a", key="k")
-    assert cli._merge_error_message(keyed, ["a"]) == "adapter folder 'a', key 'k': bad"
+    assert merge_error_message(keyed, ["a"]) == "adapter folder 'a', key 'k': bad"
 
 
 def test_bad_input_in_a_subprocess_prints_no_traceback(
