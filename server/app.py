@@ -111,7 +111,7 @@ def run_summary(context: Context, settings: ServerSettings, core: FedRobustMerge
     return {
         "run-config": dict(context.run_config),
         "output-dir": str(settings.output_dir),
-        "merge-device": core.device,
+        "merge-device": core.settings.device,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
         "machine": {

@@ -172,8 +172,8 @@ def wrap_with_privacy(
             "is derived for merge method %r with %s, so the DP guarantee of this run is not "
             "established (README: Privacy and communication)",
             num_sampled_clients,
-            strategy.merge_method,
-            strategy.merge_hyperparameters,
+            strategy.settings.merge_method,
+            strategy.settings.hyperparameters,
         )
     elif factor > 1.0:
         log(
@@ -183,7 +183,7 @@ def wrap_with_privacy(
             "effective noise multiplier is at most %.3g, not %.3g (README: Privacy and "
             "communication)",
             num_sampled_clients,
-            strategy.merge_method,
+            strategy.settings.merge_method,
             factor,
             noise_multiplier / factor,
             noise_multiplier,
@@ -237,13 +237,13 @@ def robustmerge_sensitivity_factor(
     The effective noise multiplier is z / factor; it is an upper bound on the privacy the run
     gets, since the bounds above are worst cases.
     """
-    method = strategy.merge_method
+    method = strategy.settings.merge_method
     if method == "fedavg":
         return 1.0
-    fuse = strategy.merge_hyperparameters.get("fuse_weight", 1.0)
+    fuse = strategy.settings.hyperparameters.get("fuse_weight", 1.0)
     weight = abs(float(max(fuse)) if isinstance(fuse, tuple) else float(fuse))
-    base = strategy.server_lr * weight * num_sampled_clients
-    if method == "robustmerge" and strategy.merge_hyperparameters.get("mode") == "paper-exact":
+    base = strategy.settings.server_lr * weight * num_sampled_clients
+    if method == "robustmerge" and strategy.settings.hyperparameters.get("mode") == "paper-exact":
         return max(1.0, base * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2))
     return None
 

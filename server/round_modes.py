@@ -126,13 +126,15 @@ def strategy_settings(strategy: FedRobustMerge) -> dict[str, Any]:
     """The strategy's merge settings, stored with each checkpoint to detect a changed config,
     and the robust screen's state (its norm history), restored on resume."""
     return {
-        "merge-method": strategy.merge_method,
-        "merge-hyperparameters": {k: _plain(v) for k, v in strategy.merge_hyperparameters.items()},
-        "merge-target": strategy.merge_target,
-        "server-lr": strategy.server_lr,
-        "weight-by-examples": strategy.weight_by_examples,
-        "seed": strategy.seed,
-        "robust-aggregation": strategy.robust.describe(),
+        "merge-method": strategy.settings.merge_method,
+        "merge-hyperparameters": {
+            k: _plain(v) for k, v in strategy.settings.hyperparameters.items()
+        },
+        "merge-target": strategy.settings.merge_target,
+        "server-lr": strategy.settings.server_lr,
+        "weight-by-examples": strategy.settings.weight_by_examples,
+        "seed": strategy.settings.seed,
+        "robust-aggregation": strategy.settings.robust.describe(),
         "robust": strategy.robust_state(),
     }
 

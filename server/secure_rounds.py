@@ -127,7 +127,7 @@ class SecAggPlusAdapter(Strategy):
             )
         instruction: dict[str, Scalar] = {
             **self.core.train_instruction(server_round),
-            **merge_settings(self.core.method),  # type: ignore[arg-type]
+            **merge_settings(self.core.settings.method),  # type: ignore[arg-type]
             wire.ADAPTER_KEYS: wire.KEY_SEPARATOR.join(self.keys),
             wire.SECAGG_CLIPPING_RANGE: self.clipping_range,
         }

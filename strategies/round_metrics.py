@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from logging import WARNING
 
-from flwr.app import RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from strategies import wire
+from strategies.reply_checks import ReplyRejectedError, check_num_examples
 from strategies.robust import RobustSettings
 from strategies.round_report import RoundReport
 
@@ -93,3 +97,47 @@ def weighted_metrics(
     }
     result[wire.NUM_EXAMPLES] = sum(count for count, _ in replies)
     return result
+
+
+def evaluation_metrics(
+    server_round: int, replies: Iterable[Message], weighted_by_key: str, max_num_examples: int
+) -> dict[str, MetricValue] | None:
+    """The evaluation replies' example-weighted metrics (None: no usable reply); a reply with
+    an error or a bad example count is logged and left out."""
+    usable: list[tuple[int, RecordDict]] = []
+    for message in replies:
+        node = message.metadata.src_node_id
+        try:
+            if message.has_error():
+                raise ReplyRejectedError(f"client reported an error: {message.error.reason}")
+            count = check_num_examples(
+                message.content.metric_records, weighted_by_key, max_num_examples
+            )
+        except ReplyRejectedError as rejection:
+            log(
+                WARNING,
+                "round %d: evaluation reply of node %d ignored: %s",
+                server_round,
+                node,
+                rejection.reason,
+            )
+            continue
+        usable.append((count, message.content))
+    return weighted_metrics(usable) if usable else None
+
+
+def train_metrics(
+    report: RoundReport,
+    accepted: list[tuple[int, RecordDict]],
+    robust: RobustSettings,
+    weighted_by_key: str,
+    custom: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+) -> MetricRecord:
+    """A round's train metrics: the merged clients' example-weighted metrics (or the custom
+    aggregation's) from their (num-examples, content), and the report's."""
+    if custom is not None and accepted:
+        metrics = custom([content for _, content in accepted], weighted_by_key)
+    else:
+        metrics = MetricRecord(weighted_metrics(accepted))
+    metrics.update(report_metrics(report, robust))
+    return metrics

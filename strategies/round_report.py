@@ -9,13 +9,16 @@ a closed round's report by its number (``FedRobustMerge.round_report``) instead 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.supercore import log
 
-from strategies.merging.ranks import SiteAdapter
+from strategies.merging.ranks import SiteAdapter, adapter_at_rank
+from strategies.reply_checks import AcceptedReply, global_rank, reply_rank
 from strategies.robust import NormBound
 
 
@@ -57,6 +60,34 @@ class RoundReport:
     # (0 at the global's rank).
     site_ranks: dict[int, int] = field(default_factory=dict)
     site_truncation_errors: dict[int, float] = field(default_factory=dict)
+
+    def reject(self, node: int, reason: str, *, privacy: bool = False) -> None:
+        """Record and log one rejected reply (PRIVACY-flagged when it carried non-LoRA
+        tensors)."""
+        self.rejected[node] = reason
+        log(
+            WARNING,
+            "%sround %d: rejected reply from node %d: %s",
+            "PRIVACY: " if privacy else "",
+            self.server_round,
+            node,
+            reason,
+        )
+
+    def enough(self, usable: int, minimum: int) -> bool:
+        """Whether ``usable`` replies reach ``minimum``; if not, the round is marked skipped
+        (the global stays) and the log says why."""
+        if usable >= minimum:
+            return True
+        self.skipped = True
+        log(
+            WARNING,
+            "round %d: %d usable replies (< min %d): round skipped, global unchanged",
+            self.server_round,
+            usable,
+            minimum,
+        )
+        return False
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy (node ids as strings)."""
@@ -121,3 +152,41 @@ class RoundState:
     def open(cls, server_round: int, global_tensors: dict[str, torch.Tensor]) -> RoundState:
         """A fresh round on ``global_tensors`` (the adapter sent to the clients)."""
         return cls(server_round, global_tensors, RoundReport(server_round=server_round))
+
+    def closed_report(self) -> RoundReport:
+        """The closed round's final report (its deferred work run first); RuntimeError while
+        the round is still open."""
+        if not self.closed:
+            raise RuntimeError(f"round {self.server_round} is still open (not aggregated)")
+        if self.deferred is not None:
+            deferred, self.deferred = self.deferred, None
+            deferred()
+        return self.report
+
+    def global_rank(self) -> int | None:
+        """The LoRA rank of the global adapter sent this round."""
+        return global_rank({key: tuple(value.shape) for key, value in self.global_tensors.items()})
+
+    def site_start(self, rank: int) -> SiteAdapter:
+        """What a site of LoRA rank ``rank`` started this round from: the global truncated to
+        its rank (``ranks.adapter_at_rank``, what the client computes on receipt; cached)."""
+        if rank not in self.site_starts:
+            self.site_starts[rank] = adapter_at_rank(self.global_tensors, rank)
+        return self.site_starts[rank]
+
+    def start_of(self, reply: AcceptedReply) -> Mapping[str, torch.Tensor]:
+        """The adapter ``reply``'s site started from: the global, or its truncation to the
+        reply's rank."""
+        rank = reply_rank(reply)
+        if rank is None or rank == self.global_rank():
+            return self.global_tensors
+        return self.site_start(rank).tensors
+
+
+def open_state(state: RoundState | None, server_round: int) -> RoundState:
+    """``state`` when it is round ``server_round`` and still open; RuntimeError otherwise."""
+    if state is None or state.server_round != server_round or state.closed:
+        raise RuntimeError(
+            f"round {server_round} was not opened by configure_train (or is already closed)"
+        )
+    return state

@@ -229,7 +229,9 @@ def _run_rounds(
         arrays, _ = strategy.aggregate_train(server_round, replies)
         hooks.round_hook(server_round, strategy.round_report(server_round))
         if defence.screens:
-            assert list(hooks.history) == pytest.approx(list(strategy.norm_history), rel=1e-12)
+            assert list(hooks.history) == pytest.approx(
+                list(strategy.stages.norm_history), rel=1e-12
+            )
         assert arrays is not None
         base = {k: v.to(torch.float32) for k, v in arrays.to_torch_state_dict().items()}
     return hooks

@@ -321,7 +321,7 @@ def _secure_round(
     quantised ones: the quantisation is Flower's, the merge from sums is ours."""
     strategy.open_round(server_round, start)
     method = instructed_method(
-        {"uplink": "dense", **merge_settings(RobustMerge(**strategy.merge_hyperparameters))}
+        {"uplink": "dense", **merge_settings(RobustMerge(**strategy.settings.hyperparameters))}
     )
     sums: dict[str, torch.Tensor] = {}
     for node in NODES:

@@ -119,13 +119,13 @@ def test_dares_drop_rate_reaches_the_method_from_the_run_config() -> None:
 
     config = {**project_config(), "merge-method": "dare", "dare-drop-rate": 0.9}
     strategy = build_merge_strategy(ServerSettings.from_run_config(config))
-    assert strategy.method.describe()["drop_rate"] == 0.9
+    assert strategy.settings.method.describe()["drop_rate"] == 0.9
     # the default, and another method leaves it out (robustmerge takes no drop rate)
     default = build_merge_strategy(
         ServerSettings.from_run_config({**project_config(), "merge-method": "dare"})
     )
-    assert default.method.describe()["drop_rate"] == 0.5
+    assert default.settings.method.describe()["drop_rate"] == 0.5
     plain = build_merge_strategy(ServerSettings.from_run_config(project_config()))
-    assert "drop_rate" not in plain.merge_hyperparameters
+    assert "drop_rate" not in plain.settings.hyperparameters
     with pytest.raises(ConfigError, match="dare-drop-rate"):
         ServerSettings.from_run_config({**config, "dare-drop-rate": 1.0})

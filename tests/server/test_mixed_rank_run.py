@@ -136,7 +136,7 @@ def test_a_resumed_mixed_rank_run_ends_bit_identical_to_an_uninterrupted_one(
     interrupted = tmp_path / "interrupted"
     _mixed_rank_run(model_dir, interrupted, run_config, 2, resume=False)
     resumed = _mixed_rank_run(model_dir, interrupted, run_config, 3, resume=True)
-    assert resumed.node_ranks == {1: 2, 2: 4, 3: 8}
+    assert resumed.admission.node_ranks == {1: 2, 2: 4, 3: 8}
     want = read_adapter_dir(straight / "final").tensors
     got = read_adapter_dir(interrupted / "final").tensors
     assert set(got) == set(want)

@@ -55,7 +55,7 @@ def test_robust_keys_are_read_and_reach_the_strategy() -> None:
     )
     assert settings.robust == RobustSettings("krum", 4.0, True, 9, 2, 3, 0.1)
     strategy = build_merge_strategy(settings)
-    assert strategy.robust == settings.robust and strategy.norm_history.maxlen == 9
+    assert strategy.settings.robust == settings.robust and strategy.stages.norm_history.maxlen == 9
     assert ServerSettings.from_run_config({}).robust == RobustSettings()
 
 
@@ -118,7 +118,7 @@ def test_under_server_clipping_the_screen_rejects_before_flowers_clipping() -> N
         torch.testing.assert_close(as_tensors(arrays)[key], want[key], rtol=1e-5, atol=1e-6)
     # the history holds the raw (pre-clipping) norms of the merged clients, once each
     raw = sorted(_norm({k: c[k] - base[k] for k in base}) for c in clients[:2])
-    assert sorted(core.norm_history) == pytest.approx(raw)
+    assert sorted(core.stages.norm_history) == pytest.approx(raw)
 
 
 def test_under_client_clipping_the_screen_also_runs_first() -> None:
@@ -221,8 +221,8 @@ def test_resume_restores_the_norm_history_and_the_same_decisions(tmp_path: Path)
     whole = _federate(tmp_path / "whole", 3, False, CannedGrid(2, scale))
     _federate(tmp_path / "cut", 2, False, CannedGrid(2, scale))
     resumed = _federate(tmp_path / "cut", 3, True, CannedGrid(2, scale))
-    assert len(resumed.norm_history) == 6  # 4 restored from round 2's checkpoint, 2 new
-    assert list(resumed.norm_history) == list(whole.norm_history)
+    assert len(resumed.stages.norm_history) == 6  # 4 restored from round 2's checkpoint, 2 new
+    assert list(resumed.stages.norm_history) == list(whole.stages.norm_history)
     assert not resumed.round_report().rejected
     final = {
         name: CheckpointStore(tmp_path / name, ADAPTER_CONFIG).latest_valid()
@@ -233,4 +233,4 @@ def test_resume_restores_the_norm_history_and_the_same_decisions(tmp_path: Path)
     for key, value in final["whole"].tensors.items():
         assert torch.equal(final["cut"].tensors[key], value)
     saved = final["cut"].state["strategy"]["robust"]["norm-history"]
-    assert saved == list(whole.norm_history)
+    assert saved == list(whole.stages.norm_history)

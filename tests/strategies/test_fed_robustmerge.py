@@ -415,7 +415,7 @@ def test_clients_that_move_only_b_move_the_global(options: dict[str, object]) ->
     new = as_tensors(arrays)
     assert float((new[B0] @ new[A0]).norm()) > 0.01
     assert metrics["factorwise-gap"] == pytest.approx(0.0, abs=1e-6)  # only B moved: exact
-    if strategy.method.merges_products():
+    if strategy.settings.method.merges_products():
         assert 0.0 <= metrics["rank-truncation-error"] < 1e-6  # rank r: nothing dropped
         assert "update-truncation-error" in metrics
     else:

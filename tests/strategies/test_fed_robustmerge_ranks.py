@@ -205,7 +205,7 @@ def test_a_node_that_changes_its_rank_is_rejected_and_the_ranks_are_checkpointed
     assert "lora-rank 8, but this node trained rank 4 in earlier rounds" in report.rejected[1]
     resumed = FedRobustMerge(merge_method="svd", device="cpu")
     resumed.restore_robust_state(strategy.robust_state())
-    assert resumed.node_ranks == {1: 4, 2: 16}
+    assert resumed.admission.node_ranks == {1: 4, 2: 16}
 
 
 def test_a_dp_wrapper_prescreen_takes_only_the_global_rank() -> None:

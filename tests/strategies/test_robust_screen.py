@@ -103,12 +103,12 @@ def test_t1_first_round_is_accepted_and_later_rounds_are_bounded_by_history() ->
     strategy = FedRobustMerge(device="cpu")
     _, first = run_round(strategy, base, [trained(base, 1)])
     assert first["clients-accepted"] == 1 and "robust-norm-bound" not in first
-    assert len(strategy.norm_history) == 1
+    assert len(strategy.stages.norm_history) == 1
     _, second = run_round(strategy, base, [outsized(base, trained(base, 2))], server_round=2)
     assert second["robust-screened"] == 1 and second["round-skipped"] == 1
-    assert second["robust-norm-bound"] == pytest.approx(10.0 * strategy.norm_history[0])
+    assert second["robust-norm-bound"] == pytest.approx(10.0 * strategy.stages.norm_history[0])
     _, third = run_round(strategy, base, [trained(base, 3)], server_round=3)
-    assert third["clients-accepted"] == 1 and len(strategy.norm_history) == 2
+    assert third["clients-accepted"] == 1 and len(strategy.stages.norm_history) == 2
 
 
 def test_t2_first_round_judges_against_the_smaller_norm() -> None:
@@ -150,7 +150,7 @@ def test_clip_mode_keeps_the_update_at_the_bound_for_every_method(method: str) -
     assert metrics is not None
     assert metrics["robust-clipped"] == 1 and metrics["robust-screened"] == 0
     assert metrics["clients-accepted"] == 4
-    assert strategy.norm_history[-1] <= metrics["robust-norm-bound"]  # recorded clipped
+    assert strategy.stages.norm_history[-1] <= metrics["robust-norm-bound"]  # recorded clipped
     reference = FedRobustMerge(device="cpu", merge_method=method, robust=RobustSettings("none"))
     alone, _ = run_round(reference, base, good)
     clipped = FedRobustMerge(device="cpu", merge_method=method, robust=RobustSettings(clip=True))
@@ -174,11 +174,11 @@ def test_history_is_bounded_and_restored_bit_identically() -> None:
     for server_round in (1, 2):
         clients = [trained(global_tensors, 10 * server_round + s) for s in range(3)]
         global_tensors, _ = run_round(first, global_tensors, clients, server_round)
-    assert len(first.norm_history) == 5  # 6 accepted norms, the oldest dropped
+    assert len(first.stages.norm_history) == 5  # 6 accepted norms, the oldest dropped
     state = first.robust_state()
     resumed = FedRobustMerge(device="cpu", robust=settings)
     resumed.restore_robust_state(state)
-    assert list(resumed.norm_history) == list(first.norm_history)
+    assert list(resumed.stages.norm_history) == list(first.stages.norm_history)
     clients = [trained(global_tensors, 30 + s) for s in range(2)]
     clients.append(outsized(global_tensors, trained(global_tensors, 40), 50.0))
     want, want_metrics = run_round(first, global_tensors, clients, 3)
@@ -187,7 +187,7 @@ def test_history_is_bounded_and_restored_bit_identically() -> None:
     assert got_metrics["robust-screened"] == want_metrics["robust-screened"] == 1
     for key in want:
         assert torch.equal(got[key], want[key])
-    assert list(resumed.norm_history) == list(first.norm_history)
+    assert list(resumed.stages.norm_history) == list(first.stages.norm_history)
 
 
 def test_krum_drops_the_update_farthest_from_the_others() -> None:

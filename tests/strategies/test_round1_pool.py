@@ -140,7 +140,7 @@ def test_fewer_replies_than_the_pool_are_a_buffered_round_as_before() -> None:
     clients = [
         {k: v.float() for k, v in m.content["arrays"].to_torch_state_dict().items()} for m in kept
     ]
-    merge = create_method("robustmerge", **strategy.merge_hyperparameters).round_form()
+    merge = create_method("robustmerge", **strategy.settings.hyperparameters).round_form()
     expected = merge_round(base, clients, merge, None, server_lr=0.7).tensors
     got = as_tensors(record)
     assert all(torch.equal(got[k], expected[k]) for k in base)

@@ -113,9 +113,11 @@ def test_sparse_round_equals_dense_round(options: dict[str, object], weighted: b
         scale_quantile=float(run_config["scale-quantile"]),
         mode=str(run_config["merge-mode"]),
     )
-    assert sparse.sparse_method is not None
+    assert sparse.settings.sparse_method is not None
     for wire, client in zip(wires, clients, strict=True):
-        accepted = check_sparse_train_reply(sparse_reply(1, wire), base, sparse.sparse_method)
+        accepted = check_sparse_train_reply(
+            sparse_reply(1, wire), base, sparse.settings.sparse_method
+        )
         pruned, scales = prune_adapter({k: client[k] - base[k] for k in base}, method)
         for key in base:
             decoded = accepted.delta(key)

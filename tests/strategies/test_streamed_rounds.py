@@ -48,7 +48,7 @@ def warmed(strategy: FedRobustMerge, nodes: range) -> dict[str, torch.Tensor]:
     base = make_global()
     start_round(strategy, base, nodes=len(nodes), server_round=1)
     record, _ = strategy.aggregate_train(1, replies_for(base, 1, nodes))
-    assert strategy.round_report(1).streamed == (len(nodes) > strategy.robust.pool)
+    assert strategy.round_report(1).streamed == (len(nodes) > strategy.settings.robust.pool)
     return as_tensors(record)
 
 
@@ -88,8 +88,8 @@ def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> N
         {k: v.float() for k, v in m.content["arrays"].to_torch_state_dict().items()}
         for m in replies
     ]
-    weights = [float(n) for n in range(1, 6)] if strategy.weight_by_examples else None
-    merge = create_method(method, **strategy.merge_hyperparameters).round_form()
+    weights = [float(n) for n in range(1, 6)] if strategy.settings.weight_by_examples else None
+    merge = create_method(method, **strategy.settings.hyperparameters).round_form()
     expected = merge_round(base, clients, merge, weights, server_lr=0.7).tensors
     got = as_tensors(record)
     for key in base:
@@ -107,7 +107,9 @@ def test_any_arrival_order_gives_the_same_global_and_history_bit_for_bit() -> No
         record, _ = strategy.aggregate_train(2, iter(replies))
         report = strategy.round_report(2)
         assert report.streamed
-        results.append((as_tensors(record), report.accepted_nodes, list(strategy.norm_history)))
+        results.append(
+            (as_tensors(record), report.accepted_nodes, list(strategy.stages.norm_history))
+        )
     first, nodes, history = results[0]
     for other, other_nodes, other_history in results[1:]:
         assert all(torch.equal(first[k], other[k]) for k in first)

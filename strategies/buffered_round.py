@@ -1,0 +1,66 @@
+"""A training round merged at once from its accepted (screened, rewritten) replies: the merge
+engine's round (``merging.rounds.merge_round``), or the sparse uplink's merge of the clients'
+pruned deltas, then the server step and the direction diagnostics."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import torch
+from flwr.supercore import log
+
+from strategies.merging.rounds import apply_server_step, global_change_norm, merge_round
+from strategies.reply_checks import AcceptedReply, reply_rank
+from strategies.reply_tensors import ReplyTensors
+from strategies.round_diagnostics import score_directions
+from strategies.round_report import RoundState
+from strategies.sparse_uplink import SparseReply, merge_sparse_replies
+from strategies.strategy_settings import MergeSettings
+
+
+def merge_buffered(
+    settings: MergeSettings, state: RoundState, accepted: list[AcceptedReply]
+) -> dict[str, torch.Tensor]:
+    """The new global from ``accepted``; the merge's timing, errors and update norm (and, at
+    equal ranks, the direction scores) go into the round's report."""
+    report = state.report
+    base = state.global_tensors
+    weights = (
+        [float(reply.num_examples) for reply in accepted] if settings.weight_by_examples else None
+    )
+    global_rank = state.global_rank()
+    if settings.sparse_method is not None:
+        sparse = [reply for reply in accepted if isinstance(reply, SparseReply)]
+        result = merge_sparse_replies(sparse, settings.sparse_method, weights, settings.device)
+        apply_server_step(base, result.tensors, settings.server_lr, settings.merge_target)
+    else:
+        ranks = {reply_rank(reply) for reply in accepted} - {global_rank}
+        result = merge_round(
+            base,
+            [ReplyTensors(reply) for reply in accepted],
+            settings.method,
+            weights,
+            server_lr=settings.server_lr,
+            target=settings.merge_target,
+            device=settings.device,
+            labels=[f"node {reply.node_id}" for reply in accepted],
+            sent={rank: state.site_start(rank).tensors for rank in ranks if rank is not None},
+        )
+    report.merge_seconds = result.report.seconds
+    report.relative_error = result.report.relative_error
+    report.update_relative_error = result.report.update_relative_error
+    new_global = result.tensors
+    report.merged_update_norm = global_change_norm(base, new_global)
+    if all(reply_rank(reply) == global_rank for reply in accepted):
+        # The diagnostics compare factors with the global's: equal ranks only.
+        score_directions(accepted, base, new_global, weights, settings.diagnostics_modules, report)
+    log(
+        INFO,
+        "round %d: merged %d replies (%d rejected) in %.3fs, |update| = %.4g",
+        report.server_round,
+        len(accepted),
+        len(report.rejected),
+        report.merge_seconds,
+        report.merged_update_norm,
+    )
+    return new_global

@@ -1,0 +1,230 @@
+"""What a FedRobustMerge federation merges with and how: its settings, checked and resolved once.
+
+``MergeSettings.build`` turns the strategy's keyword arguments into one frozen object (the merge
+method in its round form, the robust options, the limits), refusing a bad value or a combination
+that cannot run with a sentence naming the setting. The strategy's parts (reply admission, the
+robust stages, the buffered and streamed rounds) read their settings from it, so each is written
+once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.supercore import log
+
+from strategies import wire
+from strategies.combinations import (
+    combination_refusal,
+    mixed_rank_refusal,
+    robust_refusal,
+    round_method,
+)
+from strategies.merging import accepted_hyperparameters, available_methods, resolve_device
+from strategies.merging.method import MergeMethod
+from strategies.merging.robustmerge import RobustMerge
+from strategies.merging.rounds import TARGETS
+from strategies.robust import RobustSettings
+from strategies.sparse_uplink import merge_settings
+
+# Methods that weight each client by its num-examples whatever weight_by_examples says.
+EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd", "exact-mean"})
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The resolved merge settings of one strategy (see ``FedRobustMerge`` for each one's
+    meaning). ``method`` is the merge method as rounds run it (``combinations.round_method``);
+    ``other_ranks_refused`` says why a reply of another LoRA rank than the global's is refused
+    (None: such replies are merged)."""
+
+    merge_method: str
+    hyperparameters: dict[str, Any]
+    method: MergeMethod
+    merge_target: str
+    uplink: str
+    server_lr: float
+    weight_by_examples: bool
+    device: str
+    min_merge_replies: int
+    max_update_norm: float | None
+    max_num_examples: int
+    diagnostics_modules: int
+    seed: int
+    robust: RobustSettings
+    other_ranks_refused: str | None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        merge_method: str,
+        mode: str,
+        keep_ratio: float,
+        scale_quantile: float,
+        fuse_weight: float,
+        merge_options: Mapping[str, Any] | None,
+        merge_target: str,
+        server_lr: float,
+        weight_by_examples: bool,
+        device: str | None,
+        min_merge_replies: int,
+        max_update_norm: float | None,
+        max_num_examples: int,
+        diagnostics_modules: int,
+        seed: int,
+        uplink: str,
+        robust: RobustSettings | None,
+    ) -> MergeSettings:
+        """Check and resolve ``FedRobustMerge``'s merge arguments; ValueError names what is
+        wrong.
+
+        Parameters
+        ----------
+        merge_method : str (default: "robustmerge")
+            Any registered merge method (``strategies.available_methods()``).
+        mode : str (default: "paper-exact")
+            RobustMerge's mode ("paper-exact" or "paper-equation").
+        keep_ratio : float (default: 0.2)
+        scale_quantile : float (default: 0.2)
+        fuse_weight : float (default: 2.0)
+            Passed to the method when it takes them.
+        merge_options : dict, optional
+            Further method hyperparameters (e.g. ``{"drop_rate": 0.3}`` for dare).
+        merge_target : str (default: "delta")
+            "delta" or "adapter" (``FedRobustMerge``).
+        server_lr : float (default: 1.0)
+            eta in the server step.
+        weight_by_examples : bool (default: False)
+            Weight clients by num-examples in RobustMerge (lambda_t = lambda T n_t / sum n); fedavg,
+            svd and exact-mean always weight by examples.
+        device : str, optional
+            Merge device; None picks CUDA when available.
+        min_merge_replies : int (default: 1)
+            Fewer accepted replies than this skip the round; the global stays as it was.
+        max_update_norm : float, optional
+            Replies whose update (delta) Frobenius norm exceeds this are rejected.
+        robust : RobustSettings, optional (default: the norm screen, factor 10, reject)
+            Byzantine-robust stages (``strategies.robust``): every option but "none" screens each
+            update norm against ``norm_factor`` x the lower median of this round's norms and the
+            last ``history`` accepted norms, rejecting (or, with ``clip``, clipping) outsized ones;
+            "krum" then keeps the multi-Krum selection, "trimmed-mean" and "median" clamp each
+            client's delta coordinate-wise before the merge. A lone first reply (no history yet)
+            is accepted and its norm recorded.
+        max_num_examples : int (default: 1e9)
+            Upper bound on a reply's num-examples (it weights the merge).
+        diagnostics_modules : int (default: 8)
+            Modules sampled (evenly spaced) for the direction-robustness diagnostics; 0 disables.
+        seed : int (default: 0)
+            Seeds node sampling (round r samples with seed + r) so runs and resumes repeat.
+        uplink : str (default: "dense")
+            "dense": replies carry the trained LoRA tensors. "sparse": each client sends its own
+            pruned delta and scale vectors (``strategies.sparse_uplink``); needs merge_method
+            "robustmerge" and merge_target "delta"; the merged global equals the dense one.
+        """
+        if merge_method not in available_methods():
+            raise ValueError(
+                f"unknown merge method {merge_method!r}; known methods: "
+                f"{', '.join(available_methods())}"
+            )
+        if merge_target not in TARGETS:
+            raise ValueError(f"merge_target must be one of {TARGETS}, got {merge_target!r}")
+        if min_merge_replies < 1:
+            raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
+        if uplink not in wire.UPLINKS:
+            raise ValueError(f"uplink must be one of {wire.UPLINKS}, got {uplink!r}")
+        refusal = combination_refusal(merge_method, mode, merge_target, uplink)
+        if refusal is not None:
+            raise ValueError(refusal)
+        robust = robust if robust is not None else RobustSettings()
+        refusal = robust_refusal(robust, uplink)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        accepted = accepted_hyperparameters(merge_method)
+        unknown = sorted(set(merge_options or {}) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"merge method {merge_method!r} does not take {', '.join(unknown)}; "
+                f"it takes: {', '.join(accepted) or 'no hyperparameters'}"
+            )
+        offered = {
+            "mode": mode,
+            "keep_ratio": keep_ratio,
+            "scale_quantile": scale_quantile,
+            "fuse_weight": fuse_weight,
+            **(merge_options or {}),
+        }
+        hyperparameters = {k: v for k, v in offered.items() if k in accepted}
+        return cls(
+            merge_method=merge_method,
+            hyperparameters=hyperparameters,
+            method=round_method(merge_method, merge_target, hyperparameters),
+            merge_target=merge_target,
+            uplink=uplink,
+            server_lr=float(server_lr),
+            weight_by_examples=weight_by_examples or merge_method in EXAMPLE_WEIGHTED_METHODS,
+            device=str(resolve_device(device)),
+            min_merge_replies=min_merge_replies,
+            max_update_norm=max_update_norm,
+            max_num_examples=max_num_examples,
+            diagnostics_modules=diagnostics_modules,
+            seed=seed,
+            robust=robust,
+            other_ranks_refused=mixed_rank_refusal(
+                merge_method, mode, merge_target, uplink, robust
+            ),
+        )
+
+    @property
+    def sparse_method(self) -> RobustMerge | None:
+        """The RobustMerge the clients prune with on the sparse uplink (None: dense uplink)."""
+        if self.uplink == "sparse" and isinstance(self.method, RobustMerge):
+            return self.method
+        return None
+
+    @property
+    def method_form(self) -> str:
+        """The form the merge method runs in (``strategies.merging.method.FORMS``)."""
+        return str(getattr(self.method, "form", "round"))
+
+    def train_instruction(self, server_round: int) -> dict[str, int | float | str]:
+        """What a client needs from the server to train round ``server_round``
+        (``strategies.wire``): the round, the uplink, and the merge settings when the client
+        prunes (sparse uplink)."""
+        instruction: dict[str, int | float | str] = {
+            wire.SERVER_ROUND: server_round,
+            wire.UPLINK: self.uplink,
+        }
+        if self.sparse_method is not None:
+            instruction.update(merge_settings(self.sparse_method))
+        return instruction
+
+    def log_summary(self) -> None:
+        """The merge's part of the strategy's start-up summary, with a warning for a setting
+        known to misbehave."""
+        log(INFO, "\t└──> Merge: %s %s on %s", self.merge_method, self.hyperparameters, self.device)
+        log(
+            INFO,
+            "\t\t target=%s server_lr=%s weight_by_examples=%s min_merge_replies=%d uplink=%s",
+            self.merge_target,
+            self.server_lr,
+            self.weight_by_examples,
+            self.min_merge_replies,
+            self.uplink,
+        )
+        log(INFO, "\t\t robust aggregation: %s", self.robust.describe())
+        if self.merge_target == "adapter" and self.method_form == "one-shot":
+            log(
+                WARNING,
+                "merge-target 'adapter' with %s keeps the one-shot sum of lambda * A over clients "
+                "that share the global A: the merged A is about lambda x clients times one "
+                "client's, so the step grows with the federation (the quality benchmark fell "
+                "below zero-shot at lambda 2); prefer merge-target 'delta' (size-invariant), "
+                "fuse-weight 1 or merge-mode 'paper-equation'",
+                self.merge_method,
+            )
