@@ -21,7 +21,9 @@ Train reply content:
 Evaluate instruction content: ``"arrays"`` as above (a ``"config"`` is accepted and ignored).
 Evaluate reply content:
     ``"metrics"``: MetricRecord ``{"num-examples": int, "eval-loss": float,
-    "eval-accuracy": float}``.
+    "eval-accuracy": float}``; with run-config ``personalization = "local-finetune"`` also
+    ``"personalized-steps"`` (int) and the scores of the site's personal copy,
+    ``"personalized-loss"`` and ``"personalized-accuracy"`` (``client.personalization``).
 
 Nothing else leaves the client: no texts, labels, label names, base weights or file paths.
 
@@ -49,6 +51,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from logging import INFO
 from types import TracebackType
 from typing import IO
@@ -60,6 +63,7 @@ from flwr.common import log
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.personalization import PersonalizationSettings, personalize
 from client.privacy import clip_when_asked
 from client.secure_aggregation import secure_aggregation_mod
 from client.uplink import reply_records
@@ -247,13 +251,47 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({**records, wire.METRICS: metrics}), reply_to=msg)
 
 
+def _evaluate_round(msg: Message) -> int:
+    """The evaluate instruction's ``server-round`` (0 when absent): seeds the personal copy's
+    training as a train round of the same number is seeded."""
+    config = _message_config(msg)
+    if wire.SERVER_ROUND not in config:
+        return 0
+    return read_int(config, wire.SERVER_ROUND, 0, minimum=0, source="evaluate config")
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Load the global adapter, score it (truncated to this site's rank) on local held-out data,
-    reply with metrics only."""
+    reply with metrics only.
+
+    With run-config ``personalization = "local-finetune"`` the site also fine-tunes a copy of
+    that adapter for ``personalization-steps`` local steps on its training data and scores it on
+    the same held-out data (``client.personalization``); the reply adds ``personalized-steps``
+    and the copy's scores (``personalized-loss``, ``personalized-accuracy`` or
+    ``personalized-perplexity``), and one log line compares them with the global's."""
     lora = LoraSettings.for_site(context.run_config, context.node_config)
+    personalization = PersonalizationSettings.from_run_config(context.run_config)
     kind = get_task_kind(lora.task)
     run = LocalRound(context.run_config, context.node_config)
-    scores = kind.evaluate_local(lora, run, site_start(_global_adapter(msg), lora))
-    metrics = MetricRecord({name: value for name, value in scores.items()})
+    start = site_start(_global_adapter(msg), lora)
+    scores = kind.evaluate_local(lora, run, start)
+    values = dict(scores)
+    if personalization.local_finetune:
+        server_round = _evaluate_round(msg)
+        personal_run = replace(run, server_round=server_round)
+        personal = personalize(kind, lora, personal_run, start, personalization.steps)
+        values.update(personal.metrics)
+        log(
+            INFO,
+            "client: round %d, global vs personalised (%d local steps): %s",
+            server_round,
+            personal.steps,
+            ", ".join(
+                f"{key} {scores[key]:.4f} -> {personal.metrics[name]:.4f}"
+                for key, name in wire.PERSONALIZED_SCORES
+                if key in scores and name in personal.metrics
+            ),
+        )
+    metrics = MetricRecord({name: value for name, value in values.items()})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -28,7 +28,9 @@ train reply            ``ARRAYS``: the trained LoRA tensors, fp32, the received 
                        are A r x d_in, B d_out x r at that rank, see ``strategies.merging.ranks``)}.
 evaluate instruction   ``ARRAYS`` as above; ``CONFIG`` with ``SERVER_ROUND`` (read by nobody).
 evaluate reply         ``METRICS``: {``NUM_EXAMPLES``, ``EVAL_LOSS``, and ``EVAL_ACCURACY``
-                       (classification) or ``EVAL_PERPLEXITY`` (causal-lm)}.
+                       (classification) or ``EVAL_PERPLEXITY`` (causal-lm)}; with run-config
+                       ``personalization = "local-finetune"`` also ``PERSONALIZED_STEPS`` and
+                       each score of the personal copy (``PERSONALIZED_SCORES``).
 SecAgg+ instruction    Flower's legacy FitIns: the global adapter as ndarrays in the order of
 (server -> client)     ``ADAPTER_KEYS`` ("adapter-keys", names joined by ``KEY_SEPARATOR``), plus
                        ``SERVER_ROUND``, ``SPARSE_SETTINGS`` and ``SECAGG_CLIPPING_RANGE``.
@@ -65,6 +67,19 @@ LORA_RANK: Final = "lora-rank"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACCURACY: Final = "eval-accuracy"
 EVAL_PERPLEXITY: Final = "eval-perplexity"
+# Run-config personalization = "local-finetune" (issue 27; ``client.personalization``): the
+# evaluate reply also scores the site's personal copy (the global fine-tuned for
+# PERSONALIZED_STEPS local optimiser steps) on the same held-out split, each global score under
+# its personalised key; absent with personalization = "none".
+PERSONALIZED_LOSS: Final = "personalized-loss"
+PERSONALIZED_ACCURACY: Final = "personalized-accuracy"
+PERSONALIZED_PERPLEXITY: Final = "personalized-perplexity"
+PERSONALIZED_STEPS: Final = "personalized-steps"
+PERSONALIZED_SCORES: Final = (
+    (EVAL_LOSS, PERSONALIZED_LOSS),
+    (EVAL_ACCURACY, PERSONALIZED_ACCURACY),
+    (EVAL_PERPLEXITY, PERSONALIZED_PERPLEXITY),
+)
 
 # Which uplink a train reply (and, for "sparse", the train instruction) uses.
 UPLINK: Final = "uplink"

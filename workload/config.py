@@ -37,6 +37,11 @@ MAX_LORA_RANK = 1024
 # lora_B, with every lora_A frozen at the global value (FFA-LoRA, Sun et al., ICLR 2024).
 TRAIN_FACTORS: tuple[str, ...] = ("ab", "b")
 
+# Run-config ``personalization`` (issue 27): "none", today's behaviour; "local-finetune": each
+# site also scores a copy of the global fine-tuned for ``personalization-steps`` local steps on
+# its own training data (``client.personalization``). "shared-a" is still to come.
+PERSONALIZATION_MODES: tuple[str, ...] = ("none", "local-finetune")
+
 
 class ConfigError(ValueError):
     """A config value of the wrong type or out of range; names the key, the source, what is
@@ -170,6 +175,9 @@ SCHEMA: Mapping[str, Setting] = {
     "eval-examples": _i(256, "eval examples per task", low=1),
     "seen-tasks": Setting("names", "banking77,stackoverflow,sentiment,hwu64", "trained tasks"),
     "unseen-tasks": Setting("names", "clinc150,mcid", "evaluated-only tasks", allow_empty=True),
+    # Personalisation (client.personalization; issue 27)
+    "personalization": _c("none", "site-side personalisation", PERSONALIZATION_MODES),
+    "personalization-steps": _i(4, "local-finetune: local steps of the personal copy", low=1),
     # simulated sites' data (workload.partitioners): task i mod len, or flwr-datasets' partitioners
     # over the pooled seen tasks
     "partitioner": _c(
