@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from strategies import wire
-from workload.config import Reader
+from workload.config import Reader, schema_default
 from workload.kinds.base import LocalRound, Metrics, TaskKind
 from workload.model import LoraSettings
 
@@ -45,8 +45,8 @@ LOCAL_FINETUNE = "local-finetune"
 class PersonalizationSettings:
     """Run-config ``personalization`` and ``personalization-steps`` (defaults: the schema's)."""
 
-    mode: str = NONE
-    steps: int = 4
+    mode: str = schema_default("personalization", str)
+    steps: int = schema_default("personalization-steps", int)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> PersonalizationSettings:

@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check .
 ruff format --check .
 mypy
+# The layering contracts in pyproject.toml ([tool.importlinter]): no cycle or upward import.
+lint-imports --no-cache
 # The docs site: --strict fails on a broken link or anchor and on a page missing from the nav.
 # Built into a temporary folder so the checkout stays clean.
 docs_site="$(mktemp -d)"

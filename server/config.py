@@ -71,6 +71,7 @@ class ServerSettings:
     dare_drop_rate: float = 0.5
     tracking: str = "none"
     tracking_uri: str = ""
+    personalization: str = "none"
 
     def __post_init__(self) -> None:
         refusal = combination_refusal(
@@ -102,6 +103,12 @@ class ServerSettings:
             raise ConfigError(
                 f"run config 'tracking-uri' = {self.tracking_uri!r} is read only with "
                 f"tracking = 'mlflow' (got tracking = {self.tracking!r}): set both, or neither"
+            )
+        if self.personalization != "none" and self.fraction_evaluate == 0.0:
+            raise ConfigError(
+                f"run config 'personalization' = {self.personalization!r} is scored in the sites' "
+                "own evaluation, but fraction-evaluate = 0 asks no site to evaluate: set "
+                "fraction-evaluate > 0 (1.0: every site), or personalization = 'none'"
             )
         tracking_refusal = backend_refusal(self.tracking)
         if tracking_refusal is not None:
@@ -170,6 +177,7 @@ class ServerSettings:
             dare_drop_rate=reader.number("dare-drop-rate"),
             tracking=reader.choice("tracking"),
             tracking_uri=reader.string("tracking-uri"),
+            personalization=reader.choice("personalization"),
         )
 
 

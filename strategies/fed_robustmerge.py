@@ -32,7 +32,7 @@ from strategies.robust import RobustSettings
 from strategies.robust_stages import RobustStages
 from strategies.round_metrics import evaluation_metrics, train_metrics
 from strategies.round_report import RoundReport, RoundState, open_state
-from strategies.strategy_settings import MergeSettings
+from strategies.strategy_settings import Defaults, MergeSettings
 from strategies.streamed_round import StreamedRound
 from strategies.summed_round import merge_secure_round, skip_secure_round
 
@@ -57,7 +57,8 @@ class FedRobustMerge(FedAvg):
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
     min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn
-        As in ``flwr.serverapp.strategy.FedAvg``.
+        As in ``flwr.serverapp.strategy.FedAvg``; the fractions' and minimums' defaults are the
+        run config's (fraction-evaluate 0: no client-side evaluation unless asked for).
     merge_method, mode, keep_ratio, scale_quantile, fuse_weight, merge_options, merge_target,
     server_lr, weight_by_examples, device, min_merge_replies, max_update_norm, robust,
     max_num_examples, diagnostics_modules, seed, uplink
@@ -68,32 +69,32 @@ class FedRobustMerge(FedAvg):
     def __init__(
         self,
         *,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
+        fraction_train: float = Defaults.fraction_train,
+        fraction_evaluate: float = Defaults.fraction_evaluate,
+        min_train_nodes: int = Defaults.min_train_nodes,
+        min_evaluate_nodes: int = Defaults.min_evaluate_nodes,
         min_available_nodes: int = 2,
         weighted_by_key: str = wire.NUM_EXAMPLES,
         arrayrecord_key: str = wire.ARRAYS,
         configrecord_key: str = wire.CONFIG,
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        merge_method: str = "robustmerge",
-        mode: str = "paper-exact",
-        keep_ratio: float = 0.2,
-        scale_quantile: float = 0.2,
-        fuse_weight: float = 2.0,
+        merge_method: str = Defaults.merge_method,
+        mode: str = Defaults.mode,
+        keep_ratio: float = Defaults.keep_ratio,
+        scale_quantile: float = Defaults.scale_quantile,
+        fuse_weight: float = Defaults.fuse_weight,
         merge_options: Mapping[str, Any] | None = None,
-        merge_target: str = "delta",
-        server_lr: float = 1.0,
-        weight_by_examples: bool = False,
+        merge_target: str = Defaults.merge_target,
+        server_lr: float = Defaults.server_lr,
+        weight_by_examples: bool = Defaults.weight_by_examples,
         device: str | None = None,
-        min_merge_replies: int = 1,
+        min_merge_replies: int = Defaults.min_merge_replies,
         max_update_norm: float | None = None,
         max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
         diagnostics_modules: int = 8,
-        seed: int = 0,
-        uplink: str = "dense",
+        seed: int = Defaults.seed,
+        uplink: str = Defaults.uplink,
         robust: RobustSettings | None = None,
     ) -> None:
         super().__init__(

@@ -29,9 +29,28 @@ from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import TARGETS
 from strategies.robust import RobustSettings
 from strategies.sparse_uplink import merge_settings
+from workload.config import schema_default
 
-# Methods that weight each client by its num-examples whatever weight_by_examples says.
-EXAMPLE_WEIGHTED_METHODS = frozenset({"fedavg", "svd", "exact-mean"})
+
+class Defaults:
+    """FedRobustMerge's defaults: the run-config schema's, so a library user and an app user
+    get the same federation."""
+
+    merge_method = schema_default("merge-method", str)
+    mode = schema_default("merge-mode", str)
+    keep_ratio = schema_default("keep-ratio", float)
+    scale_quantile = schema_default("scale-quantile", float)
+    fuse_weight = schema_default("fuse-weight", float)
+    merge_target = schema_default("merge-target", str)
+    server_lr = schema_default("server-lr", float)
+    weight_by_examples = schema_default("weight-by-examples", bool)
+    min_merge_replies = schema_default("min-merge-replies", int)
+    seed = schema_default("seed", int)
+    uplink = schema_default("uplink", str)
+    fraction_train = schema_default("fraction-train", float)
+    fraction_evaluate = schema_default("fraction-evaluate", float)
+    min_train_nodes = schema_default("min-train-nodes", int)
+    min_evaluate_nodes = schema_default("min-evaluate-nodes", int)
 
 
 @dataclass(frozen=True)
@@ -82,28 +101,32 @@ class MergeSettings:
         """Check and resolve ``FedRobustMerge``'s merge arguments; ValueError names what is
         wrong.
 
+        Every default but ``device``'s, ``max_num_examples``' and ``diagnostics_modules``' is the
+        run-config schema's (``workload.config.SCHEMA``; docs/run-config.md), so a library user
+        and an app user get the same federation.
+
         Parameters
         ----------
-        merge_method : str (default: "robustmerge")
+        merge_method : str
             Any registered merge method (``strategies.available_methods()``).
-        mode : str (default: "paper-exact")
+        mode : str
             RobustMerge's mode ("paper-exact" or "paper-equation").
-        keep_ratio : float (default: 0.2)
-        scale_quantile : float (default: 0.2)
-        fuse_weight : float (default: 2.0)
+        keep_ratio : float
+        scale_quantile : float
+        fuse_weight : float
             Passed to the method when it takes them.
         merge_options : dict, optional
             Further method hyperparameters (e.g. ``{"drop_rate": 0.3}`` for dare).
-        merge_target : str (default: "delta")
+        merge_target : str
             "delta" or "adapter" (``FedRobustMerge``).
-        server_lr : float (default: 1.0)
+        server_lr : float
             eta in the server step.
-        weight_by_examples : bool (default: False)
+        weight_by_examples : bool
             Weight clients by num-examples in RobustMerge (lambda_t = lambda T n_t / sum n); fedavg,
             svd and exact-mean always weight by examples.
         device : str, optional
             Merge device; None picks CUDA when available.
-        min_merge_replies : int (default: 1)
+        min_merge_replies : int
             Fewer accepted replies than this skip the round; the global stays as it was.
         max_update_norm : float, optional
             Replies whose update (delta) Frobenius norm exceeds this are rejected.
@@ -118,9 +141,9 @@ class MergeSettings:
             Upper bound on a reply's num-examples (it weights the merge).
         diagnostics_modules : int (default: 8)
             Modules sampled (evenly spaced) for the direction-robustness diagnostics; 0 disables.
-        seed : int (default: 0)
+        seed : int
             Seeds node sampling (round r samples with seed + r) so runs and resumes repeat.
-        uplink : str (default: "dense")
+        uplink : str
             "dense": replies carry the trained LoRA tensors. "sparse": each client sends its own
             pruned delta and scale vectors (``strategies.sparse_uplink``); needs merge_method
             "robustmerge" and merge_target "delta"; the merged global equals the dense one.
@@ -160,14 +183,15 @@ class MergeSettings:
             **(merge_options or {}),
         }
         hyperparameters = {k: v for k, v in offered.items() if k in accepted}
+        method = round_method(merge_method, merge_target, hyperparameters)
         return cls(
             merge_method=merge_method,
             hyperparameters=hyperparameters,
-            method=round_method(merge_method, merge_target, hyperparameters),
+            method=method,
             merge_target=merge_target,
             uplink=uplink,
             server_lr=float(server_lr),
-            weight_by_examples=weight_by_examples or merge_method in EXAMPLE_WEIGHTED_METHODS,
+            weight_by_examples=weight_by_examples or method.weights_by_examples(),
             device=str(resolve_device(device)),
             min_merge_replies=min_merge_replies,
             max_update_norm=max_update_norm,

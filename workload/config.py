@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from strategies import wire
 
@@ -214,6 +214,18 @@ def _int_range(low: float | None, high: float | None) -> str:
     if high is not None:
         return f"an integer <= {high:g}"
     return "an integer"
+
+
+Plain = TypeVar("Plain", bool, int, float, str)
+
+
+def schema_default(key: str, kind: type[Plain]) -> Plain:
+    """The default of run-config ``key`` (here, its one home), checked to be a ``kind``: library
+    code takes its defaults from this, so a library user and an app user get the same run."""
+    value = SCHEMA[key].default
+    if type(value) is not kind:
+        raise TypeError(f"the schema's default of {key!r} is {value!r}, not a {kind.__name__}")
+    return kind(value)
 
 
 class Reader:

@@ -21,6 +21,10 @@ from strategies.merging.registry import register_method
 class ExactMean(MergeMethod):
     """Weighted mean of the products B_t A_t (of the updates, in rounds), truncated to rank r."""
 
+    def weights_by_examples(self) -> bool:
+        """An example-weighted mean by definition: rounds weight by num-examples."""
+        return True
+
     def merge_pair(
         self,
         a_stack: torch.Tensor,

@@ -18,6 +18,10 @@ from strategies.merging.registry import register_method
 class FedAvg(MergeMethod):
     """Weighted mean of A and of B: A_m = sum_t p_t A_t, B_m = sum_t p_t B_t."""
 
+    def weights_by_examples(self) -> bool:
+        """An example-weighted mean by definition: rounds weight by num-examples."""
+        return True
+
     def merge_pair(
         self,
         a_stack: torch.Tensor,

@@ -71,6 +71,12 @@ class MergeMethod(ABC):
         checked before the merge."""
         return False
 
+    def weights_by_examples(self) -> bool:
+        """True when the method is an example-weighted mean by definition (FedAvg and the
+        product-space means), so federated rounds weight its clients by num-examples whatever
+        ``weight-by-examples`` says; False: equal weights unless asked."""
+        return False
+
     def merges_products(self) -> bool:
         """True when the method merges the products B_t A_t (then it implements
         ``product_terms`` and ``update_terms``), False when it merges A and B separately."""

@@ -78,7 +78,7 @@ def merge_round(
     method: MergeMethod,
     weights: Sequence[float] | torch.Tensor | None = None,
     *,
-    server_lr: float = 1.0,
+    server_lr: float,
     target: str = "delta",
     device: str | torch.device | None = None,
     labels: Sequence[int | str] | None = None,

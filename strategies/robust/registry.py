@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from strategies.robust.centered_clip import DEFAULT_CENTER_RADIUS
+from workload.config import schema_default
 
 ROBUST_AGGREGATIONS = ("norm", "none", "krum", "trimmed-mean", "median", "centered-clip")
 SELECTION_STAGES = frozenset({"krum"})
@@ -30,31 +31,32 @@ CENTER_STAGES = frozenset({"centered-clip"})
 # (T - 1) / T x (1 + factor / sqrt(T - 1)) times the good clients' own: 5.5 at T = 2 for a factor
 # of 10, so the issue's "no more than 10 times as far" holds in both modes. Honest clients whose
 # norms differ by up to 10x from the median are not touched.
-DEFAULT_NORM_FACTOR = 10.0
+DEFAULT_NORM_FACTOR = schema_default("robust-norm-factor", float)
 # Accepted norms remembered across rounds (about 8 rounds of 8 clients).
-DEFAULT_HISTORY = 64
-DEFAULT_TRIM_FRACTION = 0.25
+DEFAULT_HISTORY = schema_default("robust-history", int)
+DEFAULT_TRIM_FRACTION = schema_default("robust-trim-fraction", float)
 # Replies a first round (no history) holds back to screen against their own median before it
 # streams the rest (``strategies.robust.round_pool``): the lower median of 8 (the 4th smallest)
 # stays an honest norm while at most 4 of them are outsized (a quarter of 16 sites, all among
 # the first 8, still cannot raise it); it is the diagnostics sample's size, and 8 held adapters
 # plus the exact sums (4) and the global stay under 16.
-DEFAULT_POOL = 8
+DEFAULT_POOL = schema_default("robust-pool", int)
 
 
 @dataclass(frozen=True)
 class RobustSettings:
-    """The robust options of a run (run-config keys ``robust-*``), checked on construction.
+    """The robust options of a run (run-config keys ``robust-*``, whose schema holds the
+    defaults), checked on construction.
 
     ``krum_select`` 0 means T - f (every reply but the f assumed malicious).
     """
 
-    aggregation: str = "norm"
+    aggregation: str = schema_default("robust-aggregation", str)
     norm_factor: float = DEFAULT_NORM_FACTOR
-    clip: bool = False
+    clip: bool = schema_default("robust-clip", bool)
     history: int = DEFAULT_HISTORY
-    krum_malicious: int = 1
-    krum_select: int = 0
+    krum_malicious: int = schema_default("robust-krum-malicious", int)
+    krum_select: int = schema_default("robust-krum-select", int)
     trim_fraction: float = DEFAULT_TRIM_FRACTION
     pool: int = DEFAULT_POOL
 

@@ -190,7 +190,7 @@ def _round_under_the_screen(scale_of_bound: float) -> list[int]:
     assert float(crafted @ own_delta) < 0  # reversed
     delta = aa.unflatten(aa.scale_to(crafted, scale_of_bound * bound), base)
     hostile = {k: base[k] + delta[k] for k in keys}
-    strategy = FedRobustMerge(device="cpu", min_train_nodes=1, min_available_nodes=1)
+    strategy = FedRobustMerge(device="cpu", min_train_nodes=1, min_available_nodes=1, server_lr=1.0)
     start_round(strategy, base, nodes=4)
     replies = [reply(n + 1, r) for n, r in enumerate(honest)] + [reply(4, hostile)]
     strategy.aggregate_train(1, replies)
@@ -217,7 +217,7 @@ def _run_rounds(
     hooks = AttackHooks(attack, setup, defence)
     base = make_global(0)
     strategy = FedRobustMerge(
-        device="cpu", min_train_nodes=1, min_available_nodes=1, robust=defence
+        device="cpu", min_train_nodes=1, min_available_nodes=1, robust=defence, server_lr=1.0
     )
     clients = len(setup.client_tasks)
     for server_round in range(1, rounds + 1):

@@ -77,7 +77,9 @@ def test_with_the_defaults_one_hostile_site_moves_the_global_at_most_ten_times_a
     hostile = attack(base, trained(base, 1), 4)
 
     def moved(replies: list[dict[str, torch.Tensor]]) -> float:
-        strategy = FedRobustMerge(device="cpu", min_train_nodes=1, min_available_nodes=1)
+        strategy = FedRobustMerge(
+            device="cpu", min_train_nodes=1, min_available_nodes=1, server_lr=1.0
+        )
         start_round(strategy, base, nodes=len(replies))
         arrays, _ = strategy.aggregate_train(1, [reply(n + 1, r) for n, r in enumerate(replies)])
         return _norm(as_tensors(arrays), base)

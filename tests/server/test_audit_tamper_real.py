@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 def run(
     run_dir: Path, *, resume: bool = False, start: dict[str, torch.Tensor] | None = None
 ) -> None:
-    strategy = FedRobustMerge(device="cpu", min_train_nodes=3, fraction_evaluate=0.0)
+    strategy = FedRobustMerge(device="cpu", min_train_nodes=3, fraction_evaluate=0.0, server_lr=1.0)
     run_federation(
         ThreeSites(),  # type: ignore[arg-type]
         MessageRounds(strategy),

@@ -129,3 +129,16 @@ def test_dares_drop_rate_reaches_the_method_from_the_run_config() -> None:
     assert "drop_rate" not in plain.settings.hyperparameters
     with pytest.raises(ConfigError, match="dare-drop-rate"):
         ServerSettings.from_run_config({**config, "dare-drop-rate": 1.0})
+
+
+def test_personalisation_without_client_evaluation_is_refused_at_start_up() -> None:
+    """Issue 27: the personal copy is scored in the sites' own evaluation, so a run that asks
+    no site to evaluate would personalise nothing, silently."""
+    asked = {**project_config(), "personalization": "local-finetune"}
+    with pytest.raises(
+        ConfigError, match=r"'personalization' = 'local-finetune'.*fraction-evaluate"
+    ):
+        ServerSettings.from_run_config({**asked, "fraction-evaluate": 0.0})
+    settings = ServerSettings.from_run_config({**asked, "fraction-evaluate": 1.0})
+    assert settings.personalization == "local-finetune"
+    assert ServerSettings.from_run_config(project_config()).personalization == "none"

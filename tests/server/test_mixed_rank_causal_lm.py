@@ -71,7 +71,7 @@ def test_causal_lm_sites_at_two_ranks_complete_a_round(tmp_path: Path) -> None:
     initial = initial_adapter(lora, seed=0)
     grid = ThreadGrid({1: train, 2: train}, run_config)  # partition-id = node - 1
     strategy = FedRobustMerge(
-        merge_method="svd", device="cpu", min_train_nodes=2, fraction_evaluate=0.0
+        merge_method="svd", device="cpu", min_train_nodes=2, fraction_evaluate=0.0, server_lr=1.0
     )
     targets = resolve_target_modules(lora)
     assert sorted(targets) == sorted(LLAMA_TARGETS)

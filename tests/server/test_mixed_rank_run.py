@@ -45,7 +45,12 @@ def test_three_ranks_run_end_to_end_and_every_rank_loads_in_peft(
     assert (lora.r, lora.alpha) == (8, 16)  # alpha / r = 2 at every rank
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)  # partition-id = node - 1
     strategy = FedRobustMerge(
-        merge_method=method, mode=mode, device="cpu", min_train_nodes=3, fraction_evaluate=0.0
+        merge_method=method,
+        mode=mode,
+        device="cpu",
+        min_train_nodes=3,
+        fraction_evaluate=0.0,
+        server_lr=1.0,
     )
     config = adapter_config_for(str(model_dir), lora.r, lora.alpha, ["query", "value"])
     out = tmp_path / "run"
@@ -102,7 +107,7 @@ def _mixed_rank_run(
     lora = LoraSettings.for_global(run_config)
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)
     strategy = FedRobustMerge(
-        merge_method="svd", device="cpu", min_train_nodes=3, fraction_evaluate=0.0
+        merge_method="svd", device="cpu", min_train_nodes=3, fraction_evaluate=0.0, server_lr=1.0
     )
     config = adapter_config_for(str(model_dir), lora.r, lora.alpha, ["query", "value"])
     try:

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 def wrapped(mode: str, *, noise: float = 0.0, sampled: int = 3, **options: object) -> Strategy:
     """FedRobustMerge on CPU inside the DP wrapper ``mode`` names."""
     return wrap_with_privacy(
-        FedRobustMerge(device="cpu", **options),  # type: ignore[arg-type]
+        FedRobustMerge(device="cpu", **{"server_lr": 1.0, **options}),  # type: ignore[arg-type]
         mode,
         clipping_norm=CLIP,
         noise_multiplier=noise,
@@ -128,7 +128,7 @@ def test_flowers_wrapper_alone_cannot_take_that_reply() -> None:
     bad = dict(trained(base, 2))
     bad[next(iter(bad))] = torch.zeros(3, 3)
     strategy = DifferentialPrivacyServerSideFixedClipping(
-        FedRobustMerge(device="cpu"), 0.0, CLIP, 2
+        FedRobustMerge(device="cpu", server_lr=1.0), 0.0, CLIP, 2
     )
     start_round(strategy, base, nodes=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -158,9 +158,9 @@ def test_wrap_modes_and_sensitivity_factor() -> None:
         )
     # eta lambda m sqrt(1 + (1 + sqrt(r))^2); r = 4: sqrt(1 + 9) = sqrt(10)
     assert robustmerge_sensitivity_factor(inner, 4, 4) == pytest.approx(0.5 * 2.0 * 4 * 10**0.5)
-    fedavg = FedRobustMerge(merge_method="fedavg", device="cpu")
+    fedavg = FedRobustMerge(merge_method="fedavg", device="cpu", server_lr=1.0)
     assert robustmerge_sensitivity_factor(fedavg, 4, 4) == 1.0
-    equation = FedRobustMerge(mode="paper-equation", device="cpu")
+    equation = FedRobustMerge(mode="paper-equation", device="cpu", server_lr=1.0)
     assert robustmerge_sensitivity_factor(equation, 4, 4) is None
 
 
@@ -276,7 +276,7 @@ def test_no_ledger_without_noise_or_without_a_bound() -> None:
     quiet = wrapped("server-clipping", noise=0.0, sampled=2)
     assert getattr(quiet, "ledger", None) is None
     unbounded = wrap_with_privacy(
-        FedRobustMerge(mode="paper-equation", device="cpu"),
+        FedRobustMerge(mode="paper-equation", device="cpu", server_lr=1.0),
         "server-clipping",
         clipping_norm=CLIP,
         noise_multiplier=1.0,

@@ -89,7 +89,7 @@ def test_sparse_uplink_refuses_clip_and_coordinate_stages_at_start() -> None:
 
 def _dp(mode: str, sampled: int = 3) -> Any:
     return wrap_with_privacy(
-        FedRobustMerge(device="cpu"),
+        FedRobustMerge(device="cpu", server_lr=1.0),
         mode,
         clipping_norm=CLIP,
         noise_multiplier=0.0,
@@ -200,7 +200,7 @@ class CannedGrid(AnsweredOnPull):
 
 
 def _federate(run_dir: Path, rounds: int, resume: bool, grid: CannedGrid) -> FedRobustMerge:
-    strategy = FedRobustMerge(device="cpu", fraction_evaluate=0.0)
+    strategy = FedRobustMerge(device="cpu", fraction_evaluate=0.0, server_lr=1.0)
     store = CheckpointStore(run_dir, ADAPTER_CONFIG)
     run_federation(
         grid,  # type: ignore[arg-type]

@@ -182,7 +182,7 @@ def run(
     RELEASE_LATE_CLIENTS.clear()
     lora = LoraSettings.from_run_config(run_config)
     strategy = FedRobustMerge(
-        device="cpu", min_train_nodes=len(grid.handlers), fraction_evaluate=0.0
+        device="cpu", min_train_nodes=len(grid.handlers), fraction_evaluate=0.0, server_lr=1.0
     )
     store = CheckpointStore(
         tmp_path, adapter_config_for(lora.model, lora.r, lora.alpha, lora.target_modules)

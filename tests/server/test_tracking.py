@@ -72,7 +72,11 @@ def run(
     try:
         run_federation(
             Sites(),  # type: ignore[arg-type]
-            MessageRounds(FedRobustMerge(device="cpu", min_train_nodes=3, fraction_evaluate=0.0)),
+            MessageRounds(
+                FedRobustMerge(
+                    device="cpu", min_train_nodes=3, fraction_evaluate=0.0, server_lr=1.0
+                )
+            ),
             LoopSettings(num_rounds=rounds, round_timeout=60.0, run_dir=run_dir, resume=resume),
             initial=make_global(),
             store=CheckpointStore(run_dir, ADAPTER_CONFIG),
@@ -428,7 +432,9 @@ def test_a_run_that_fails_is_closed_as_aborted_after_the_rounds_it_logged(tmp_pa
             run_federation(
                 SitesGoneInRound2(),  # type: ignore[arg-type]
                 MessageRounds(
-                    FedRobustMerge(device="cpu", min_train_nodes=3, fraction_evaluate=0.0)
+                    FedRobustMerge(
+                        device="cpu", min_train_nodes=3, fraction_evaluate=0.0, server_lr=1.0
+                    )
                 ),
                 LoopSettings(num_rounds=3, round_timeout=60.0, run_dir=tmp_path, resume=False),
                 initial=make_global(),

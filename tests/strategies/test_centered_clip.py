@@ -84,6 +84,7 @@ def _merged(
         min_train_nodes=1,
         min_available_nodes=1,
         robust=RobustSettings(aggregation),
+        server_lr=1.0,
     )
     start_round(strategy, base, nodes=len(replies))
     arrays, _ = strategy.aggregate_train(1, [reply(n + 1, r) for n, r in enumerate(replies)])

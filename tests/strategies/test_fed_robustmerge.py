@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,14 @@ from flwr.app import (
 
 from strategies import FedRobustMerge, merge_lora
 from strategies.merging import create_method
-from strategies.wire import ARRAYS, EVAL_ACCURACY, METRICS, NUM_EXAMPLES, TRAIN_LOSS
+from strategies.wire import (
+    ARRAYS,
+    EVAL_ACCURACY,
+    METRICS,
+    NUM_EXAMPLES,
+    PERSONALIZED_ACCURACY,
+    TRAIN_LOSS,
+)
 
 A0 = "base_model.model.layer.0.query.lora_A.weight"
 B0 = "base_model.model.layer.0.query.lora_B.weight"
@@ -186,7 +194,7 @@ TENSOR_CASES = {
 
 def test_a_rounds_report_is_handed_out_only_once_the_round_is_closed() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     with pytest.raises(RuntimeError, match="not this strategy's last round"):
         strategy.round_report(1)
     with pytest.raises(RuntimeError, match="not opened by configure_train"):
@@ -212,7 +220,7 @@ def test_bad_reply_is_rejected_and_round_goes_on(
 ) -> None:
     corrupt, reason = TENSOR_CASES[case]
     base = make_global()
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     start_round(strategy, base)
     good = [trained(base, 1), trained(base, 2)]
     bad = corrupt(trained(base, 3))
@@ -241,7 +249,7 @@ NUM_EXAMPLE_CASES = {
 @pytest.mark.parametrize("case", sorted(NUM_EXAMPLE_CASES))
 def test_bad_num_examples_is_rejected(case: str) -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu", merge_method="fedavg")
+    strategy = FedRobustMerge(device="cpu", merge_method="fedavg", server_lr=1.0)
     start_round(strategy, base)
     good = [trained(base, 1), trained(base, 2)]
     replies = [
@@ -260,7 +268,7 @@ def test_bad_num_examples_is_rejected(case: str) -> None:
 
 def test_error_reply_and_duplicate_node_are_rejected() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     start_round(strategy, base)
     good = trained(base, 1)
     replies = [
@@ -280,7 +288,7 @@ def test_error_reply_and_duplicate_node_are_rejected() -> None:
 
 def test_all_bad_keeps_global_and_counts_rejections() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     start_round(strategy, base)
     arrays, metrics = strategy.aggregate_train(
         1, [error_reply(1), reply(2, _poison(float("nan"))(trained(base, 2)))]
@@ -292,7 +300,7 @@ def test_all_bad_keeps_global_and_counts_rejections() -> None:
 
 def test_min_merge_replies_skips_round() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu", min_merge_replies=3)
+    strategy = FedRobustMerge(device="cpu", min_merge_replies=3, server_lr=1.0)
     start_round(strategy, base)
     arrays, metrics = strategy.aggregate_train(
         1, [reply(1, trained(base, 1)), reply(2, trained(base, 2))]
@@ -302,7 +310,7 @@ def test_min_merge_replies_skips_round() -> None:
 
 def test_max_update_norm_rejects_outlier() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu", max_update_norm=5.0)
+    strategy = FedRobustMerge(device="cpu", max_update_norm=5.0, server_lr=1.0)
     start_round(strategy, base)
     huge = {k: v + 100.0 for k, v in base.items()}
     arrays, _ = strategy.aggregate_train(1, [reply(1, trained(base, 1)), reply(2, huge)])
@@ -314,7 +322,7 @@ def test_max_update_norm_rejects_outlier() -> None:
 def test_weight_by_examples_switch_reshapes_fuse_weights() -> None:
     base = make_global()
     clients = [trained(base, 1), trained(base, 2)]
-    strategy = FedRobustMerge(device="cpu", weight_by_examples=True)
+    strategy = FedRobustMerge(device="cpu", weight_by_examples=True, server_lr=1.0)
     start_round(strategy, base)
     arrays, _ = strategy.aggregate_train(1, [reply(1, clients[0], 100), reply(2, clients[1], 300)])
     want = expected_global(base, clients, weights=[100, 300])
@@ -326,7 +334,7 @@ def test_weight_by_examples_switch_reshapes_fuse_weights() -> None:
 def test_adapter_target_merges_full_adapters() -> None:
     base = make_global()
     clients = [trained(base, 1), trained(base, 2)]
-    strategy = FedRobustMerge(device="cpu", merge_target="adapter", fuse_weight=0.5)
+    strategy = FedRobustMerge(device="cpu", merge_target="adapter", fuse_weight=0.5, server_lr=1.0)
     start_round(strategy, base)
     arrays, _ = strategy.aggregate_train(1, [reply(1, clients[0]), reply(2, clients[1])])
     want = merge_lora(clients, device="cpu", fuse_weight=0.5)
@@ -340,9 +348,9 @@ def test_every_registered_method_runs_through_the_strategy() -> None:
     for method in available_methods():
         if method == "task_arithmetic":
             with pytest.raises(ValueError, match="no round form"):
-                FedRobustMerge(device="cpu", merge_method=method)
+                FedRobustMerge(device="cpu", merge_method=method, server_lr=1.0)
             continue
-        strategy = FedRobustMerge(device="cpu", merge_method=method)
+        strategy = FedRobustMerge(device="cpu", merge_method=method, server_lr=1.0)
         start_round(strategy, base)
         arrays, metrics = strategy.aggregate_train(
             1, [reply(1, trained(base, 1)), reply(2, trained(base, 2))]
@@ -353,9 +361,9 @@ def test_every_registered_method_runs_through_the_strategy() -> None:
 
 def test_unknown_method_and_foreign_option_are_refused() -> None:
     with pytest.raises(ValueError, match="known methods"):
-        FedRobustMerge(merge_method="nope")
+        FedRobustMerge(merge_method="nope", server_lr=1.0)
     with pytest.raises(ValueError, match="does not take drop_rate"):
-        FedRobustMerge(merge_method="robustmerge", merge_options={"drop_rate": 0.1})
+        FedRobustMerge(merge_method="robustmerge", merge_options={"drop_rate": 0.1}, server_lr=1.0)
 
 
 def test_sampling_is_seeded_per_round() -> None:
@@ -364,7 +372,7 @@ def test_sampling_is_seeded_per_round() -> None:
     grid = FakeGrid(list(range(100, 120)))
 
     def sampled(seed: int, server_round: int) -> list[int]:
-        strategy = FedRobustMerge(device="cpu", fraction_train=0.25, seed=seed)
+        strategy = FedRobustMerge(device="cpu", fraction_train=0.25, seed=seed, server_lr=1.0)
         messages = strategy.configure_train(server_round, record, ConfigRecord(), grid)  # type: ignore[arg-type]
         return [m.metadata.dst_node_id for m in messages]
 
@@ -374,7 +382,7 @@ def test_sampling_is_seeded_per_round() -> None:
 
 
 def test_aggregate_evaluate_ignores_malformed_replies() -> None:
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     good = reply(1, None, 10, extra_metrics={EVAL_ACCURACY: 0.5})
     other = reply(2, None, 30, extra_metrics={EVAL_ACCURACY: 0.9})
     broken = reply(3, None, None, extra_metrics={EVAL_ACCURACY: 0.0})
@@ -461,8 +469,31 @@ def test_identical_replies_move_the_global_as_far_as_one(
 
 def test_factorwise_gap_is_reported_when_both_factors_move() -> None:
     base = make_global()
-    strategy = FedRobustMerge(device="cpu", merge_method="fedavg")
+    strategy = FedRobustMerge(device="cpu", merge_method="fedavg", server_lr=1.0)
     start_round(strategy, base)
     _, metrics = strategy.aggregate_train(1, [reply(n, trained(base, n)) for n in (1, 2, 3)])
     assert metrics is not None and metrics["factorwise-gap"] > 0
     assert strategy.round_report().to_json()["factorwise-gap"] == metrics["factorwise-gap"]
+
+
+def test_personalised_scores_are_logged_per_site_and_averaged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 27: the server logs each site's personalised accuracy next to its global one, and
+    the mean of both (example-weighted) reaches the evaluate metrics."""
+    strategy = FedRobustMerge(device="cpu")
+    first = reply(1, None, 10, extra_metrics={EVAL_ACCURACY: 0.5, PERSONALIZED_ACCURACY: 0.7})
+    second = reply(2, None, 30, extra_metrics={EVAL_ACCURACY: 0.9, PERSONALIZED_ACCURACY: 0.8})
+    plain = reply(3, None, 20, extra_metrics={EVAL_ACCURACY: 0.6})
+    with caplog.at_level(logging.INFO):
+        metrics = strategy.aggregate_evaluate(3, [first, second, plain])
+    assert metrics is not None
+    assert metrics[PERSONALIZED_ACCURACY] == pytest.approx((0.7 * 10 + 0.8 * 30) / 40)
+    assert metrics[EVAL_ACCURACY] == pytest.approx((0.5 * 10 + 0.9 * 30 + 0.6 * 20) / 60)
+    lines = [r.getMessage() for r in caplog.records if "personalised" in r.getMessage()]
+    assert any(
+        "round 3: node 1: eval-accuracy 0.5000 global -> 0.7000 personalised" in m for m in lines
+    )
+    assert any("node 2: eval-accuracy 0.9000 global -> 0.8000 personalised" in m for m in lines)
+    assert not any("node 3" in m for m in lines)  # no personal copy: nothing to compare
+    assert any(m.startswith("round 3: mean over the sites: eval-accuracy") for m in lines)

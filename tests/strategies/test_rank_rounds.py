@@ -136,9 +136,11 @@ def test_merge_round_refuses_mixed_ranks_for_factor_wise_methods_and_adapter_tar
     base = global_adapter(4)
     clients = [trained_from(adapter_at_rank(base, r).tensors, r) for r in (4, 16)]
     with pytest.raises(MixedRankError, match="fedavg cannot merge clients of different ranks"):
-        merge_round(base, clients, method_of("fedavg", {}), device="cpu")
+        merge_round(base, clients, method_of("fedavg", {}), device="cpu", server_lr=1.0)
     with pytest.raises(MixedRankError, match="merge-target 'adapter'"):
-        merge_round(base, clients, method_of("svd", {}), target="adapter", device="cpu")
+        merge_round(
+            base, clients, method_of("svd", {}), target="adapter", device="cpu", server_lr=1.0
+        )
 
 
 def test_merge_round_names_a_client_whose_shapes_do_not_match_one_rank() -> None:
@@ -146,4 +148,4 @@ def test_merge_round_names_a_client_whose_shapes_do_not_match_one_rank() -> None
     odd = trained_from(adapter_at_rank(base, 4).tensors, 0)
     odd[f"{MODULES[1]}.lora_B.weight"] = torch.zeros(D_OUT, 8)
     with pytest.raises(ValueError, match=r"expected \(20, 4\) at this client's rank 4"):
-        merge_round(base, [base, odd], method_of("svd", {}), device="cpu")
+        merge_round(base, [base, odd], method_of("svd", {}), device="cpu", server_lr=1.0)

@@ -139,7 +139,7 @@ def test_clients_that_move_only_b_move_the_global(name: str, options: dict[str, 
     base[B_KEY] = torch.zeros_like(base[B_KEY])  # round 1: PEFT's zero-initialised B
     base[B2_KEY] = torch.zeros_like(base[B2_KEY])
     clients = [moved(base, seed, a=False) for seed in (2, 3, 4)]
-    result = merge_round(base, clients, round_method(name, options), device="cpu")
+    result = merge_round(base, clients, round_method(name, options), device="cpu", server_lr=1.0)
     assert global_change_norm(base, result.tensors) > 0.05
     # sum_t p_t B_t A_G has rank r: nothing to truncate, the product is exact.
     if name != "robustmerge":
@@ -154,7 +154,7 @@ def test_clients_that_move_only_a_are_read_out_by_the_global_b(
 ) -> None:
     base = make_global(2)
     clients = [moved(base, seed, b=False) for seed in (5, 6)]
-    result = merge_round(base, clients, round_method(name, options), device="cpu")
+    result = merge_round(base, clients, round_method(name, options), device="cpu", server_lr=1.0)
     if name == "robustmerge":
         want = product(base) + equation_round_update(base, clients, 2.0, 0.2)
     else:
@@ -252,7 +252,9 @@ def test_exact_mean_and_flexlora_are_the_rank_r_cut_of_the_float64_mean_update(n
     # a server step, in tests/strategies/test_round_values_f64.py).
     base = make_global(6)
     clients = [moved(base, seed, size=0.3) for seed in (16, 17, 18)]
-    result = merge_round(base, clients, round_method(name, {}), [1.0, 2.0, 3.0], device="cpu")
+    result = merge_round(
+        base, clients, round_method(name, {}), [1.0, 2.0, 3.0], device="cpu", server_lr=1.0
+    )
     target = product(base) + exact_mean_update(base, clients, [1.0, 2.0, 3.0])
     best = ref.best_rank_approximation(target, base[A_KEY].shape[0])
     assert relative(best, target) > 1e-3  # the cut drops something
@@ -365,13 +367,14 @@ def test_client_order_does_not_change_the_new_global(seed: int, count: int, orde
     order.shuffle(permutation)
     for name, options in ROUND_METHODS:
         method = round_method(name, options)
-        first = merge_round(base, clients, method, weights, device="cpu")
+        first = merge_round(base, clients, method, weights, device="cpu", server_lr=1.0)
         shuffled = merge_round(
             base,
             [clients[i] for i in permutation],
             method,
             [weights[i] for i in permutation],
             device="cpu",
+            server_lr=1.0,
         )
         if method.merges_products():
             for a_key, b_key in ((A_KEY, B_KEY), (A2_KEY, B2_KEY)):
@@ -428,9 +431,10 @@ def test_a_client_whose_shapes_differ_from_the_global_is_refused_by_name() -> No
             round_method("svd", {}),
             device="cpu",
             labels=["node 8", "node 9"],
+            server_lr=1.0,
         )
     with pytest.raises(ValueError, match="target must be one of"):
-        merge_round(base, [bad], round_method("fedavg", {}), target="product")
+        merge_round(base, [bad], round_method("fedavg", {}), target="product", server_lr=1.0)
 
 
 def test_delta_view_subtracts_key_by_key_without_touching_its_inputs() -> None:

@@ -53,7 +53,7 @@ def warmed(strategy: FedRobustMerge, nodes: range) -> dict[str, torch.Tensor]:
 
 
 def test_round_two_streams_once_the_screen_has_a_history() -> None:
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 5))
     start_round(strategy, base, nodes=4, server_round=2)
     record, metrics = strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 5))))
@@ -66,7 +66,9 @@ def test_round_two_streams_once_the_screen_has_a_history() -> None:
 
 
 def test_without_a_screen_the_first_round_streams_too() -> None:
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(aggregation="none"))
+    strategy = FedRobustMerge(
+        device="cpu", robust=RobustSettings(aggregation="none"), server_lr=1.0
+    )
     base = make_global()
     start_round(strategy, base, nodes=3)
     strategy.aggregate_train(1, replies_for(base, 1, range(1, 4)))
@@ -99,7 +101,7 @@ def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> N
 def test_any_arrival_order_gives_the_same_global_and_history_bit_for_bit() -> None:
     results = []
     for seed in range(4):
-        strategy = FedRobustMerge(device="cpu", weight_by_examples=True)
+        strategy = FedRobustMerge(device="cpu", weight_by_examples=True, server_lr=1.0)
         base = warmed(strategy, range(1, 9))
         start_round(strategy, base, nodes=8, server_round=2)
         replies = replies_for(base, 2, range(1, 9))
@@ -143,7 +145,7 @@ class LiveReplies:
 def test_a_streamed_round_holds_one_reply_at_a_time_and_a_buffered_one_all() -> None:
     # A first-round pool larger than the round: round 1 buffers (tests/strategies/
     # test_round1_pool.py covers the default pool of 8).
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(pool=16))
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(pool=16), server_lr=1.0)
     base = make_global()
     start_round(strategy, base, nodes=12)
     buffered = LiveReplies(base, 1, 12)
@@ -161,7 +163,7 @@ def test_a_streamed_round_holds_one_reply_at_a_time_and_a_buffered_one_all() -> 
 
 
 def test_the_screen_rejects_an_outsized_update_against_earlier_rounds_norms() -> None:
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 5))
     start_round(strategy, base, nodes=4, server_round=2)
     strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 5), boost={3: 1000.0})))
@@ -172,7 +174,7 @@ def test_the_screen_rejects_an_outsized_update_against_earlier_rounds_norms() ->
 
 
 def test_clip_mode_scales_an_outsized_update_to_the_bound_in_a_streamed_round() -> None:
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(clip=True))
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(clip=True), server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     replies = replies_for(base, 2, range(1, 4), boost={2: 50.0})
@@ -186,14 +188,16 @@ def test_clip_mode_scales_an_outsized_update_to_the_bound_in_a_streamed_round() 
         norm = report.update_norms[message.metadata.src_node_id]
         factor = min(1.0, report.norm_bound.bound / norm)
         clients.append({k: base[k] + factor * (tensors[k] - base[k]) for k in base})
-    expected = merge_round(base, clients, create_method("robustmerge").round_form()).tensors
+    expected = merge_round(
+        base, clients, create_method("robustmerge").round_form(), server_lr=1.0
+    ).tensors
     got = as_tensors(record)
     for key in base:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_second_reply_from_one_node_is_rejected_and_the_first_kept() -> None:
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     replies = replies_for(base, 2, range(1, 4))
@@ -206,7 +210,7 @@ def test_a_second_reply_from_one_node_is_rejected_and_the_first_kept() -> None:
 def test_diagnostics_score_a_seeded_sample_of_eight_whatever_the_order() -> None:
     picks = []
     for seed in range(2):
-        strategy = FedRobustMerge(device="cpu")
+        strategy = FedRobustMerge(device="cpu", server_lr=1.0)
         base = warmed(strategy, range(1, 13))
         start_round(strategy, base, nodes=12, server_round=2)
         replies = replies_for(base, 2, range(1, 13))
@@ -219,7 +223,7 @@ def test_diagnostics_score_a_seeded_sample_of_eight_whatever_the_order() -> None
 
 
 def test_too_few_streamed_replies_skip_the_round() -> None:
-    strategy = FedRobustMerge(device="cpu", min_merge_replies=3)
+    strategy = FedRobustMerge(device="cpu", min_merge_replies=3, server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     record, _ = strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 3))))
@@ -245,7 +249,7 @@ def test_stages_and_methods_that_need_every_reply_buffer(options: dict[str, obje
 def test_the_new_global_does_not_wait_for_the_diagnostics() -> None:
     """A streamed round returns the new global after the division and the server step; the
     direction diagnostics run once, when the report is first asked for."""
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 4))))

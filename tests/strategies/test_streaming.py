@@ -92,7 +92,7 @@ def test_fold_matches_the_batch_round_merge(name: str, weighted: bool) -> None:
     trained = clients(base, 5)
     weights = [3.0, 1.0, 7.0, 2.0, 5.0] if weighted else None
     method = create_method(name).round_form()
-    batch = merge_round(base, trained, method, weights).tensors
+    batch = merge_round(base, trained, method, weights, server_lr=1.0).tensors
     streamed = fold_round(method, base, trained, weights)
     for key in base:
         torch.testing.assert_close(streamed[key], batch[key], rtol=1e-5, atol=1e-6)
