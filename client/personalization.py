@@ -37,7 +37,6 @@ from workload.config import Reader, schema_default
 from workload.kinds.base import LocalRound, Metrics, TaskKind
 from workload.model import LoraSettings
 
-NONE = "none"
 LOCAL_FINETUNE = "local-finetune"
 
 

@@ -20,7 +20,6 @@ wrong, and is a fresh start too (``None``). The caller then starts from the glob
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 from flwr.common import log
 from safetensors.torch import load, save
+
+from workload.atomic_files import write_bytes_atomic
 
 # The file in the caller's folder that holds the site's tensors.
 SITE_STATE_FILE = "site-state.safetensors"
@@ -66,21 +67,11 @@ def save_site_state(
     """
     _check_tensors(tensors)
     path = site_state_path(folder, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = save(
         {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()},
         metadata={"format": "pt"},
     )
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, payload)
     return path
 
 

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from workload.atomic_files import write_bytes_atomic
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "accuracy.png"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync it, rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write JSON to ``path`` atomically (``workload.atomic_files``)."""
+    write_bytes_atomic(path, json.dumps(payload, indent=1, sort_keys=True).encode())
 
 
 def write_metrics(

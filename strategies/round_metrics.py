@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 from flwr.app import Message, MetricRecord, RecordDict
@@ -123,30 +123,34 @@ def evaluation_metrics(
             )
             continue
         usable.append((count, message.content))
-        log_personal_scores(server_round, node, message.content)
+        log_personal_scores(server_round, f"node {node}", numeric_metrics(message.content))
     if not usable:
         return None
     metrics = weighted_metrics(usable)
-    log_personal_scores(server_round, None, RecordDict({wire.METRICS: MetricRecord(metrics)}))
+    log_personal_scores(server_round, "mean over the sites", metrics)
     return metrics
 
 
-def log_personal_scores(server_round: int, node: int | None, content: RecordDict) -> None:
-    """One line comparing a site's personalised scores with the global's, when its evaluate
-    reply has them (run-config ``personalization``; issue 27); ``node`` None: the sites'
-    example-weighted mean."""
-    scores: dict[str, float] = {}
-    for record in content.metric_records.values():
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                scores[key] = float(value)
+def numeric_metrics(content: RecordDict) -> dict[str, float]:
+    """A reply's numeric metrics, every metric record merged (bools and lists left out)."""
+    return {
+        key: float(value)
+        for record in content.metric_records.values()
+        for key, value in record.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def log_personal_scores(server_round: int, who: str, scores: Mapping[str, object]) -> None:
+    """One line comparing ``who``'s personalised scores with the global's, when ``scores`` (an
+    evaluate reply's metrics, or the sites' example-weighted mean) has them (run-config
+    ``personalization``; issue 27)."""
     pairs = [
         f"{key} {scores[key]:.4f} global -> {scores[personal]:.4f} personalised"
         for key, personal in wire.PERSONALIZED_SCORES
         if key in scores and personal in scores
     ]
     if pairs:
-        who = f"node {node}" if node is not None else "mean over the sites"
         log(INFO, "round %d: %s: %s", server_round, who, ", ".join(pairs))
 
 
