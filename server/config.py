@@ -11,6 +11,7 @@ from typing import Any
 from server.tracking import backend_refusal
 from strategies.combinations import combination_refusal, mixed_rank_refusal, robust_refusal
 from strategies.merging import available_methods
+from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
 from strategies.robust import ROBUST_AGGREGATIONS, RobustSettings
@@ -116,8 +117,10 @@ class ServerSettings:
 
     def merge_options(self) -> dict[str, float]:
         """The merge method's own hyperparameters from the run config (``merge_options`` of
-        FedRobustMerge): dare's drop rate; none for the other methods."""
-        return {"drop_rate": self.dare_drop_rate} if self.merge_method == "dare" else {}
+        FedRobustMerge): each key the method declares (``MergeMethod.run_config_options``, e.g.
+        dare's ``dare-drop-rate`` -> ``drop_rate``) read from this setting of the same name."""
+        declared = method_class(self.merge_method).run_config_options()
+        return {kwarg: getattr(self, key.replace("-", "_")) for key, kwarg in declared.items()}
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:

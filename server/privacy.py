@@ -16,7 +16,6 @@ needs. RobustMerge is not a mean: see ``robustmerge_sensitivity_factor``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -216,36 +215,24 @@ def restore_privacy_ledger(strategy: Strategy, history: Sequence[Mapping[str, An
 def robustmerge_sensitivity_factor(
     strategy: FedRobustMerge, num_sampled_clients: int, rank: int
 ) -> float | None:
-    """How much further one clipped client can move the released adapter than a mean allows.
+    """How much further one clipped client can move the released adapter than a mean allows:
+    the merge method's own declaration (``MergeMethod.dp_sensitivity_factor``), for the
+    strategy's server step eta, ``num_sampled_clients`` (m) and the LoRA ``rank`` (r).
 
     Flower's noise (std z C / m) is calibrated for a mean of m updates clipped to C, which one
-    client moves by at most C / m: factor 1 (fedavg). For the other merges, with the server step
-    eta and fuse weight lambda (add or remove one client whose update has norm <= C):
+    client moves by at most C / m: factor 1 (fedavg). The bounds the methods declare:
 
-    - robustmerge paper-exact: A_m = sum_t lambda A^_t moves by up to lambda C (pruning only
-      shrinks norms); the round form's A_m = lambda sum_t p_t A^_t moves less (at most
-      2 lambda C / (m + 1)), so the sum's bound kept here is valid but loose. Each column of
-      B_m is lambda times a convex combination (weights s~_t[i] / sum_u s~_u[i]) of the
-      clients' columns; the new client can shift column i by up
-      to lambda (|b_i| + |c_i|) <= lambda (|b_i| + max_t |B^_t[:, i]|), at most lambda C (1 +
-      sqrt(r)) over the r columns. Together: factor eta lambda m sqrt(1 + (1 + sqrt(r))^2),
-      about 4 eta lambda m at r = 8.
-    - task_arithmetic does not run in rounds (it has no size-invariant form).
+    - robustmerge paper-exact: eta lambda m sqrt(1 + (1 + sqrt(r))^2), about 4 eta lambda m at
+      r = 8 (lambda the fuse weight; the derivation is in ``RobustMerge.dp_sensitivity_factor``);
+    - task_arithmetic does not run in rounds (it has no size-invariant form);
     - paper-equation, ties, dare, svd, exact-mean: products, sign elections, random drops or an
-      SVD; no bound is derived here (None).
+      SVD; no bound is derived (None).
 
     The effective noise multiplier is z / factor; it is an upper bound on the privacy the run
-    gets, since the bounds above are worst cases.
+    gets, since the bounds are worst cases.
     """
-    method = strategy.settings.merge_method
-    if method == "fedavg":
-        return 1.0
-    fuse = strategy.settings.hyperparameters.get("fuse_weight", 1.0)
-    weight = abs(float(max(fuse)) if isinstance(fuse, tuple) else float(fuse))
-    base = strategy.settings.server_lr * weight * num_sampled_clients
-    if method == "robustmerge" and strategy.settings.hyperparameters.get("mode") == "paper-exact":
-        return max(1.0, base * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2))
-    return None
+    settings = strategy.settings
+    return settings.method.dp_sensitivity_factor(settings.server_lr, num_sampled_clients, rank)
 
 
 def core_strategy(strategy: Strategy) -> FedRobustMerge:

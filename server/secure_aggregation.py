@@ -85,6 +85,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore import log
 
 from server.config import ConfigError, ServerSettings
+from strategies.combinations import configured_method
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 MODULUS_RANGE = 2**32  # Flower's default; its docs ask for at most 2**32
@@ -122,7 +123,7 @@ def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | N
             "merge-mode = 'paper-exact'",
         ),
         (
-            settings.merge_method != "robustmerge",
+            not configured_method(settings.merge_method, settings.merge_mode).sums_client_terms(),
             "merge-method",
             f"is {settings.merge_method!r}: the secure path sums RobustMerge's per-client terms "
             "(ties' sign election, dare's per-client drop and svd's factorisation need the "

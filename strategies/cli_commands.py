@@ -32,7 +32,12 @@ from strategies.cli_merge_checks import (
 )
 from strategies.cli_merge_messages import MergeProgress, method_label, warn_shared_initialisation
 from strategies.cli_merge_report import REPORT_FILE, merge_report
-from strategies.merging import MergeInputError, merge_lora_with_report, resolve_device
+from strategies.merging import (
+    MergeInputError,
+    create_method,
+    merge_lora_with_report,
+    resolve_device,
+)
 
 PROGRESS_ABOVE_PARAMETERS = 1_000_000
 """Merges with more parameters (summed over the inputs) print progress lines on stderr."""
@@ -69,15 +74,10 @@ def run_merge(args: argparse.Namespace) -> int:
     tensors = [folder.tensors for folder in folders]
     parameters = sum(tensor.numel() for adapter in tensors for tensor in adapter.values())
     progress = MergeProgress(sys.stderr) if parameters > PROGRESS_ABOVE_PARAMETERS else None
+    merger = create_method(method, **hyperparameters)
     try:
         result = merge_lora_with_report(
-            tensors,
-            method,
-            weights,
-            device,
-            labels=labels,
-            progress=progress,
-            **hyperparameters,
+            tensors, merger, weights, device, labels=labels, progress=progress
         )
     except MergeInputError as error:
         raise CliError(merge_error_message(error, labels)) from None
@@ -88,7 +88,7 @@ def run_merge(args: argparse.Namespace) -> int:
                 "inputs' values are too large to merge)"
             )
 
-    warn_shared_initialisation(tensors, result.report.method)
+    warn_shared_initialisation(tensors, merger)
     report = merge_report(folders, labels, method, hyperparameters, weights, result.report)
     write_adapter_dir(
         out,

@@ -14,21 +14,20 @@ import torch
 
 from strategies.cli_errors import PROG
 from strategies.merging.diagnostics import shared_a_similarity
+from strategies.merging.method import MergeMethod
 
 SHARED_A_SIMILARITY = 0.9
 """Cosine similarity of the adapters' A factors above which they count as one initialisation."""
 
 
 def warn_shared_initialisation(
-    adapters: Sequence[Mapping[str, torch.Tensor]], described: Mapping[str, object]
+    adapters: Sequence[Mapping[str, torch.Tensor]], method: MergeMethod
 ) -> None:
-    """A stderr warning when summing lambda * A over adapters with one initial A will blow up."""
-    summing = described.get("method") in ("task_arithmetic", "dare") or (
-        described.get("method") == "robustmerge" and described.get("mode") == "paper-exact"
-    )
-    fuse = described.get("fuse_weight", 1.0)
+    """A stderr warning when ``method`` sums lambda * A over adapters (``sums_scaled_a``) and
+    their one initial A will blow up."""
+    fuse = method.describe().get("fuse_weight", 1.0)
     weight = max(fuse) if isinstance(fuse, tuple) else fuse
-    if not summing or not isinstance(weight, float):
+    if not method.sums_scaled_a() or not isinstance(weight, float):
         return
     similarity = shared_a_similarity(adapters)
     if similarity is None or similarity < SHARED_A_SIMILARITY:

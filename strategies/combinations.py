@@ -8,10 +8,18 @@ the server see.
 
 from __future__ import annotations
 
-from strategies.merging import create_method
+from strategies.merging import accepted_hyperparameters, create_method
 from strategies.merging.method import MergeMethod, RoundFormError
 from strategies.merging.ranks import mixed_rank_support
 from strategies.robust import RobustSettings
+
+
+def configured_method(merge_method: str, mode: str) -> MergeMethod:
+    """The method at its defaults with run-config ``merge-mode`` as its ``mode`` when it takes
+    one (RobustMerge): what its declarations (``MergeMethod.prunes_on_client``, ...) are asked
+    of before the other hyperparameters are resolved."""
+    options = {"mode": mode} if "mode" in accepted_hyperparameters(merge_method) else {}
+    return create_method(merge_method, **options)
 
 
 def combination_refusal(
@@ -21,24 +29,30 @@ def combination_refusal(
     uplink: str,
 ) -> str | None:
     """Why these round settings cannot run together (a sentence naming the run-config keys and
-    what to set instead), or None when they can. Hyperparameter values are checked elsewhere."""
+    what to set instead), or None when they can. Hyperparameter values are checked elsewhere.
+
+    What a method can do is its own declaration, never its name: merge-mode 'paper-equation'
+    needs a method that takes a ``mode`` hyperparameter (RobustMerge's), the sparse uplink one
+    that ``prunes_on_client()`` at its defaults (else the method is refused) and in the mode
+    asked for (else the mode is)."""
+    method = create_method(merge_method)
     try:
-        create_method(merge_method).round_form()
+        method.round_form()
     except RoundFormError as error:
         return str(error)
-    if mode == "paper-equation" and merge_method != "robustmerge":
+    if mode == "paper-equation" and "mode" not in accepted_hyperparameters(merge_method):
         return (
             f"merge-mode 'paper-equation' is a form of RobustMerge, but merge-method is "
             f"{merge_method!r}; set merge-method = 'robustmerge' or merge-mode = 'paper-exact'"
         )
     if uplink == "sparse":
-        if merge_method != "robustmerge" or merge_target != "delta":
+        if not method.prunes_on_client() or merge_target != "delta":
             return (
                 "uplink 'sparse' has clients prune their own deltas (RobustMerge steps 1-2), so "
                 "it needs merge-method 'robustmerge' and merge-target 'delta'; got "
                 f"{merge_method!r} and {merge_target!r}"
             )
-        if mode == "paper-equation":
+        if not configured_method(merge_method, mode).prunes_on_client():
             return (
                 "uplink 'sparse' sends only each client's pruned deltas, but paper-equation's "
                 "round form multiplies the pruned B delta by the client's whole A_t (docs: "
@@ -50,16 +64,12 @@ def combination_refusal(
 def round_method(
     merge_method: str, merge_target: str, hyperparameters: dict[str, object]
 ) -> MergeMethod:
-    """The merge method as rounds run it: its round form (size-invariant), except paper-exact
-    RobustMerge with merge-target 'adapter', which keeps the released code's one-shot sum so
-    that round 1 is exactly the paper's one-shot merge. Raises ``RoundFormError`` (a ValueError)
-    for a method with no round form."""
+    """The merge method as rounds run it: its round form (size-invariant), except a method that
+    ``keeps_one_shot_on_adapters()`` (paper-exact RobustMerge) with merge-target 'adapter',
+    which keeps the released code's one-shot sum so that round 1 is exactly the paper's
+    one-shot merge. Raises ``RoundFormError`` (a ValueError) for a method with no round form."""
     method = create_method(merge_method, **hyperparameters)
-    one_shot = (
-        merge_method == "robustmerge"
-        and merge_target == "adapter"
-        and hyperparameters.get("mode", "paper-exact") == "paper-exact"
-    )
+    one_shot = merge_target == "adapter" and method.keeps_one_shot_on_adapters()
     return method if one_shot else method.round_form()
 
 

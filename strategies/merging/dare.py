@@ -81,6 +81,17 @@ class Dare(MergeMethod):
         self.seed = int(seed)
         self.form = check_form(form)
 
+    @classmethod
+    def run_config_options(cls) -> dict[str, str]:
+        """Run config ``dare-drop-rate`` is the drop probability p."""
+        return {"dare-drop-rate": "drop_rate"}
+
+    def sums_scaled_a(self) -> bool:
+        """The one-shot form sums lambda_t drop(A_t): a shared initial A survives the drops in
+        expectation (the rescale), so the merged A is about lambda T times it. The round form
+        takes the mean."""
+        return self.form == "one-shot"
+
     def round_form(self) -> Dare:
         return Dare(self.drop_rate, self.fuse_weight, self.seed, form="round")
 

@@ -22,6 +22,14 @@ class FedAvg(MergeMethod):
         """An example-weighted mean by definition: rounds weight by num-examples."""
         return True
 
+    def dp_sensitivity_factor(self, server_lr: float, clients: int, rank: int) -> float | None:
+        """A mean of the clipped updates, which Flower's noise is calibrated for: factor 1.
+
+        One client clipped to C moves a mean of m updates by at most C / m, whatever the server
+        step (the wrappers clip and noise the mean before it).
+        """
+        return 1.0
+
     def merge_pair(
         self,
         a_stack: torch.Tensor,

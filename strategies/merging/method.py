@@ -82,6 +82,55 @@ class MergeMethod(ABC):
         ``product_terms`` and ``update_terms``), False when it merges A and B separately."""
         return False
 
+    def sums_client_terms(self) -> bool:
+        """True when the round merge is a sum over clients of terms each client computes from
+        its own delta, followed by one division, in the form ``merging.decomposed`` implements
+        (``client_terms`` on the client, ``finish_from_sums`` on the server: RobustMerge
+        paper-exact's steps 3-4). Secure aggregation (SecAgg+) shows the server only such sums,
+        so it runs exactly these methods. False (the safe default): the merge needs the
+        individual updates (a sign election, per-client drops, a factorisation, a product)."""
+        return False
+
+    def prunes_on_client(self) -> bool:
+        """True when a client can run the method's per-client steps on its own delta and the
+        server finish the round from what survived (RobustMerge paper-exact's steps 1-2 and 3-4
+        split by ``merging.decomposed``: ``prune_adapter`` on the client, ``merge_pruned`` on the
+        server), so the sparse uplink sends only the pruned deltas and scales. False (the safe
+        default): clients send their dense factors."""
+        return False
+
+    def keeps_one_shot_on_adapters(self) -> bool:
+        """True when rounds that merge whole adapters (merge-target 'adapter') run the one-shot
+        form instead of ``round_form()``, so that round 1 is exactly the published one-shot
+        merge (paper-exact RobustMerge's released sum). False (the default): rounds always run
+        the size-invariant round form."""
+        return False
+
+    def sums_scaled_a(self) -> bool:
+        """True when this merge sums lambda_t A_t over the adapters (not a mean: one-shot forms
+        such as task arithmetic's), so adapters sharing one initial A (as federated clients do)
+        give a merged A about lambda T times one adapter's; the CLI warns when it sees such
+        adapters. False (the default): A is averaged, elected or factored, and a shared A keeps
+        its size."""
+        return False
+
+    def dp_sensitivity_factor(self, server_lr: float, clients: int, rank: int) -> float | None:
+        """How much further one clipped client can move the released adapter than a mean of
+        ``clients`` updates allows (1.0: the method is such a mean), for the server step
+        ``server_lr`` and LoRA rank ``rank``; the DP wrappers divide the noise multiplier by
+        it (``server.privacy``). None (the safe default): no bound is derived for this method,
+        so a DP run's guarantee is not established."""
+        return None
+
+    @classmethod
+    def run_config_options(cls) -> dict[str, str]:
+        """The run-config keys that feed this method's hyperparameters: run-config key ->
+        constructor keyword (dare: ``{"dare-drop-rate": "drop_rate"}``). The server passes
+        each key's value as that keyword (``ServerSettings.merge_options``); the key must be
+        one ``server.config.ServerSettings`` reads. Empty (the default): the method takes only
+        the shared merge keys (mode, keep-ratio, scale-quantile, fuse-weight)."""
+        return {}
+
     def product_terms(
         self, a_stack: torch.Tensor, b_stack: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

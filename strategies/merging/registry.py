@@ -30,15 +30,27 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def create_method(name: str, **hyperparameters: Any) -> MergeMethod:
-    """Build the method called ``name`` with validated hyperparameters."""
+def _factory(name: str) -> MethodFactory:
     try:
-        factory = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown merge method {name!r}; known methods: {', '.join(available_methods())}"
         ) from None
-    return factory(**hyperparameters)
+
+
+def create_method(name: str, **hyperparameters: Any) -> MergeMethod:
+    """Build the method called ``name`` with validated hyperparameters."""
+    return _factory(name)(**hyperparameters)
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    """The class filed under ``name``, for its class-level declarations (such as
+    ``run_config_options``) without building an instance."""
+    factory = _factory(name)
+    if not (isinstance(factory, type) and issubclass(factory, MergeMethod)):
+        raise TypeError(f"merge method {name!r} is filed as {factory!r}, not a MergeMethod class")
+    return factory
 
 
 def accepted_hyperparameters(name: str) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ overlap (for T independent random adapters it approaches sqrt(1 - 1/T)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -128,6 +129,53 @@ class RobustMerge(MergeMethod):
         every stack. The paper's equation factors its product by SVD, which refuses NaN: no.
         """
         return self.mode == "paper-exact"
+
+    def sums_client_terms(self) -> bool:
+        """Paper-exact mode: steps 3-4 are sums over clients of per-client terms (lambda A^_t,
+        lambda s~_t[i] B^_t[:, i], s~_t[i]) and one division, in either form (the round form
+        divides A's sum by T), so SecAgg+ can sum them (``merging.decomposed``). The paper's
+        equation multiplies each client's own factors: no."""
+        return self.mode == "paper-exact"
+
+    def prunes_on_client(self) -> bool:
+        """Paper-exact mode: steps 1-2 read one client's tensors only, and steps 3-4 need only
+        the pruned factors and scales, so each client prunes its own delta (sparse uplink).
+        The paper's equation in round form multiplies the pruned B delta by the client's whole
+        A_t, which a pruned reply does not carry: no."""
+        return self.mode == "paper-exact"
+
+    def keeps_one_shot_on_adapters(self) -> bool:
+        """Paper-exact mode: with merge-target 'adapter' rounds keep the released code's
+        one-shot sum, so that round 1 is exactly the paper's one-shot merge."""
+        return self.mode == "paper-exact"
+
+    def sums_scaled_a(self) -> bool:
+        """Paper-exact one-shot: A_m = sum_t lambda_t A^_t, so adapters sharing one initial A
+        give about lambda T times it (pruning keeps its large entries). The round form and the
+        paper's equation do not sum A."""
+        return self.mode == "paper-exact" and self.form == "one-shot"
+
+    def dp_sensitivity_factor(self, server_lr: float, clients: int, rank: int) -> float | None:
+        """Paper-exact mode: factor max(1, eta lambda m sqrt(1 + (1 + sqrt(r))^2)), about
+        4 eta lambda m at r = 8 (eta the server step, lambda the largest fuse weight, m the
+        clients, r the rank); the paper's equation: None (products; no bound derived).
+
+        Flower's noise (std z C / m) is calibrated for a mean of m updates clipped to C, which
+        one client moves by at most C / m. Adding or removing one client whose update has norm
+        <= C: A_m = sum_t lambda A^_t moves by up to lambda C (pruning only shrinks norms); the
+        round form's A_m = lambda sum_t p_t A^_t moves less (at most 2 lambda C / (m + 1)), so
+        the sum's bound kept here is valid but loose. Each column of B_m is lambda times a convex
+        combination (weights s~_t[i] / sum_u s~_u[i]) of the clients' columns; the new client
+        can shift column i by up to lambda (|b_i| + |c_i|) <= lambda (|b_i| + max_t
+        |B^_t[:, i]|), at most lambda C (1 + sqrt(r)) over the r columns. Together, relative to
+        a mean's C / m: eta lambda m sqrt(1 + (1 + sqrt(r))^2).
+        """
+        if self.mode != "paper-exact":
+            return None
+        fuse = self.fuse_weight
+        weight = abs(float(max(fuse)) if isinstance(fuse, tuple) else float(fuse))
+        base = server_lr * weight * clients
+        return max(1.0, base * math.sqrt(1.0 + (1.0 + math.sqrt(rank)) ** 2))
 
     def merge_pair(
         self,

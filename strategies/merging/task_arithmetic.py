@@ -46,6 +46,10 @@ class TaskArithmetic(MergeMethod):
             a=torch.tensordot(lambdas, a_stack, dims=1), b=torch.tensordot(lambdas, b_stack, dims=1)
         )
 
+    def sums_scaled_a(self) -> bool:
+        """A_m = sum_t lambda_t A_t: adapters sharing one initial A give about lambda T times it."""
+        return True
+
     def round_form(self) -> MergeMethod:
         raise RoundFormError(
             "merge method 'task_arithmetic' has no round form: it sums the clients' updates, so "
