@@ -286,22 +286,33 @@ def _scored(run: Run, flags: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
     }
 
 
+def screen_order(config: AdaptiveConfig) -> list[tuple[Setup, str]]:
+    """(share, defence) in the order the screen runs them: the measured defences (the default
+    and its candidates) at every share first, so that a partial screen already answers which
+    default holds; then the other defences."""
+    measured = [d for d in config.screen_defences if d in config.measure_defences]
+    others = [d for d in config.screen_defences if d not in config.measure_defences]
+    setups = config.setups()
+    return [
+        (setup, defence) for group in (measured, others) for setup in setups for defence in group
+    ]
+
+
 def stage_screen(run: Run) -> None:
     """Every (share, defence, attack) of the screen, one seed (saved after each)."""
     config = run.config
     seed = config.screen_seed
-    for setup in config.setups():
-        for defence in config.screen_defences:
-            for attack in config.screen_attacks:
-                key = run_key("screen", setup.name, defence, attack, seed)
-                if key in run.results["runs"]:
-                    continue
-                record = federated(run, setup, defence, attack, seed)
-                assert run.work.last_adapter is not None
-                test = {t: prefix(d, config.screen_examples) for t, d in run.work.test.items()}
-                record |= _scored(run, run.work.flags(run.work.last_adapter, test))
-                run.results["runs"][key] = record
-                run.save(key)
+    for setup, defence in screen_order(config):
+        for attack in config.screen_attacks:
+            key = run_key("screen", setup.name, defence, attack, seed)
+            if key in run.results["runs"]:
+                continue
+            record = federated(run, setup, defence, attack, seed)
+            assert run.work.last_adapter is not None
+            test = {t: prefix(d, config.screen_examples) for t, d in run.work.test.items()}
+            record |= _scored(run, run.work.flags(run.work.last_adapter, test))
+            run.results["runs"][key] = record
+            run.save(key)
 
 
 def worst_attacks(results: Mapping[str, Any], share: str, defence: str, count: int) -> list[str]:

@@ -105,10 +105,12 @@ class _Sums:
         self.device = device
         self.sums: dict[str, ExactSum] = {}
 
-    def add(self, key: str, term: torch.Tensor) -> None:
+    def add(self, key: str, term: torch.Tensor, factor: float | torch.Tensor = 1.0) -> None:
+        """Add ``term * factor`` (the product in float64; a factor of 1 is skipped, exactly)."""
         if key not in self.sums:
             self.sums[key] = ExactSum(term.shape, self.device)
-        self.sums[key].add(term)
+        unit = isinstance(factor, float) and factor == 1.0
+        self.sums[key].add(term, None if unit else factor)
 
     def value(self, key: str) -> torch.Tensor:
         return self.sums[key].value()
@@ -138,7 +140,7 @@ class MeanFold(_Fold):
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         self.weights.add(weight)
         for key in self.keys:
-            self.sums.add(key, tensors[key].to(torch.float64) * weight)
+            self.sums.add(key, tensors[key], weight)
 
     def finish(self) -> dict[str, torch.Tensor]:
         total = self.weights.total()
@@ -210,8 +212,8 @@ class RobustMergeFold(_Fold):
         weight: float,
     ) -> None:
         """Fold one module's terms: w A^ (r x d_in), w s~ B^ (d_out x r), s~."""
-        self.sums.add(module.a_key, a_pruned.to(torch.float64) * weight)
-        self.sums.add(module.b_key, b_pruned.to(torch.float64) * (scale.to(torch.float64) * weight))
+        self.sums.add(module.a_key, a_pruned, weight)
+        self.sums.add(module.b_key, b_pruned, scale.to(torch.float64) * weight)
         self.scale_sums.add(module.name, scale)
 
     def _shapes(self, module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -221,7 +223,7 @@ class RobustMergeFold(_Fold):
 
     def _add_others(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
         for key in self.layout.other_keys:
-            self.sums.add(key, tensors[key].to(torch.float64) * weight)
+            self.sums.add(key, tensors[key], weight)
 
     def finish(self) -> dict[str, torch.Tensor]:
         total = self.weights.total()
@@ -258,11 +260,11 @@ class TiesFold(_Fold):
         for key in self.keys:
             value = tensors[key].to(device=self.device, dtype=torch.float32)
             if key not in self.lora_keys:
-                self.others.add(key, value.to(torch.float64) * weight)
+                self.others.add(key, value, weight)
                 continue
             kept = prune_by_magnitude(value.unsqueeze(0), self.keep_ratio)[0].to(torch.float64)
-            self.positive.add(key, kept.clamp(min=0) * weight)
-            self.negative.add(key, kept.clamp(max=0) * weight)
+            self.positive.add(key, kept.clamp(min=0), weight)
+            self.negative.add(key, kept.clamp(max=0), weight)
             up, down = self.votes.get(key) or (
                 torch.zeros(kept.shape, dtype=torch.int32, device=self.device),
                 torch.zeros(kept.shape, dtype=torch.int32, device=self.device),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import adaptive_attacks as aa
+from benchmarks.adaptive_attacks_run import AdaptiveConfig, screen_order
 from benchmarks.attacks import (
     ADAPTIVE_ATTACKS,
     AttackHooks,
@@ -383,3 +384,16 @@ def test_tiny_benchmark_runs_every_stage_resumes_and_reports(tmp_path: Path) -> 
     assert not any(line.startswith("  fed ") for line in logs)
     with pytest.raises(SystemExit, match="another configuration"):
         run_stages(replace(tiny, rounds=2), tmp_path, log=logs.append)
+
+
+def test_the_screen_runs_the_measured_defences_at_every_share_before_the_others() -> None:
+    config = AdaptiveConfig()
+    order = [(setup.name, defence) for setup, defence in screen_order(config)]
+    measured = len(config.measure_defences) * len(config.shares)
+    assert {d for _, d in order[:measured]} == set(config.measure_defences)
+    assert [s for s, _ in order[:measured]] == [
+        s.name for s in config.setups() for _ in config.measure_defences
+    ]
+    assert sorted(order) == sorted(
+        (s.name, d) for s in config.setups() for d in config.screen_defences
+    )  # every (share, defence) once, none dropped

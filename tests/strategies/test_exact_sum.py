@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from strategies.merging import exact_sum
 from strategies.merging.exact_sum import ExactSum
 
 
@@ -85,3 +86,47 @@ def test_any_order_gives_the_same_bits_and_the_float64_sum(
     largest = max(float(term.abs().max()) for term in terms)
     slack = largest * 2.0**-30 * len(terms)
     assert torch.allclose(first.double(), expected.double(), rtol=2**-23, atol=slack)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(min_value=1, max_value=9),
+    columns=st.integers(min_value=1, max_value=5),
+    chunk=st.integers(min_value=1, max_value=12),
+    kind=st.sampled_from(["number", "per column", "per row"]),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_a_factor_and_any_slicing_give_the_bits_of_the_premultiplied_float64_term(
+    rows: int, columns: int, chunk: int, kind: str, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    terms = [
+        (torch.randn(rows, columns, generator=generator) * 2.0 ** (8 * index - 8)).float()
+        for index in range(3)
+    ]
+    shapes = {"per column": (columns,), "per row": (rows, 1)}
+    factors: list[float | torch.Tensor] = [
+        torch.rand(shapes[kind], generator=generator, dtype=torch.float64) * 3 + 0.1
+        if kind in shapes
+        else float(torch.rand(1, generator=generator)) * 3 + 0.1
+        for _ in terms
+    ]
+    reference = ExactSum((rows, columns))
+    for term, factor in zip(terms, factors, strict=True):
+        reference.add(term.to(torch.float64) * factor)
+    original = exact_sum.CHUNK_ENTRIES
+    exact_sum.CHUNK_ENTRIES = chunk  # slices of a few rows: the bins are filled slice by slice
+    try:
+        sliced = ExactSum((rows, columns))
+        for term, factor in zip(terms, factors, strict=True):
+            sliced.add(term, factor)
+    finally:
+        exact_sum.CHUNK_ENTRIES = original
+    assert torch.equal(sliced.value(), reference.value())
+
+
+def test_a_factor_that_overflows_the_term_is_refused() -> None:
+    with pytest.raises(ValueError, match="finite values only"):
+        ExactSum((2,)).add(torch.tensor([1.0, 3.0e38]), 1.0e300)
+    with pytest.raises(ValueError, match="finite values only"):
+        ExactSum((1, 2)).add(torch.tensor([[1.0, 3.0e38]]), torch.tensor([1.0, 1.0e300]))
