@@ -45,6 +45,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedavg": {},
     "robustmerge": {"keep_ratio": 0.2},
     "ties": {"keep_ratio": 0.2},
+    "dare": {"drop_rate": 0.5},
 }
 TARGET_RATIO = 3.0  # issue 25: a fold costs at most 3x a plain running sum per reply
 

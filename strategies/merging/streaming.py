@@ -19,11 +19,15 @@ fold each reply in as it arrives and drop it (docs/strategy.md, "Streaming round
   sign = sign(P + N) and the disjoint mean is lambda T / W * (P or N) / (its count). Other keys
   the weighted mean.
 
+- dare: its round form drops each client's entries with a mask seeded by (seed, module, factor,
+  a digest of that client's own tensor: ``drop_each_by_content``), so a client's kept and
+  rescaled tensor depends on that client alone: A_m = lambda / W * sum_t w_t drop_t(A_t), and
+  B alike; other keys the weighted mean.
+
 Every sum is an ``ExactSum``, so the merge does not depend on the order the replies arrive in,
-bit for bit. Methods without a fold here buffer: ``round_fold`` returns None for them. DARE's
-round form seeds each client's drop by the content of its own tensor (``drop_each_by_content``),
-so it could fold, but no fold is written for it yet; the product-space methods (svd,
-exact-mean, paper-equation) factor the stacked factors, which needs every client at once.
+bit for bit. Methods without a fold here buffer: ``round_fold`` returns None for them; the
+product-space methods (svd, exact-mean, paper-equation) factor the stacked factors, which needs
+every client at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from strategies.merging.dare import Dare, drop_each_by_content
 from strategies.merging.exact_sum import ExactSum
 from strategies.merging.fedavg import FedAvg
 from strategies.merging.lora_keys import AdapterLayout, LoraModule, parse_layout
@@ -74,6 +79,8 @@ def round_fold(
         return MeanFold(layout_keys, device)
     if type(method) is Ties:
         return TiesFold(method, layout_keys, device)
+    if type(method) is Dare and method.form == "round" and isinstance(method.fuse_weight, float):
+        return DareFold(method, layout_keys, device)
     return None
 
 
@@ -287,6 +294,41 @@ class TiesFold(_Fold):
             mean = torch.where(voters > 0, chosen / voters.clamp(min=1), torch.zeros_like(chosen))
             merged[key] = _result(scale * mean)
         return merged
+
+
+class DareFold(_Fold):
+    """DARE in rounds (module docstring): each client's factors dropped and rescaled with the
+    masks ``Dare.merge_pair`` gives them, folded into weighted exact sums."""
+
+    def __init__(self, method: Dare, layout_keys: list[str], device: torch.device | str = "cpu"):
+        if method.form != "round" or not isinstance(method.fuse_weight, float):
+            raise ValueError("DareFold folds DARE's round form with one shared fuse weight")
+        super().__init__(layout_keys, device)
+        self.drop_rate = method.drop_rate
+        self.fuse_weight = method.fuse_weight
+        self.layout = parse_layout(self.keys)
+        self.seeds: dict[str, int] = {}  # each factor's mask seed, as merge_pair derives it
+        for index, module in enumerate(self.layout.modules):
+            base = (method.seed * 1_000_003 + index) * 2
+            self.seeds[module.a_key], self.seeds[module.b_key] = base, base + 1
+        self.sums = _Sums(device)
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        self.weights.add(weight)
+        for key, seed in self.seeds.items():
+            # merge_pair digests the same float32 bytes and draws its mask over the same number
+            # of entries in the same order, whatever shape it views the factor in
+            value = tensors[key].to(device=self.device, dtype=torch.float32).contiguous()
+            kept = drop_each_by_content(value[None], self.drop_rate, seed)[0]
+            self.sums.add(key, kept, weight)
+        for key in self.layout.other_keys:
+            self.sums.add(key, tensors[key], weight)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        total = self.weights.total()
+        merged = {key: self.sums.value(key) * (self.fuse_weight / total) for key in self.seeds}
+        merged |= {key: self.sums.value(key) / total for key in self.layout.other_keys}
+        return {key: _result(merged[key]) for key in self.keys}
 
 
 def _result(tensor: torch.Tensor) -> torch.Tensor:

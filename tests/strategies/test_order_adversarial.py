@@ -18,7 +18,7 @@ sum *would* give two answers, so it can fail. ``ExactSum`` drops everything belo
 (bins of 32 bits under the leading one) and gives 1 + 2^-24 in every order.
 
 Each fold of ``strategies.merging.streaming`` and a streamed strategy round go over all 24
-orders; buffered svd, exact-mean and dare rounds (which sort replies by content) over permuted
+orders; buffered svd and exact-mean rounds (which sort replies by content) over permuted
 arrivals, their new global compared with ``torch.equal`` and the truncation errors they record
 with ``==``.
 """
@@ -35,7 +35,7 @@ import torch
 from strategies import FedRobustMerge
 from strategies.merging import create_method
 from strategies.merging.exact_sum import ExactSum
-from strategies.merging.streaming import MeanFold, RobustMergeFold, RoundFold, TiesFold
+from strategies.merging.streaming import DareFold, MeanFold, RobustMergeFold, RoundFold, TiesFold
 from strategies.robust import RobustSettings
 from tests.strategies.test_fed_robustmerge import as_tensors, reply, start_round, trained
 from tests.strategies.test_fed_robustmerge import make_global as random_global
@@ -96,6 +96,7 @@ FOLDS: dict[str, Callable[[], RoundFold]] = {
         KEYS,
     ),
     "ties": lambda: TiesFold(create_method("ties", keep_ratio=1.0), KEYS),  # type: ignore[arg-type]
+    "dare": lambda: DareFold(create_method("dare").round_form(), KEYS),  # type: ignore[arg-type]
 }
 
 
@@ -115,6 +116,7 @@ STREAMED = {
     "fedavg": {},
     "robustmerge": {"keep_ratio": 1.0},
     "ties": {"keep_ratio": 1.0},
+    "dare": {"merge_options": {"drop_rate": 0.5, "seed": 3}},
 }
 
 
@@ -142,7 +144,6 @@ def test_a_streamed_strategy_round_gives_one_global_over_all_24_arrival_orders(
 
 BUFFERED = {
     "svd": {},
-    "dare": {"merge_options": {"drop_rate": 0.5, "seed": 3}},
     "exact-mean": {},
 }
 

@@ -234,7 +234,6 @@ def test_too_few_streamed_replies_skip_the_round() -> None:
     "options",
     [
         {"robust": RobustSettings(aggregation="krum", krum_malicious=1)},
-        {"merge_method": "dare"},
         {"merge_method": "svd"},
     ],
 )

@@ -85,8 +85,30 @@ def test_ties_fold_hand_checked() -> None:
     assert merged[keys[1]].tolist() == [[0.0]]
 
 
+def test_dare_fold_hand_checked() -> None:
+    """A client's mask depends on its own tensor alone: two equal clients keep the same
+    entries, so their (any-weighted) fold is lambda times one client's dropped, rescaled
+    tensor, which has only 0 and 2x entries at drop rate 0.5."""
+    method = create_method("dare", drop_rate=0.5, fuse_weight=3.0).round_form()
+    keys = ["m.lora_A.weight", "m.lora_B.weight"]
+    one = {keys[0]: torch.arange(1.0, 41.0).reshape(2, 20), keys[1]: torch.ones(3, 2)}
+    fold = round_fold(method, keys)
+    assert fold is not None
+    fold.add(one, 1.0)
+    fold.add(one, 4.0)
+    merged = fold.finish()
+    kept = merged[keys[0]] != 0
+    assert 0 < int(kept.sum()) < 40  # some dropped, some kept
+    assert torch.equal(merged[keys[0]][kept], 3.0 * 2.0 * one[keys[0]][kept])
+    other = create_method("dare", drop_rate=0.5, fuse_weight=3.0, seed=1).round_form()
+    refold = round_fold(other, keys)
+    assert refold is not None
+    refold.add(one, 1.0)
+    assert not torch.equal(refold.finish()[keys[0]] != 0, kept)  # the seed picks the mask
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("name", ["robustmerge", "fedavg", "ties"])
+@pytest.mark.parametrize("name", ["robustmerge", "fedavg", "ties", "dare"])
 def test_fold_matches_the_batch_round_merge(name: str, weighted: bool) -> None:
     base = adapter(0)
     trained = clients(base, 5)
@@ -142,7 +164,8 @@ def test_any_arrival_order_gives_the_same_global_bit_for_bit(count: int, seed: i
     weights = [float(1 + (seed + i) % 5) for i in range(count)]
     order = list(range(count))
     random.Random(seed).shuffle(order)
-    for method in (RobustMerge().round_form(), FedAvg(), create_method("ties").round_form()):
+    methods = (RobustMerge(), FedAvg(), create_method("ties"), create_method("dare"))
+    for method in (m.round_form() for m in methods):
         first = fold_round(method, base, trained, weights)
         shuffled = fold_round(method, base, trained, weights, order)
         assert all(torch.equal(first[k], shuffled[k]) for k in base)
@@ -151,7 +174,8 @@ def test_any_arrival_order_gives_the_same_global_bit_for_bit(count: int, seed: i
 @pytest.mark.parametrize(
     "method",
     [
-        create_method("dare").round_form(),
+        create_method("dare"),  # the one-shot form: one mask stream over the stack
+        create_method("dare", fuse_weight=(1.0, 2.0)).round_form(),
         create_method("svd").round_form(),
         create_method("exact-mean").round_form(),
         RobustMerge(mode="paper-equation").round_form(),
