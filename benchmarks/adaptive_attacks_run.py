@@ -287,15 +287,18 @@ def _scored(run: Run, flags: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
 
 
 def screen_order(config: AdaptiveConfig) -> list[tuple[Setup, str]]:
-    """(share, defence) in the order the screen runs them: the measured defences (the default
-    and its candidates) at every share first, so that a partial screen already answers which
-    default holds; then the other defences."""
-    measured = [d for d in config.screen_defences if d in config.measure_defences]
+    """(share, defence) in the order the screen runs them, so that a partial screen already
+    answers which default holds: the measured defences first (the candidates before the current
+    default, which comes first in ``measure_defences``), at the smallest and the largest
+    federation (issue 28's bar: 1 of 4 and 25 % of 16) before the others; then the other
+    defences, at every share."""
+    measured = [d for d in reversed(config.measure_defences) if d in config.screen_defences]
     others = [d for d in config.screen_defences if d not in config.measure_defences]
     setups = config.setups()
-    return [
-        (setup, defence) for group in (measured, others) for setup in setups for defence in group
-    ]
+    first = [setups[0], setups[-1]] if len(setups) > 1 else setups
+    rest = [setup for setup in setups if setup not in first]
+    order = [(s, d) for group in (first, rest) for s in group for d in measured]
+    return order + [(setup, defence) for setup in setups for defence in others]
 
 
 def stage_screen(run: Run) -> None:

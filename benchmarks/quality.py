@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.inprocess import FakeGrid, set_task_identity, train_reply
 from benchmarks.train_cache import TrainCache
-from strategies import wire
+from protocol import wire
 from strategies.merging import available_methods, merge_lora, parse_layout
 from strategies.merging.pruning import complementary_scale, prune_by_magnitude
 from workload.model import (

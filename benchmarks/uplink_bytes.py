@@ -17,7 +17,7 @@ For each uplink it counts the reply's arrays two ways:
 
 Sparse: the client's delta pruned at ``--keep-ratio`` (spec step 1, ties kept: n - k + 1 of n
 entries survive), its nonzero values as float32 plus the smaller position encoding (bitmask or
-escaped gaps, ``strategies.sparse_codec``), and s~ (r float32) per module. Target: at most 30 % of
+escaped gaps, ``protocol.sparse_codec``), and s~ (r float32) per module. Target: at most 30 % of
 dense fp32. The downlink stays the dense global adapter.
 """
 
@@ -37,8 +37,8 @@ from flwr.app import ArrayRecord
 
 from benchmarks.merge_speed import cpu_model
 from client.uplink import sparse_update
+from protocol.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX
 from strategies.merging.robustmerge import RobustMerge
-from strategies.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX
 from workload.model import LoraSettings, build_lora_model, get_lora_state, initial_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "uplink_bytes.md"

@@ -1,6 +1,6 @@
 """The Flower ClientApp: train the global LoRA adapter on local data, reply with LoRA tensors only.
 
-Wire format (the server relies on it; the keys are spelled once in ``strategies.wire``)
+Wire format (the server relies on it; the keys are spelled once in ``protocol.wire``)
 -------------------------------------------------------------------------------------
 Train instruction content:
     ``"arrays"``: ArrayRecord of the global LoRA tensors (keys as
@@ -63,11 +63,12 @@ from flwr.common import log
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.personalization import PersonalizationSettings, personalize
+from client.personalization import PersonalizationSettings, personal_scores, personalize
 from client.privacy import clip_when_asked
 from client.secure_aggregation import secure_aggregation_mod
+from client.shared_a import SiteBStore, own_b_shapes, shared_part, start_with_own_b
 from client.uplink import reply_records
-from strategies import wire
+from protocol import wire
 from strategies.merging.ranks import adapter_at_rank
 from workload.config import read_float, read_int
 from workload.kinds import get_task_kind
@@ -199,6 +200,13 @@ def site_start(
     return adapter_at_rank(global_state, lora.r).tensors
 
 
+def _own_b_store(context: Context) -> SiteBStore | None:
+    """Where this site keeps its own LoRA B under personalization "shared-a"; None otherwise."""
+    if not PersonalizationSettings.from_run_config(context.run_config).shared_a:
+        return None
+    return SiteBStore(context)
+
+
 def _message_config(msg: Message) -> ConfigRecord:
     records = msg.content.config_records
     return records[wire.CONFIG] if wire.CONFIG in records else ConfigRecord()
@@ -228,10 +236,19 @@ def train(msg: Message, context: Context) -> Message:
     server_round, learning_rate = _train_config(msg)
     run = LocalRound(context.run_config, context.node_config, server_round, learning_rate)
     start = site_start(_global_adapter(msg), lora)
+    own_b = _own_b_store(context)
+    if own_b is not None:
+        start = start_with_own_b(start, own_b.load(own_b_shapes(start)))
     # Local training's progress in the log (classification kind: workload.training.train_lora).
     with TrainingProgressLog(server_round) as progress, reporting_progress(progress):
         result = kind.train_round(lora, run, start)
-    records = reply_records(result.trained, start, _message_config(msg))
+    if own_b is None:
+        records = reply_records(result.trained, start, _message_config(msg))
+    else:  # shared-a: keep the trained B, send the rest
+        own_b.save({key: result.trained[key] for key in own_b_shapes(start)})
+        records = reply_records(
+            shared_part(result.trained), shared_part(start), _message_config(msg)
+        )
     metrics = MetricRecord(
         {
             wire.NUM_EXAMPLES: result.num_examples,
@@ -277,6 +294,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = site_start(_global_adapter(msg), lora)
     scores = kind.evaluate_local(lora, run, start)
     values = dict(scores)
+    own_b = _own_b_store(context)
+    if own_b is not None:  # shared-a: the global A with this site's own B
+        kept = own_b.load(own_b_shapes(start))
+        own_scores = kind.evaluate_local(lora, run, start_with_own_b(start, kept))
+        values.update(personal_scores(own_scores))
+        log(
+            INFO,
+            "client: global vs personalised (shared-a, %s B): %s",
+            "own" if kept is not None else "no own yet, the global's",
+            ", ".join(
+                f"{key} {scores[key]:.4f} -> {own_scores[key]:.4f}"
+                for key, _ in wire.PERSONALIZED_SCORES
+                if key in scores and key in own_scores
+            ),
+        )
     if personalization.local_finetune:
         server_round = _evaluate_round(msg)
         personal_run = replace(run, server_round=server_round)

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from strategies import wire
-from workload.config import Reader, schema_default
+from protocol import wire
+from workload.config import SHARED_A, Reader, schema_default
 from workload.kinds.base import LocalRound, Metrics, TaskKind
 from workload.model import LoraSettings
 
@@ -60,6 +60,11 @@ class PersonalizationSettings:
     def local_finetune(self) -> bool:
         """Whether the site scores a locally fine-tuned copy of the global."""
         return self.mode == LOCAL_FINETUNE
+
+    @property
+    def shared_a(self) -> bool:
+        """Whether the site keeps its own LoRA B and sends only A (``client.shared_a``)."""
+        return self.mode == SHARED_A
 
 
 @dataclass(frozen=True)

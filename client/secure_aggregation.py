@@ -11,7 +11,7 @@ calls ``train_terms``, which
 
 1. reads the legacy ``FitIns``: the global adapter as ndarrays in the order of the config's
    ``adapter-keys`` and the merge settings (``keep-ratio``, ``scale-quantile``,
-   ``merge-mode``, ``fuse-weight``, ``secagg-clipping-range``; ``strategies.wire``);
+   ``merge-mode``, ``fuse-weight``, ``secagg-clipping-range``; ``protocol.wire``);
 2. runs the ordinary train handler on it (``client.app.train``: same data, seeds and model,
    classification or causal-lm);
 3. takes the delta (trained - global) and computes its terms with
@@ -24,7 +24,7 @@ calls ``train_terms``, which
    equal and carry nothing about the site; the FitRes metrics are empty.
 
 The vector's layout (``TermLayout``: order, shapes, transport factors) is shared with the server
-and lives in ``strategies.secagg_layout``.
+and lives in ``protocol.secagg_layout``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from strategies import wire
+from client.instruction import instructed_method
+from protocol import wire
+from protocol.secagg_layout import TermLayout
 from strategies.merging.decomposed import client_terms
-from strategies.secagg_layout import TermLayout
-from strategies.sparse_uplink import instructed_method
 from workload.config import Reader
 
 Handler = Callable[[Message, Context], Message]

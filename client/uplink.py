@@ -1,6 +1,6 @@
 """What a train reply carries up: the trained LoRA tensors (dense), or the pruned delta (sparse).
 
-The server decides, in the train instruction's ConfigRecord (``strategies.wire``): ``uplink``
+The server decides, in the train instruction's ConfigRecord (``protocol.wire``): ``uplink``
 
 - ``"dense"`` (or absent): ``"arrays"`` holds the trained LoRA tensors, fp32, the received keys
   in the received order;
@@ -8,7 +8,7 @@ The server decides, in the train instruction's ConfigRecord (``strategies.wire``
   global), runs RobustMerge's steps 1-2 on it (``prune_adapter`` with the instruction's
   ``keep-ratio``, ``scale-quantile`` and ``merge-mode``, which the server always sends with a
   sparse instruction; one that lacks them is refused) and sends ``"arrays"`` in the wire form
-  of ``strategies.sparse_codec`` (kept values, their positions, each module's s~) plus a
+  of ``protocol.sparse_codec`` (kept values, their positions, each module's s~) plus a
   ConfigRecord ``"config"`` = ``{"uplink": "sparse"}``. About 27 % of the dense bytes at the
   default keep ratio (benchmarks/results/uplink_bytes.md); the server's merge is the dense one's.
 
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from strategies import wire
+from client.instruction import instructed_method
+from protocol import wire
+from protocol.sparse_codec import encode_update
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
-from strategies.sparse_codec import encode_update
-from strategies.sparse_uplink import instructed_method
 from workload.config import Reader
 
 

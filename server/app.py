@@ -72,6 +72,7 @@ def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
         seed=settings.seed,
         uplink=settings.uplink,
         robust=settings.robust,
+        personalization=settings.personalization,
     )
 
 

@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from server.tracking import backend_refusal
-from strategies.combinations import combination_refusal, mixed_rank_refusal, robust_refusal
+from strategies.combinations import (
+    combination_refusal,
+    mixed_rank_refusal,
+    personalization_refusal,
+    robust_refusal,
+)
 from strategies.merging import available_methods
 from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
 from strategies.merging.rounds import TARGETS as MERGE_TARGETS
-from strategies.robust import ROBUST_AGGREGATIONS, RobustSettings
-from workload.config import SCHEMA, ConfigError, Reader
+from strategies.robust import RobustSettings, available_defences
+from workload.config import SCHEMA, SHARED_A, ConfigError, Reader
 from workload.kinds import available_task_kinds
 
 __all__ = ["ConfigError", "ServerSettings", "resolve_output_dir"]
@@ -75,9 +80,14 @@ class ServerSettings:
     personalization: str = "none"
 
     def __post_init__(self) -> None:
-        refusal = combination_refusal(
-            self.merge_method, self.merge_mode, self.merge_target, self.uplink
-        ) or robust_refusal(self.robust, self.uplink)
+        refusal = (
+            combination_refusal(self.merge_method, self.merge_mode, self.merge_target, self.uplink)
+            or robust_refusal(self.robust, self.uplink)
+            or personalization_refusal(
+                self.personalization, self.merge_method, self.merge_mode, self.uplink
+            )
+            or self._shared_a_refusal()
+        )
         if refusal is not None:
             raise ConfigError(f"run config: {refusal}")
         if len(set(self.client_ranks)) > 1 and not self.secure_aggregation:
@@ -114,6 +124,44 @@ class ServerSettings:
         tracking_refusal = backend_refusal(self.tracking)
         if tracking_refusal is not None:
             raise ConfigError(tracking_refusal)
+
+    def _shared_a_refusal(self) -> str | None:
+        """Why personalization "shared-a" cannot run with the app's other features, or None:
+        each of them needs every site's whole adapter, or scores one the sites do not use."""
+        if self.personalization != SHARED_A:
+            return None
+        needs = [
+            (
+                len(set(self.client_ranks)) > 1,
+                "client-ranks mixes LoRA ranks, which shared-a does not support (the server "
+                "reads each site's B as the global's, at the global's rank)",
+                "one rank for every site",
+            ),
+            (
+                self.secure_aggregation,
+                "secure-aggregation = true sums RobustMerge's per-client "
+                "terms, which are made of both factors",
+                "secure-aggregation = false",
+            ),
+            (
+                self.dp != "none",
+                f"dp = {self.dp!r} clips each reply's update against the whole global "
+                "adapter (Flower's DP wrappers compare every key)",
+                "dp = 'none'",
+            ),
+            (
+                self.server_eval,
+                "server-eval = true scores the global adapter, whose B stays the "
+                "one the run started with (every site keeps its own)",
+                "server-eval = false (the sites' personalised scores are logged from "
+                "client-side evaluation)",
+            ),
+        ]
+        for refused, why, instead in needs:
+            if refused:
+                kept = "personalization = 'shared-a' keeps each site's LoRA B"
+                return f"{kept}, but {why}; set {instead}"
+        return None
 
     def merge_options(self) -> dict[str, float]:
         """The merge method's own hyperparameters from the run config (``merge_options`` of
@@ -167,7 +215,7 @@ class ServerSettings:
             secagg_clipping_range=reader.number("secagg-clipping-range"),
             secagg_quantization_range=reader.integer("secagg-quantization-range"),
             robust=RobustSettings(
-                aggregation=reader.choice("robust-aggregation", ROBUST_AGGREGATIONS),
+                aggregation=reader.choice("robust-aggregation", available_defences()),
                 norm_factor=reader.number("robust-norm-factor"),
                 clip=reader.boolean("robust-clip"),
                 history=reader.integer("robust-history"),

@@ -40,6 +40,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from protocol import wire
+from protocol.merge_settings import merge_settings
+from protocol.secagg_layout import CLIPPED_KEY, TRAIN_LOSS_KEY, TermLayout
 from server.audit_log import secure_round_fields
 from server.config import ConfigError, ServerSettings
 from server.round_modes import NO_TRAFFIC, Traffic, TrainOutcome, as_tensors, round_entry
@@ -49,10 +52,7 @@ from server.secure_aggregation import (
     check_secure_aggregation,
     quantization_level,
 )
-from strategies import wire
 from strategies.fed_robustmerge import FedRobustMerge
-from strategies.secagg_layout import CLIPPED_KEY, TRAIN_LOSS_KEY, TermLayout
-from strategies.sparse_uplink import merge_settings
 
 HALTED = "halted (too few clients answered a stage)"
 

@@ -12,6 +12,7 @@ from strategies.merging import accepted_hyperparameters, create_method
 from strategies.merging.method import MergeMethod, RoundFormError
 from strategies.merging.ranks import mixed_rank_support
 from strategies.robust import RobustSettings
+from workload.config import SHARED_A
 
 
 def configured_method(merge_method: str, mode: str) -> MergeMethod:
@@ -58,6 +59,30 @@ def combination_refusal(
                 "round form multiplies the pruned B delta by the client's whole A_t (docs: "
                 "algorithm, round forms); set merge-mode = 'paper-exact' or uplink = 'dense'"
             )
+    return None
+
+
+def personalization_refusal(
+    personalization: str, merge_method: str, mode: str, uplink: str
+) -> str | None:
+    """Why run-config ``personalization`` cannot run with these round settings (a sentence
+    naming the keys), or None. Under "shared-a" the sites send their LoRA A factors only and keep
+    every B, so the server merges A alone (with B's update zero): a method that merges the
+    products B_t A_t needs each site's B, and the sparse uplink encodes both factors."""
+    if personalization != SHARED_A:
+        return None
+    if configured_method(merge_method, mode).merges_products():
+        return (
+            f"personalization = 'shared-a' keeps each site's LoRA B on the site, but merge-method "
+            f"{merge_method!r} (merge-mode {mode!r}) merges the products B_t A_t, which need every "
+            "site's B; choose a method that merges the factors (robustmerge paper-exact, fedavg, "
+            "ties, dare) or personalization = 'none'"
+        )
+    if uplink != "dense":
+        return (
+            f"personalization = 'shared-a' sends the LoRA A factors only, but uplink {uplink!r} "
+            "encodes each site's pruned A and B deltas together; set uplink = 'dense'"
+        )
     return None
 
 

@@ -1,5 +1,4 @@
-"""FedRobustMerge: Flower's FedAvg sampling and messaging, RobustMerge (or any registered method)
-as the aggregation, each reply judged on its own.
+"""FedRobustMerge: Flower's FedAvg sampling and messaging, RobustMerge (or any merge) aggregating.
 
 Paper: Zeng et al., "RobustMerge: Parameter-Efficient Model Merging for MLLMs with Direction
 Robustness", NeurIPS 2025 (https://arxiv.org/abs/2502.17159).
@@ -22,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from strategies import wire
+from protocol import wire
 from strategies.buffered_round import merge_buffered
 from strategies.merging.streaming import round_fold
 from strategies.node_sampling import sample_connected
@@ -49,8 +48,7 @@ class FedRobustMerge(FedAvg):
     instead (round 1 is then the paper's one-shot merge, bit for bit) and
     ``global <- global + server_lr * (merged - global)``.
 
-    Sites may train lower LoRA ranks than the global's (docs/strategy.md "Mixed ranks"; how a
-    reply's rank is checked: ``reply_admission``).
+    Sites may train lower LoRA ranks than the global's (docs/strategy.md "Mixed ranks").
 
     Parameters
     ----------
@@ -61,7 +59,7 @@ class FedRobustMerge(FedAvg):
         run config's (fraction-evaluate 0: no client-side evaluation unless asked for).
     merge_method, mode, keep_ratio, scale_quantile, fuse_weight, merge_options, merge_target,
     server_lr, weight_by_examples, device, min_merge_replies, max_update_norm, robust,
-    max_num_examples, diagnostics_modules, seed, uplink
+    max_num_examples, diagnostics_modules, seed, uplink, personalization
         The merge settings, checked and resolved into ``self.settings``; each is described in
         ``strategies.strategy_settings.MergeSettings.build``.
     """
@@ -96,6 +94,7 @@ class FedRobustMerge(FedAvg):
         seed: int = Defaults.seed,
         uplink: str = Defaults.uplink,
         robust: RobustSettings | None = None,
+        personalization: str = Defaults.personalization,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -127,6 +126,7 @@ class FedRobustMerge(FedAvg):
             seed=seed,
             uplink=uplink,
             robust=robust,
+            personalization=personalization,
         )
         self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
         keys = RecordKeys(arrayrecord_key, configrecord_key, weighted_by_key)

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import Message
 
-from strategies import wire
+from protocol import wire
 from strategies.reply_checks import (
     AcceptedReply,
     ReplyRejectedError,
@@ -32,6 +33,7 @@ from strategies.robust_replies import update_norm
 from strategies.round_report import RoundReport, RoundState
 from strategies.sparse_uplink import check_sparse_train_reply
 from strategies.strategy_settings import MergeSettings
+from workload.config import SHARED_A
 
 # A further judgement of an admitted reply (ReplyRejectedError: rejected after all).
 Judge = Callable[[AcceptedReply, RoundReport], None]
@@ -100,6 +102,7 @@ class ReplyAdmission:
                 weighted_by_key=self.keys.num_examples,
                 max_num_examples=settings.max_num_examples,
                 other_ranks_refused=other_ranks_refused,
+                site_kept=self._site_kept(state),
             )
         self._check_site_rank(reply)
         self._check_update_norm(reply, state, report)
@@ -110,6 +113,13 @@ class ReplyAdmission:
                 0.0 if rank == state.global_rank() else state.site_start(rank).relative_error
             )
         return reply
+
+    def _site_kept(self, state: RoundState) -> dict[str, torch.Tensor] | None:
+        """Under personalization "shared-a", the global's tensors every site keeps as its own
+        (each LoRA B), which its reply leaves out; None otherwise."""
+        if self.settings.personalization != SHARED_A:
+            return None
+        return {key: value for key, value in state.global_tensors.items() if wire.site_keeps(key)}
 
     def admit(
         self,

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from strategies import wire
+from protocol import wire
+from protocol.sparse_codec import is_wire_key
 from strategies.merging import is_lora_key
-from strategies.sparse_codec import is_wire_key
 
 ACCEPTED_WIRE_DTYPES = frozenset({"float16", "float32", "float64"})
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000_000
@@ -44,10 +44,21 @@ class AcceptedReply:
     num_examples: int
     num_bytes: int
     content: RecordDict
+    # Under personalization "shared-a": the tensors the site kept (every LoRA B), filled in from
+    # the global it started from, so the site's update there is zero; and the global's key order.
+    filled: Mapping[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
+    filled_order: tuple[str, ...] = field(default=(), kw_only=True)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The array under ``key`` as a float32 CPU tensor (checked when the reply was accepted)."""
+        """The array under ``key`` as a float32 CPU tensor (checked when the reply was accepted),
+        or the global's tensor where the site kept its own."""
+        if key in self.filled:
+            return self.filled[key]
         return decode_float32(self.arrays, key)
+
+    def keys(self) -> list[str]:
+        """Every key the merge reads: the reply's, with the filled-in ones in the global's order."""
+        return list(self.filled_order) if self.filled else list(self.arrays.keys())
 
 
 def reply_payload(
@@ -114,6 +125,7 @@ def check_train_reply(
     weighted_by_key: str = wire.NUM_EXAMPLES,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
     other_ranks_refused: str | None = "",
+    site_kept: Mapping[str, torch.Tensor] | None = None,
 ) -> AcceptedReply:
     """The reply's tensors if it is a well-formed LoRA update; else ReplyRejectedError says why.
 
@@ -121,6 +133,10 @@ def check_train_reply(
     have (``shapes_at_rank``); it may not exceed the global's rank. A rank other than the
     global's is accepted only when ``other_ranks_refused`` is None; otherwise the reply is
     rejected with that reason (default "": this caller takes the global's rank only).
+
+    ``site_kept`` (personalization "shared-a"): the global's tensors that every site keeps as its
+    own (``wire.site_keeps``: each LoRA B); the reply must carry every other key and none of
+    these, which the accepted reply reads from the global (a zero update).
     """
     content, arrays, num_examples = reply_payload(
         message, arrayrecord_key, weighted_by_key, max_num_examples
@@ -142,7 +158,15 @@ def check_train_reply(
             )
         global_shapes = shapes_at_rank(global_shapes, rank)
     keys = set(arrays.keys())
-    expected = set(global_shapes)
+    kept = dict(site_kept or {})
+    expected = set(global_shapes) - set(kept)
+    sent = sorted(keys & set(kept))
+    if sent:
+        raise ReplyRejectedError(
+            f"carries {sent[0]!r}, which a site keeps as its own under run config "
+            "personalization = 'shared-a' (it sends the LoRA A factors only): the site must run "
+            "with the server's run config"
+        )
     sparse = sorted(key for key in keys - expected if is_wire_key(key))
     if sparse:
         raise ReplyRejectedError(
@@ -162,7 +186,7 @@ def check_train_reply(
     missing = sorted(expected - keys)
     if missing:
         raise ReplyRejectedError(f"missing key {missing[0]!r} ({len(missing)} missing in all)")
-    for key in sorted(global_shapes):
+    for key in sorted(expected):
         values = _decode(arrays, key)
         if values.dtype.name not in ACCEPTED_WIRE_DTYPES:
             raise ReplyRejectedError(
@@ -184,6 +208,8 @@ def check_train_reply(
         num_examples=num_examples,
         num_bytes=arrays.count_bytes(),
         content=content,
+        filled=kept,
+        filled_order=tuple(global_shapes) if kept else (),
     )
 
 

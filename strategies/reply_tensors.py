@@ -18,7 +18,7 @@ class ReplyTensors(Mapping[str, torch.Tensor]):
 
     def __init__(self, reply: AcceptedReply) -> None:
         self.reply = reply
-        self.keys_in_order = list(reply.arrays.keys())
+        self.keys_in_order = reply.keys()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.reply.tensor(key)

@@ -3,7 +3,9 @@
 A reply's update is its tensors minus the global adapter the round started from (for sparse
 uplink replies, global + pruned delta minus global). Rewritten replies (clipped or clamped)
 stay lazy: ``tensor(key)`` rewrites one key when the merge asks for it, so a round never holds a
-decoded copy of every reply (the clamp's per-key bounds are two global-sized tensors).
+decoded copy of every reply (the clamp's per-key bounds are two global-sized tensors). A
+defence's stages (``strategies.robust.Stage``) read the replies through ``ReplyDeltas`` and
+answer in ``Rewrites``, which ``apply_rewrites`` turns into rewritten replies.
 """
 
 from __future__ import annotations
@@ -14,16 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from strategies.reply_checks import AcceptedReply
-from strategies.robust import (
-    center_scales,
-    clamp_to_range,
-    clip_toward,
-    coordinate_median,
-    multikrum_select,
-    pairwise_squared_distances,
-    trim_count,
-    trimmed_range,
-)
+from strategies.robust import Rewrites, clamp_to_range, clip_toward
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -85,74 +78,47 @@ class RewrittenReply(AcceptedReply):
         return self.base[key] + delta
 
 
-def _delta_stack(replies: Sequence[AcceptedReply], base: Tensors, key: str) -> torch.Tensor:
-    return torch.stack([reply.tensor(key) - base[key] for reply in replies])
-
-
-def krum_keep(
-    replies: Sequence[AcceptedReply], base: Tensors, num_malicious: int, num_select: int
-) -> list[int]:
-    """Positions of the replies multi-Krum keeps (``num_select`` 0: all but ``num_malicious``),
-    scored on the flattened updates."""
-    count = len(replies)
-    if count <= 1:
-        return list(range(count))
-    distances = torch.zeros(count, count, dtype=torch.float64)
-    for key in base:
-        distances += pairwise_squared_distances(_delta_stack(replies, base, key))
-    wanted = num_select if num_select > 0 else count - num_malicious
-    return multikrum_select(distances, num_malicious, wanted)
-
-
 @dataclass(frozen=True)
-class Clamped:
-    """The coordinate-wise stage's result: the rewritten replies, how many values it trimmed on
-    each side, and the fraction of the clients' coordinates it moved."""
+class ReplyDeltas:
+    """A round's replies as a defence's stage reads them (``strategies.robust.Deltas``): one
+    key's updates stacked at a time, so a stage never holds every reply decoded."""
 
-    replies: list[AcceptedReply]
-    trim: int
-    clamped_fraction: float
+    replies: Sequence[AcceptedReply]
+    base: Tensors
+
+    @property
+    def count(self) -> int:
+        """How many replies."""
+        return len(self.replies)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The global adapter's keys, in its order."""
+        return tuple(self.base)
+
+    def stack(self, key: str) -> torch.Tensor:
+        """Every reply's update of ``key``, stacked (count x the tensor's shape)."""
+        return torch.stack([reply.tensor(key) - self.base[key] for reply in self.replies])
 
 
-def clamp_coordinates(
-    replies: Sequence[AcceptedReply], base: Tensors, fraction: float | None
-) -> Clamped:
-    """Every reply's update clamped to the coordinate-wise trimmed range of all of them
-    (``fraction`` None: the median's range); unchanged when nothing is trimmed (T small)."""
-    trim = trim_count(len(replies), fraction) if replies else 0
-    if trim == 0:
-        return Clamped(list(replies), 0, 0.0)
-    low: dict[str, torch.Tensor] = {}
-    high: dict[str, torch.Tensor] = {}
-    moved = total = 0
-    for key in base:
-        stack = _delta_stack(replies, base, key)
-        low[key], high[key] = trimmed_range(stack, trim)
-        moved += int(((stack < low[key]) | (stack > high[key])).sum())
-        total += stack.numel()
-    rewritten: list[AcceptedReply] = [
-        RewrittenReply.of(reply, base, low=low, high=high) for reply in replies
+def apply_rewrites(
+    replies: Sequence[AcceptedReply], base: Tensors, rewrites: Rewrites
+) -> list[AcceptedReply]:
+    """``replies`` with a stage's ``Rewrites`` applied, lazily (a None leaves its reply as is)."""
+    if len(rewrites.per_reply) != len(replies):
+        raise ValueError(
+            f"a rewrite stage answered for {len(rewrites.per_reply)} of {len(replies)} replies"
+        )
+    return [
+        reply
+        if rewrite is None
+        else RewrittenReply.of(
+            reply,
+            base,
+            scale=rewrite.scale,
+            low=rewrite.low,
+            high=rewrite.high,
+            center=rewrite.center,
+        )
+        for reply, rewrite in zip(replies, rewrites.per_reply, strict=True)
     ]
-    return Clamped(rewritten, trim, moved / total if total else 0.0)
-
-
-def clip_to_center(replies: Sequence[AcceptedReply], base: Tensors, radius: float) -> Clamped:
-    """Every reply's update pulled to within ``radius`` x the median distance of the
-    coordinate-wise median (``strategies.robust.centered_clip``); ``clamped_fraction`` is the
-    share of the replies pulled in. Unchanged for T <= 2."""
-    count = len(replies)
-    if count <= 2:
-        return Clamped(list(replies), 0, 0.0)
-    center: dict[str, torch.Tensor] = {}
-    squared = torch.zeros(count, dtype=torch.float64)
-    for key in base:
-        stack = _delta_stack(replies, base, key)
-        center[key] = coordinate_median(stack)
-        offsets = (stack - center[key]).to(torch.float64)
-        squared += offsets.reshape(count, -1).square().sum(dim=1)
-    scales = center_scales(squared.sqrt().tolist(), radius)
-    rewritten: list[AcceptedReply] = [
-        reply if scale == 1.0 else RewrittenReply.of(reply, base, scale=scale, center=center)
-        for reply, scale in zip(replies, scales, strict=True)
-    ]
-    return Clamped(rewritten, 0, sum(scale < 1.0 for scale in scales) / count)

@@ -3,8 +3,10 @@
 ``strategies.robust`` holds the math (the norm screen's bound, multi-Krum, the coordinate-wise
 clamps, centered clipping) on tensors and floats; this module runs it on a round's replies:
 screen each update norm against the bound (reject, or mark for clipping), select (multi-Krum),
-then rewrite (clip the marked replies, clamp coordinates or clip to the center). The accepted
-norms of earlier rounds, the screen's history, persist across rounds and go into checkpoints.
+then rewrite (clip the marked replies, clamp coordinates or clip to the center). Which of these
+run is the registered defence's declaration (``strategies.robust.Stage``), not its name. The
+accepted norms of earlier rounds, the screen's history, persist across rounds and go into
+checkpoints.
 """
 
 from __future__ import annotations
@@ -20,19 +22,13 @@ from flwr.supercore import log
 
 from strategies.reply_checks import AcceptedReply, ReplyRejectedError
 from strategies.robust import (
-    DEFAULT_CENTER_RADIUS,
     NormBound,
     RobustSettings,
     clip_scale,
     norm_bound,
     pool_label,
 )
-from strategies.robust_replies import (
-    RewrittenReply,
-    clamp_coordinates,
-    clip_to_center,
-    krum_keep,
-)
+from strategies.robust_replies import ReplyDeltas, RewrittenReply, apply_rewrites
 from strategies.round_report import RoundReport, RoundState
 
 
@@ -64,22 +60,23 @@ class RobustStages:
         global_tensors: Mapping[str, torch.Tensor],
         prescreen: RoundReport | None = None,
     ) -> list[AcceptedReply]:
-        """The robust screen and selection: outsized updates rejected (or marked for clipping,
-        see ``rewrite``), then multi-Krum's pick.
+        """The robust screen and selection, as the defence declares them: outsized updates
+        rejected (or marked for clipping, see ``rewrite``), then its selection (multi-Krum).
 
         After a wrapper's pre-screen (DP; ``prescreen``) this round's replies are already
         screened and selected on their raw updates, and the wrapper has clipped them since: the
         pre-screen's bound is kept (reject mode then rejects nothing more), nothing is selected
         again.
         """
-        if not self.robust.screens:
+        defence = self.robust.defence
+        if not (defence.screens or defence.selects):
             return accepted
         if prescreen is not None:
             report.norm_bound = prescreen.norm_bound
             report.norm_pool = prescreen.norm_pool
             report.screened = list(prescreen.screened)
             report.krum_dropped = list(prescreen.krum_dropped)
-        else:
+        elif defence.screens:  # else no bound: ``judge`` passes every reply
             norms = [report.update_norms[reply.node_id] for reply in accepted]
             if report.norm_pool is None:
                 report.norm_pool = pool_label(streamed=False, pool_size=None)
@@ -92,7 +89,7 @@ class RobustStages:
                 report.reject(reply.node_id, rejection.reason)
                 continue
             kept.append(reply)
-        if self.robust.selects and prescreen is None:
+        if defence.selects and prescreen is None:
             kept = self._select(kept, report, global_tensors)
         report.accepted_nodes[:] = [n for n in report.accepted_nodes if n not in report.rejected]
         return kept
@@ -103,17 +100,14 @@ class RobustStages:
         report: RoundReport,
         global_tensors: Mapping[str, torch.Tensor],
     ) -> list[AcceptedReply]:
-        """Multi-Krum's selection of ``kept``; the others are rejected with the reason."""
-        robust = self.robust
-        picked = set(krum_keep(kept, global_tensors, robust.krum_malicious, robust.krum_select))
+        """The defence's selection (multi-Krum) of ``kept``; the others are rejected with its
+        reason (and counted in ``krum_dropped``, the report's selection drops)."""
+        defence = self.robust.defence
+        picked = set(defence.select(ReplyDeltas(kept, global_tensors), self.robust))
         for position, reply in enumerate(kept):
             if position not in picked:
                 report.krum_dropped.append(reply.node_id)
-                report.reject(
-                    reply.node_id,
-                    f"multi-Krum kept the {len(picked)} of {len(kept)} updates closest to "
-                    "the others (robust-aggregation 'krum')",
-                )
+                report.reject(reply.node_id, defence.dropped_reason(len(picked), len(kept)))
         return [reply for position, reply in enumerate(kept) if position in picked]
 
     def judge(self, reply: AcceptedReply, report: RoundReport) -> None:
@@ -157,20 +151,16 @@ class RobustStages:
         report: RoundReport,
         global_tensors: Mapping[str, torch.Tensor],
     ) -> list[AcceptedReply]:
-        """Clip the replies the screen marked (clip mode) to the bound, then the coordinate-wise
-        stage (trimmed-mean, median) or centered clipping."""
+        """Clip the replies the screen marked (clip mode) to the bound, then the defence's
+        rewrite from all of them (the coordinate-wise clamp, centered clipping), when it
+        declares one."""
         accepted = [self.clipped(reply, report, global_tensors) for reply in accepted]
-        if self.robust.clips_to_center:
-            centered = clip_to_center(accepted, global_tensors, DEFAULT_CENTER_RADIUS)
-            report.clamped_fraction = centered.clamped_fraction
-            return centered.replies
-        if self.robust.rewrites_coordinates:
-            clamped = clamp_coordinates(
-                accepted, global_tensors, self.robust.trim_fraction_or_median
-            )
-            report.clamped_fraction = clamped.clamped_fraction
-            return clamped.replies
-        return accepted
+        defence = self.robust.defence
+        if not defence.rewrites_coordinates:
+            return accepted
+        rewrites = defence.rewrite(ReplyDeltas(accepted, global_tensors), self.robust)
+        report.clamped_fraction = rewrites.clamped_fraction
+        return apply_rewrites(accepted, global_tensors, rewrites)
 
     def remember(self, state: RoundState) -> None:
         """Add the merged replies' update norms (clipped ones at the bound) to the history; after

@@ -9,7 +9,7 @@ from logging import INFO, WARNING
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from strategies import wire
+from protocol import wire
 from strategies.reply_checks import ReplyRejectedError, check_num_examples
 from strategies.robust import RobustSettings
 from strategies.round_report import RoundReport

@@ -1,7 +1,7 @@
 """Server side of the sparse uplink (run config ``uplink = "sparse"``): check, decode, merge.
 
 Each client sends its delta already pruned (spec step 1) and its scale vectors s~ (step 2) in the
-wire form of ``strategies.sparse_codec``; the server finishes steps 3-4 with
+wire form of ``protocol.sparse_codec``; the server finishes steps 3-4 with
 ``strategies.merging.decomposed.merge_pruned``. The result is the dense path's (RobustMerge of the
 deltas): same masks, same sums, because
 
@@ -29,14 +29,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies import wire
-from strategies.merging import MergeInputError, MergeReport, MergeResult
-from strategies.merging.decomposed import merge_pruned, scale_key
-from strategies.merging.lora_keys import is_lora_key, parse_layout
-from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
-from strategies.merging.robustmerge import MODES, RobustMerge
-from strategies.reply_checks import AcceptedReply, ReplyRejectedError, reply_payload
-from strategies.sparse_codec import (
+from protocol import wire
+from protocol.sparse_codec import (
     ENCODING_SUFFIXES,
     VALUES_SUFFIX,
     Encoding,
@@ -45,47 +39,12 @@ from strategies.sparse_codec import (
     decode_tensor,
     is_wire_key,
 )
-from workload.config import ConfigError, Reader
-
-
-def merge_settings(method: RobustMerge) -> dict[str, float | str]:
-    """The train-instruction config entries a client needs to prune (sparse uplink) or build its
-    terms (SecAgg+) exactly as the server merges: ``wire.SPARSE_SETTINGS``.
-
-    A federated run has one shared fuse weight (run config ``fuse-weight``); per-adapter weights
-    belong to offline merges and have no meaning for clients that join and leave.
-    """
-    if not isinstance(method.fuse_weight, float):
-        raise ValueError(f"a federated round needs one fuse weight, got {method.fuse_weight!r}")
-    return {
-        wire.KEEP_RATIO: method.keep_ratio,
-        wire.SCALE_QUANTILE: method.scale_quantile,
-        wire.MERGE_MODE: method.mode,
-        wire.FUSE_WEIGHT: method.fuse_weight,
-    }
-
-
-def instructed_method(config: Mapping[str, Any]) -> RobustMerge:
-    """The RobustMerge an instruction's config carries (``merge_settings``), validated.
-
-    The server always sends these with a sparse or SecAgg+ train instruction, so their absence
-    means a server that does not speak this protocol: refuse rather than guess defaults that
-    might differ from the server's merge.
-    """
-    missing = [key for key in wire.SPARSE_SETTINGS if key not in config]
-    if missing:
-        raise ConfigError(
-            f"the train instruction's config lacks {missing}, the merge settings a client needs "
-            "to prune or build its terms as the server merges; is the server older than this "
-            "client?"
-        )
-    reader = Reader(config, "train config")
-    return RobustMerge(
-        keep_ratio=reader.number(wire.KEEP_RATIO),
-        scale_quantile=reader.number(wire.SCALE_QUANTILE),
-        fuse_weight=reader.number(wire.FUSE_WEIGHT),
-        mode=reader.choice(wire.MERGE_MODE, MODES),
-    )
+from strategies.merging import MergeInputError, MergeReport, MergeResult
+from strategies.merging.decomposed import merge_pruned, scale_key
+from strategies.merging.lora_keys import is_lora_key, parse_layout
+from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
+from strategies.merging.robustmerge import RobustMerge
+from strategies.reply_checks import AcceptedReply, ReplyRejectedError, reply_payload
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from typing import Any
 
 from flwr.supercore import log
 
-from strategies import wire
+from protocol import wire
+from protocol.merge_settings import merge_settings
 from strategies.combinations import (
     combination_refusal,
     mixed_rank_refusal,
+    personalization_refusal,
     robust_refusal,
     round_method,
 )
@@ -28,8 +30,7 @@ from strategies.merging.method import MergeMethod
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import TARGETS
 from strategies.robust import RobustSettings
-from strategies.sparse_uplink import merge_settings
-from workload.config import schema_default
+from workload.config import PERSONALIZATION_MODES, schema_default
 
 
 class Defaults:
@@ -47,6 +48,7 @@ class Defaults:
     min_merge_replies = schema_default("min-merge-replies", int)
     seed = schema_default("seed", int)
     uplink = schema_default("uplink", str)
+    personalization = schema_default("personalization", str)
     fraction_train = schema_default("fraction-train", float)
     fraction_evaluate = schema_default("fraction-evaluate", float)
     min_train_nodes = schema_default("min-train-nodes", int)
@@ -75,6 +77,7 @@ class MergeSettings:
     seed: int
     robust: RobustSettings
     other_ranks_refused: str | None
+    personalization: str = Defaults.personalization
 
     @classmethod
     def build(
@@ -97,6 +100,7 @@ class MergeSettings:
         seed: int,
         uplink: str,
         robust: RobustSettings | None,
+        personalization: str = Defaults.personalization,
     ) -> MergeSettings:
         """Check and resolve ``FedRobustMerge``'s merge arguments; ValueError names what is
         wrong.
@@ -147,6 +151,11 @@ class MergeSettings:
             "dense": replies carry the trained LoRA tensors. "sparse": each client sends its own
             pruned delta and scale vectors (``strategies.sparse_uplink``); needs merge_method
             "robustmerge" and merge_target "delta"; the merged global equals the dense one.
+        personalization : str
+            "shared-a": the sites send their LoRA A factors only and keep every B (run-config
+            ``personalization``; ``client.shared_a``); the server reads each missing B as the
+            global's (a zero update), so B stays as the run started. "none", "local-finetune":
+            the replies carry the whole adapter.
         """
         if merge_method not in available_methods():
             raise ValueError(
@@ -159,7 +168,13 @@ class MergeSettings:
             raise ValueError(f"min_merge_replies must be >= 1, got {min_merge_replies}")
         if uplink not in wire.UPLINKS:
             raise ValueError(f"uplink must be one of {wire.UPLINKS}, got {uplink!r}")
-        refusal = combination_refusal(merge_method, mode, merge_target, uplink)
+        if personalization not in PERSONALIZATION_MODES:
+            raise ValueError(
+                f"personalization must be one of {PERSONALIZATION_MODES}, got {personalization!r}"
+            )
+        refusal = combination_refusal(
+            merge_method, mode, merge_target, uplink
+        ) or personalization_refusal(personalization, merge_method, mode, uplink)
         if refusal is not None:
             raise ValueError(refusal)
         robust = robust if robust is not None else RobustSettings()
@@ -202,6 +217,7 @@ class MergeSettings:
             other_ranks_refused=mixed_rank_refusal(
                 merge_method, mode, merge_target, uplink, robust
             ),
+            personalization=personalization,
         )
 
     @property
@@ -218,7 +234,7 @@ class MergeSettings:
 
     def train_instruction(self, server_round: int) -> dict[str, int | float | str]:
         """What a client needs from the server to train round ``server_round``
-        (``strategies.wire``): the round, the uplink, and the merge settings when the client
+        (``protocol.wire``): the round, the uplink, and the merge settings when the client
         prunes (sparse uplink)."""
         instruction: dict[str, int | float | str] = {
             wire.SERVER_ROUND: server_round,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from strategies import wire
+from protocol import wire
 
 Kind = Literal["integer", "number", "boolean", "string", "choice", "names", "ranks"]
 
@@ -39,8 +39,10 @@ TRAIN_FACTORS: tuple[str, ...] = ("ab", "b")
 
 # Run-config ``personalization`` (issue 27): "none", today's behaviour; "local-finetune": each
 # site also scores a copy of the global fine-tuned for ``personalization-steps`` local steps on
-# its own training data (``client.personalization``). "shared-a" is still to come.
-PERSONALIZATION_MODES: tuple[str, ...] = ("none", "local-finetune")
+# its own training data (``client.personalization``); "shared-a" (FedSA-LoRA): sites send only
+# their LoRA A factors and keep their own B (``client.shared_a``).
+SHARED_A = "shared-a"
+PERSONALIZATION_MODES: tuple[str, ...] = ("none", "local-finetune", SHARED_A)
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from strategies import wire
+from protocol import wire
 
 NOTED_KEYS = (wire.TRAIN_LOSS, wire.NUM_EXAMPLES)
 

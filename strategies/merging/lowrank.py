@@ -44,7 +44,10 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> Pair
 
 
 def low_rank_energy(left: torch.Tensor, right: torch.Tensor) -> float:
-    """||left @ right||_F^2 without forming the product: sum((L^T L) * (R R^T)), in float64."""
+    """||left @ right||_F^2 without forming the product: sum((L^T L) * (R R^T)), in float64.
+
+    The sum cancels where the product is (nearly) zero and can come out a rounding error below
+    zero; an energy is never negative, so it is clamped at 0 (its square root stays real)."""
     left64 = left.to(torch.float64)
     right64 = right.to(torch.float64)
-    return float(((left64.T @ left64) * (right64 @ right64.T)).sum())
+    return max(0.0, float(((left64.T @ left64) * (right64 @ right64.T)).sum()))

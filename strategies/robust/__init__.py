@@ -9,7 +9,10 @@
   median (a candidate default against adaptive attackers).
 - ``round_pool``: which pool of norms judged a reply (a first round's held-back replies, this
   round's, earlier rounds'), in the words the rejection reasons and the audit record use.
-- ``registry``: the run-config names (``robust-aggregation``) and their checked parameters.
+- ``stage``: what a defence (a ``robust-aggregation`` value) does in a round, the ``Stage``
+  it subclasses, and the registry (``register_defence``, ``available_defences``).
+- ``defences``: the built-in defences, each a registered ``Stage``.
+- ``registry``: the robust run-config options, checked (``RobustSettings``).
 
 The strategy (``strategies.fed_robustmerge``) applies them to replies; these modules only see
 tensors and floats.
@@ -32,6 +35,15 @@ from strategies.robust.registry import (
     RobustSettings,
 )
 from strategies.robust.round_pool import pool_label
+from strategies.robust.stage import (
+    Deltas,
+    Rewrite,
+    Rewrites,
+    Stage,
+    available_defences,
+    get_defence,
+    register_defence,
+)
 
 __all__ = [
     "DEFAULT_CENTER_RADIUS",
@@ -39,18 +51,25 @@ __all__ = [
     "DEFAULT_NORM_FACTOR",
     "DEFAULT_POOL",
     "ROBUST_AGGREGATIONS",
+    "Deltas",
     "NormBound",
+    "Rewrite",
+    "Rewrites",
     "RobustSettings",
+    "Stage",
+    "available_defences",
     "center_scales",
     "clamp_to_range",
     "clip_scale",
     "clip_toward",
     "coordinate_median",
+    "get_defence",
     "lower_median",
     "multikrum_select",
     "norm_bound",
     "pairwise_squared_distances",
     "pool_label",
+    "register_defence",
     "trim_count",
     "trimmed_range",
 ]

@@ -12,6 +12,11 @@ pool, which is what makes the two small cases work:
 
 With a history, later rounds are bounded whatever T is, and a round where several sites
 misbehave is still bounded as long as they are fewer than half of the pool.
+
+Zero norms stay out of the pool: an update that did not move (a free rider sending the global
+back; every site's A in a first "shared-a" round of one step, whose B starts at zero) says
+nothing of how far this federation's updates go, and with them the reference could be 0, a
+bound that rejects every real update after it; free riders could also pull it down.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ def lower_median(values: Sequence[float]) -> float:
 def norm_bound(
     round_norms: Sequence[float], history: Sequence[float], factor: float
 ) -> NormBound | None:
-    """The bound for this round's updates, or None when the pool holds fewer than two norms
-    (a lone first reply: nothing to compare it with).
+    """The bound for this round's updates, or None when the pool holds fewer than two non-zero
+    norms (a lone first reply: nothing to compare it with).
 
     ``factor`` must be >= 1 (a bound below the reference would reject half of any round).
     """
@@ -52,6 +57,7 @@ def norm_bound(
     pool = [*round_norms, *history]
     if any(not math.isfinite(value) or value < 0 for value in pool):
         raise ValueError("norms must be finite and >= 0")
+    pool = [value for value in pool if value > 0]
     if len(pool) < 2:
         return None
     reference = lower_median(pool)

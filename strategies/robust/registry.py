@@ -1,14 +1,10 @@
-"""The run-config names of the robust options, what each runs, and their checked parameters.
+"""The run-config names of the robust options (the registered defences) and their checked
+parameters.
 
-Every option but "none" runs the norm screen first (cheap, and it needs no tuning); then
-
-- "norm": nothing more;
-- "krum": a selection stage, multi-Krum (``strategies.robust.krum``), before the merge;
-- "trimmed-mean", "median": a coordinate-wise stage (``strategies.robust.coordinatewise``)
-  that clamps each client's delta before the merge;
-- "centered-clip": each client's delta pulled to within a robust radius of the coordinate-wise
-  median (``strategies.robust.centered_clip``) before the merge; a candidate default against
-  adaptive attackers (issue 28), not the default.
+Each ``robust-aggregation`` value names a defence registered with
+``strategies.robust.stage.register_defence``; the built-ins (``strategies.robust.defences``)
+are norm, none, krum, trimmed-mean, median and centered-clip. ``RobustSettings`` validates the
+name against the registry and answers what the round runs by asking the defence.
 """
 
 from __future__ import annotations
@@ -16,13 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from strategies.robust.centered_clip import DEFAULT_CENTER_RADIUS
+from strategies.robust.defences import BUILTIN_DEFENCES, CoordinateClamp
+from strategies.robust.stage import Stage, available_defences, get_defence
 from workload.config import schema_default
 
-ROBUST_AGGREGATIONS = ("norm", "none", "krum", "trimmed-mean", "median", "centered-clip")
-SELECTION_STAGES = frozenset({"krum"})
-COORDINATE_STAGES = frozenset({"trimmed-mean", "median"})
-CENTER_STAGES = frozenset({"centered-clip"})
+# The built-in names (a defence registered later is accepted too: ``available_defences``).
+ROBUST_AGGREGATIONS = BUILTIN_DEFENCES
 
 # With the default reject, an outsized update leaves the round and the global moves as the good
 # clients alone move it. A clipped update (robust-clip) keeps at most factor x the reference norm;
@@ -67,11 +62,10 @@ class RobustSettings:
 
     def problem(self) -> str | None:
         """Why these settings are invalid (naming the run-config key), or None."""
-        if self.aggregation not in ROBUST_AGGREGATIONS:
-            return (
-                f"robust-aggregation must be one of {', '.join(ROBUST_AGGREGATIONS)}; "
-                f"got {self.aggregation!r}"
-            )
+        known = available_defences()
+        if self.aggregation not in known:
+            got = self.aggregation
+            return f"robust-aggregation must be one of {', '.join(known)}; got {got!r}"
         if not (math.isfinite(self.norm_factor) and self.norm_factor >= 1.0):
             return f"robust-norm-factor must be a finite number >= 1, got {self.norm_factor}"
         if self.history < 0:
@@ -85,44 +79,45 @@ class RobustSettings:
         return None
 
     @property
+    def defence(self) -> Stage:
+        """The registered defence ``aggregation`` names: what the round runs."""
+        return get_defence(self.aggregation)
+
+    @property
     def screens(self) -> bool:
-        """Whether the norm screen runs (every option but "none")."""
-        return self.aggregation != "none"
+        """Whether the norm screen runs (every built-in but "none")."""
+        return self.defence.screens
 
     @property
     def selects(self) -> bool:
         """Whether a selection stage (multi-Krum) runs."""
-        return self.aggregation in SELECTION_STAGES
+        return self.defence.selects
 
     @property
     def rewrites_coordinates(self) -> bool:
         """Whether a stage rewrites each client's delta from all of them (the coordinate-wise
         clamp or centered clipping): it needs every reply at once and dense deltas of one
         shape."""
-        return self.aggregation in COORDINATE_STAGES | CENTER_STAGES
+        return self.defence.rewrites_coordinates
 
     @property
     def clips_to_center(self) -> bool:
-        """Whether the centered-clipping stage runs (instead of the coordinate-wise clamp)."""
-        return self.aggregation in CENTER_STAGES
+        """Whether the rewrite is centered clipping (instead of the coordinate-wise clamp)."""
+        return self.defence.clips_to_center
 
     @property
     def trim_fraction_or_median(self) -> float | None:
         """The trim fraction for ``trim_count`` (None: the median)."""
-        return None if self.aggregation == "median" else self.trim_fraction
+        defence = self.defence
+        if isinstance(defence, CoordinateClamp):
+            return defence.fraction(self)
+        return self.trim_fraction
 
     def describe(self) -> str:
-        """One line for the start-up summary."""
+        """One line for the start-up summary: the screen, then the defence's own clause."""
+        clause = self.defence.clause(self)
         if not self.screens:
-            return "none (no norm screen, no robust stage)"
+            return f"{self.aggregation} (no norm screen, {clause or 'no robust stage'})"
         action = "clip" if self.clip else "reject"
         text = f"{self.aggregation}: norm screen {self.norm_factor:g} x median, {action}"
-        if self.selects:
-            select = self.krum_select or "T - f"
-            text += f"; multi-Krum f={self.krum_malicious} m={select}"
-        if self.clips_to_center:
-            text += f"; centered clip ({DEFAULT_CENTER_RADIUS:g} x median distance to the median)"
-        elif self.rewrites_coordinates:
-            trim = "median" if self.aggregation == "median" else f"trim {self.trim_fraction:g}"
-            text += f"; coordinate-wise clamp ({trim})"
-        return text
+        return f"{text}; {clause}" if clause else text

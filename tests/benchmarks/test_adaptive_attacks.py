@@ -391,9 +391,11 @@ def test_the_screen_runs_the_measured_defences_at_every_share_before_the_others(
     order = [(setup.name, defence) for setup, defence in screen_order(config)]
     measured = len(config.measure_defences) * len(config.shares)
     assert {d for _, d in order[:measured]} == set(config.measure_defences)
-    assert [s for s, _ in order[:measured]] == [
-        s.name for s in config.setups() for _ in config.measure_defences
-    ]
+    names = [s.name for s in config.setups()]
+    # the smallest and the largest federation first, the candidates before the default
+    step = len(config.measure_defences)
+    assert [s for s, _ in order[:measured:step]] == [names[0], names[-1], *names[1:-1]]
+    assert [d for _, d in order[:step]] == list(reversed(config.measure_defences))
     assert sorted(order) == sorted(
         (s.name, d) for s in config.setups() for d in config.screen_defences
     )  # every (share, defence) once, none dropped

@@ -21,7 +21,7 @@ from flwr.app import (
 )
 
 from client.app import app, evaluate, train
-from strategies.wire import (
+from protocol.wire import (
     ARRAYS,
     CONFIG,
     EVAL_ACCURACY,

@@ -21,8 +21,8 @@ from client.personalization import (
     personal_scores,
     personalize,
 )
-from strategies import wire
-from strategies.wire import (
+from protocol import wire
+from protocol.wire import (
     EVAL_ACCURACY,
     EVAL_LOSS,
     METRICS,
@@ -98,7 +98,8 @@ def test_wire_keys_keep_their_spelling() -> None:
 
 def test_schema_keys_and_defaults() -> None:
     mode, steps = SCHEMA["personalization"], SCHEMA["personalization-steps"]
-    assert (mode.kind, mode.default, mode.choices) == ("choice", "none", ("none", "local-finetune"))
+    assert (mode.kind, mode.default) == ("choice", "none")
+    assert mode.choices == ("none", "local-finetune", "shared-a")
     assert (steps.kind, steps.default, steps.low) == ("integer", 4, 1)
     settings = PersonalizationSettings.from_run_config({})
     assert (settings.mode, settings.steps, settings.local_finetune) == ("none", 4, False)
@@ -107,6 +108,8 @@ def test_schema_keys_and_defaults() -> None:
         {"personalization": " local-finetune ", "personalization-steps": 7}
     )
     assert (read.mode, read.steps, read.local_finetune) == ("local-finetune", 7, True)
+    shared = PersonalizationSettings.from_run_config({"personalization": "shared-a"})
+    assert (shared.shared_a, shared.local_finetune, settings.shared_a) == (True, False, False)
 
 
 @pytest.mark.parametrize(
@@ -114,9 +117,9 @@ def test_schema_keys_and_defaults() -> None:
     [
         (
             "personalization",
-            "shared-a",
-            r"run config key 'personalization' must be one of none, local-finetune; "
-            r"got 'shared-a' \(str\)",
+            "shared-b",
+            r"run config key 'personalization' must be one of none, local-finetune, shared-a; "
+            r"got 'shared-b' \(str\)",
         ),
         ("personalization", 1, r"'personalization' must be one of none, local-finetune"),
         ("personalization-steps", 0, r"'personalization-steps' must be an integer >= 1; got 0"),

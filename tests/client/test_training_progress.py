@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from client.app import TrainingProgressLog, train
-from strategies.wire import SERVER_ROUND
+from protocol.wire import SERVER_ROUND
 from tests.client.test_app import context, instruction
 from tests.workload.tiny_model import tiny_run_config
 from workload.model import LoraSettings, build_lora_model, initial_adapter

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from client.app import train
+from protocol.merge_settings import merge_settings
+from protocol.sparse_codec import decode_update
+from protocol.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND, SPARSE, UPLINK
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
-from strategies.sparse_codec import decode_update
-from strategies.sparse_uplink import merge_settings
-from strategies.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND, SPARSE, UPLINK
 from tests.client.test_app import context, instruction
 from tests.workload.tiny_model import tiny_run_config
 from workload.model import LoraSettings, initial_adapter

@@ -34,7 +34,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from client.instruction import instructed_method
 from client.uplink import reply_records
+from protocol.merge_settings import merge_settings
+from protocol.wire import LORA_RANK, METRICS, NUM_EXAMPLES, TRAIN_LOSS
 from server.config import ServerSettings
 from server.privacy import core_strategy, wrap_with_privacy
 from server.secure_aggregation import check_secure_aggregation
@@ -43,8 +46,6 @@ from strategies.merging.decomposed import client_terms
 from strategies.merging.ranks import adapter_at_rank
 from strategies.merging.robustmerge import RobustMerge
 from strategies.robust import RobustSettings
-from strategies.sparse_uplink import instructed_method, merge_settings
-from strategies.wire import LORA_RANK, METRICS, NUM_EXAMPLES, TRAIN_LOSS
 from tests.messages import addressed
 
 MODULES = ("base_model.model.layer.0.query", "base_model.model.layer.1.value")

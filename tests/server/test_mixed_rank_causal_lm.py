@@ -17,13 +17,13 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from client.app import train
+from protocol.wire import ARRAYS, LORA_RANK, METRICS
 from server.checkpoints import CheckpointStore
 from server.round_modes import MessageRounds
 from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge
 from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
-from strategies.wire import ARRAYS, LORA_RANK, METRICS
 from tests.server.test_run_loop import ThreadGrid
 from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
 from workload.model import LoraSettings, initial_adapter, resolve_target_modules

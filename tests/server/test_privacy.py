@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.privacy import asks_for_clipping, clip_when_asked
+from protocol.wire import ARRAYS, CONFIG, SERVER_ROUND
 from server.config import ConfigError, ServerSettings
 from server.privacy import (
     ClientSideClipping,
@@ -23,7 +24,6 @@ from server.privacy import (
 )
 from strategies import FedRobustMerge
 from strategies.robust import RobustSettings
-from strategies.wire import ARRAYS, CONFIG, SERVER_ROUND
 from tests.strategies.test_fed_robustmerge import (
     as_tensors,
     expected_global,

@@ -32,6 +32,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 import client.secure_aggregation as client_secagg
 from client.app import app as client_app
 from client.secure_aggregation import is_secure_aggregation_message, secure_aggregation_mod
+from protocol.secagg_layout import CLIPPED_KEY, LOSS_RANGE, TRAIN_LOSS_KEY, TermLayout
 from server.app import build_merge_strategy
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
@@ -49,7 +50,6 @@ from strategies.merging import merge_lora
 from strategies.merging.decomposed import client_terms, scale_key
 from strategies.merging.lora_keys import parse_layout
 from strategies.merging.robustmerge import RobustMerge
-from strategies.secagg_layout import CLIPPED_KEY, LOSS_RANGE, TRAIN_LOSS_KEY, TermLayout
 from tests.messages import AnsweredOnPull
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 from workload.model import LoraSettings, initial_adapter

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
+from protocol import wire
 from server.app import build_merge_strategy
 from server.config import ServerSettings
-from strategies import wire
 
 
 def _summary(caplog: pytest.LogCaptureFixture, run_config: dict[str, object]) -> str:

@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
+from protocol.wire import NUM_EXAMPLES, TRAIN_LOSS
 from server.checkpoints import CheckpointStore
 from server.config import ServerSettings
 from server.round_modes import MessageRounds
@@ -36,7 +37,6 @@ from server.tracking.scalars import client_rows, round_scalars
 from server.tracking.tensorboard_backend import TENSORBOARD_DIR
 from strategies import FedRobustMerge
 from strategies.audit import AUDIT_FILE
-from strategies.wire import NUM_EXAMPLES, TRAIN_LOSS
 from tests.server.three_sites import HOSTILE, ThreeSites
 from tests.strategies.test_fed_robustmerge import make_global
 from workload.config import ConfigError

@@ -19,9 +19,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from strategies import FedRobustMerge, merge_lora
-from strategies.merging import create_method
-from strategies.wire import (
+from protocol.wire import (
     ARRAYS,
     EVAL_ACCURACY,
     METRICS,
@@ -29,6 +27,8 @@ from strategies.wire import (
     PERSONALIZED_ACCURACY,
     TRAIN_LOSS,
 )
+from strategies import FedRobustMerge, merge_lora
+from strategies.merging import create_method
 
 A0 = "base_model.model.layer.0.query.lora_A.weight"
 B0 = "base_model.model.layer.0.query.lora_B.weight"

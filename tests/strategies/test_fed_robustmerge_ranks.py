@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from protocol.wire import LORA_RANK
 from strategies import FedRobustMerge
 from strategies.combinations import mixed_rank_refusal
 from strategies.merging import create_method
 from strategies.merging.ranks import adapter_at_rank, merge_mixed_ranks
 from strategies.robust import RobustSettings
-from strategies.wire import LORA_RANK
 from tests.strategies.test_fed_robustmerge import as_tensors, reply, start_round
 
 MODULES = ("base_model.model.layer.0.query", "base_model.model.layer.1.value")

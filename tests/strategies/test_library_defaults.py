@@ -35,6 +35,7 @@ STRATEGY_KEYS = {
     "min_merge_replies": "min-merge-replies",
     "seed": "seed",
     "uplink": "uplink",
+    "personalization": "personalization",
 }
 # Parameters with no run-config key of their own (Flower's record keys and hooks, the library's
 # own limits) or whose key is read into another form (merge-device "auto" -> None, max-update-

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strategies.robust import (
+    NormBound,
     RobustSettings,
     clamp_to_range,
     clip_scale,
@@ -223,3 +224,12 @@ def test_robust_settings_are_checked() -> None:
     assert "reject" in RobustSettings().describe()
     assert "multi-Krum" in RobustSettings("krum").describe()
     assert "clamp" in RobustSettings("trimmed-mean").describe()
+
+
+def test_zero_norms_do_not_set_the_reference() -> None:
+    # a round of updates that did not move (a first shared-a round of one step, free riders)
+    # must not leave a zero bound that rejects every real update after it
+    assert norm_bound([0.0, 0.0], [], 10.0) is None
+    assert norm_bound([0.1, 0.1], [0.0, 0.0], 10.0) == NormBound(0.1, 1.0, 2)
+    bound = norm_bound([0.0, 0.0, 0.0, 2.0], [1.0], 10.0)  # free riders cannot pull it down
+    assert bound is not None and bound.reference == 1.0 and bound.pool == 2

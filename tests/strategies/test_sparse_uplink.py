@@ -11,13 +11,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from client.instruction import instructed_method
 from client.uplink import reply_records, sparse_update
-from strategies import FedRobustMerge
-from strategies.merging.decomposed import prune_adapter
-from strategies.merging.robustmerge import RobustMerge
-from strategies.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX, VALUES_SUFFIX, encode_update
-from strategies.sparse_uplink import check_sparse_train_reply, instructed_method, merge_settings
-from strategies.wire import (
+from protocol.merge_settings import merge_settings
+from protocol.sparse_codec import BITMASK_SUFFIX, GAPS_SUFFIX, VALUES_SUFFIX, encode_update
+from protocol.wire import (
     ARRAYS,
     CONFIG,
     DENSE,
@@ -30,6 +28,10 @@ from strategies.wire import (
     SPARSE_SETTINGS,
     UPLINK,
 )
+from strategies import FedRobustMerge
+from strategies.merging.decomposed import prune_adapter
+from strategies.merging.robustmerge import RobustMerge
+from strategies.sparse_uplink import check_sparse_train_reply
 from tests.strategies.test_fed_robustmerge import (
     A0,
     A1,

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from client.app import evaluate, train
-from strategies.wire import (
+from protocol.wire import (
     ARRAYS,
     EVAL_LOSS,
     LORA_RANK,

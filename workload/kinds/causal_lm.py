@@ -19,7 +19,7 @@ from flwr.common import log
 from peft import TaskType
 from transformers import AutoModelForCausalLM
 
-from strategies import wire
+from protocol import wire
 from workload.causal_lm import (
     CausalLmResult,
     CausalLmSettings,

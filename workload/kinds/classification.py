@@ -22,7 +22,7 @@ import torch
 from peft import TaskType
 from transformers import AutoModel
 
-from strategies import wire
+from protocol import wire
 from workload.config import read_int, read_names, read_str
 from workload.evaluation import TaskEvaluator
 from workload.kinds.base import (

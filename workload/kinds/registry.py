@@ -53,3 +53,16 @@ def get_task_kind(name: str) -> TaskKind:
         raise ValueError(
             f"unknown task kind {name!r}; known kinds: {', '.join(available_task_kinds())}"
         ) from None
+
+
+def unregister_task_kind(name: str) -> None:
+    """Remove the kind filed under ``name`` at run time (a test's teardown: a kind registered
+    from a test file must not outlive the test). The built-in kinds stay: removing one would
+    break every later lookup of it in the process, so that is refused (ValueError), as is an
+    unknown name."""
+    _load_builtin_kinds()
+    if name not in _REGISTRY:
+        raise ValueError(f"task kind {name!r} is not registered")
+    if type(_REGISTRY[name]).__module__ in _BUILTIN_MODULES:
+        raise ValueError(f"task kind {name!r} is built in and stays registered")
+    del _REGISTRY[name]

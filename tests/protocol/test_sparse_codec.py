@@ -12,10 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.merging import MergeInputError
-from strategies.merging.decomposed import prune_adapter
-from strategies.merging.robustmerge import RobustMerge
-from strategies.sparse_codec import (
+from protocol.sparse_codec import (
     BITMASK_SUFFIX,
     GAPS_SUFFIX,
     VALUES_SUFFIX,
@@ -28,6 +25,9 @@ from strategies.sparse_codec import (
     encode_update,
     encoded_num_bytes,
 )
+from strategies.merging import MergeInputError
+from strategies.merging.decomposed import prune_adapter
+from strategies.merging.robustmerge import RobustMerge
 
 A = "base_model.model.layer.0.query.lora_A.weight"
 B = "base_model.model.layer.0.query.lora_B.weight"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies import wire
+from protocol import wire
 
 
 def test_wire_keys_keep_their_spelling() -> None:

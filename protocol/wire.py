@@ -1,8 +1,8 @@
 """The wire protocol between ServerApp and ClientApp: every record and config key that travels.
 
 Server and client import these names from here, so a key is spelled once; the tensor layouts
-live beside the code that builds them (``strategies.sparse_codec`` for the sparse uplink,
-``strategies.secagg_layout`` for the SecAgg+ vector) and are named in the table.
+live beside the code that builds them (``protocol.sparse_codec`` for the sparse uplink,
+``protocol.secagg_layout`` for the SecAgg+ vector) and are named in the table.
 
 What travels (records of a Flower ``Message``; keys kebab-case like the run config)
 ------------------------------------------------------------------------------------
@@ -21,7 +21,7 @@ train instruction      ``ARRAYS`` ("arrays"): ArrayRecord of the global LoRA ten
                        norm.
 train reply            ``ARRAYS``: the trained LoRA tensors, fp32, the received keys in the received
 (client -> server)     order (dense), or the pruned delta in the wire form of
-                       ``strategies.sparse_codec`` (sparse, then ``CONFIG`` = {``UPLINK``:
+                       ``protocol.sparse_codec`` (sparse, then ``CONFIG`` = {``UPLINK``:
                        "sparse"}).
                        ``METRICS`` ("metrics"): MetricRecord {``NUM_EXAMPLES``, ``TRAIN_LOSS``,
                        ``LORA_RANK`` ("lora-rank", int: the rank the site trained; its tensors
@@ -35,13 +35,14 @@ SecAgg+ instruction    Flower's legacy FitIns: the global adapter as ndarrays in
 (server -> client)     ``ADAPTER_KEYS`` ("adapter-keys", names joined by ``KEY_SEPARATOR``), plus
                        ``SERVER_ROUND``, ``SPARSE_SETTINGS`` and ``SECAGG_CLIPPING_RANGE``.
 SecAgg+ reply          one masked float64 vector laid out by
-(client -> server)     ``strategies.secagg_layout.TermLayout``
+(client -> server)     ``protocol.secagg_layout.TermLayout``
                        (``num_examples`` = 1, no metrics).
 =====================  =============================================================================
 
 A client needs nothing from the server beyond these: it never reads a merge setting from its
-own run config (``strategies.sparse_uplink.merge_settings`` writes them, ``instructed_method``
-reads them back and refuses an instruction that lacks any).
+own run config (``protocol.merge_settings.merge_settings`` writes them,
+``client.instruction.instructed_method`` reads them back and refuses an instruction that lacks
+any).
 
 Nothing else leaves a client: no texts, labels, label names, base weights or file paths.
 """
@@ -75,11 +76,22 @@ PERSONALIZED_LOSS: Final = "personalized-loss"
 PERSONALIZED_ACCURACY: Final = "personalized-accuracy"
 PERSONALIZED_PERPLEXITY: Final = "personalized-perplexity"
 PERSONALIZED_STEPS: Final = "personalized-steps"
+
 PERSONALIZED_SCORES: Final = (
     (EVAL_LOSS, PERSONALIZED_LOSS),
     (EVAL_ACCURACY, PERSONALIZED_ACCURACY),
     (EVAL_PERPLEXITY, PERSONALIZED_PERPLEXITY),
 )
+
+# Under run-config personalization = "shared-a" (FedSA-LoRA) a site keeps every LoRA B as its own
+# and its train reply carries the rest of the adapter only; the server expects exactly that.
+SITE_KEPT_FACTOR: Final = ".lora_B."
+
+
+def site_keeps(key: str) -> bool:
+    """Whether a "shared-a" site keeps ``key`` (a LoRA B) instead of sending it."""
+    return SITE_KEPT_FACTOR in key
+
 
 # Which uplink a train reply (and, for "sparse", the train instruction) uses.
 UPLINK: Final = "uplink"
