@@ -130,3 +130,35 @@ def test_a_factor_that_overflows_the_term_is_refused() -> None:
         ExactSum((2,)).add(torch.tensor([1.0, 3.0e38]), 1.0e300)
     with pytest.raises(ValueError, match="finite values only"):
         ExactSum((1, 2)).add(torch.tensor([[1.0, 3.0e38]]), torch.tensor([1.0, 1.0e300]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(min_value=1, max_value=6),
+    columns=st.integers(min_value=1, max_value=5),
+    kind=st.sampled_from(["none", "number", "per column"]),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_the_peak_read_from_the_term_is_the_peak_of_the_float64_product(
+    rows: int, columns: int, kind: str, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    term = (torch.randn(rows, columns, generator=generator) * 2.0 ** (seed % 60 - 30)).float()
+    factor: float | torch.Tensor | None = None
+    if kind == "number":
+        factor = -float(torch.rand(1, generator=generator)) * 2.0 ** (seed % 7)
+    elif kind == "per column":
+        factor = torch.rand(columns, generator=generator, dtype=torch.float64) * 5 - 2.5
+    product = term.to(torch.float64) * (1.0 if factor is None else factor)
+    assert exact_sum._product_peak(term, factor) == float(product.abs().max())
+
+
+def test_tiny_terms_on_the_general_path_keep_their_bits() -> None:
+    # a per-row factor takes the general path (the product formed, then its peak): the window
+    # must sit at the terms' own bin, not at 2^0's, or 1e-12 falls below it
+    terms = [torch.full((3, 1), 1e-12), torch.full((3, 1), 3e-12)]
+    summed = ExactSum((3, 1))
+    for term in terms:
+        summed.add(term, torch.ones(3, 1, dtype=torch.float64))
+    want = terms[0].double() + terms[1].double()
+    assert torch.equal(summed.value(), want)
