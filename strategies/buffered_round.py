@@ -9,7 +9,7 @@ from logging import INFO
 import torch
 from flwr.supercore import log
 
-from strategies.merging.rounds import apply_server_step, global_change_norm, merge_round
+from strategies.merging.rounds import global_change_norm, merge_round
 from strategies.reply_checks import AcceptedReply, reply_rank
 from strategies.reply_tensors import ReplyTensors
 from strategies.round_diagnostics import score_directions
@@ -32,7 +32,7 @@ def merge_buffered(
     if settings.sparse_method is not None:
         sparse = [reply for reply in accepted if isinstance(reply, SparseReply)]
         result = merge_sparse_replies(sparse, settings.sparse_method, weights, settings.device)
-        apply_server_step(base, result.tensors, settings.server_lr, settings.merge_target)
+        settings.server_step.apply(base, result.tensors)
     else:
         ranks = {reply_rank(reply) for reply in accepted} - {global_rank}
         result = merge_round(

@@ -26,9 +26,10 @@ from strategies.combinations import (
     round_method,
 )
 from strategies.merging import accepted_hyperparameters, available_methods, resolve_device
+from strategies.merging.decomposed import client_pruning
 from strategies.merging.method import MergeMethod
 from strategies.merging.robustmerge import RobustMerge
-from strategies.merging.rounds import TARGETS
+from strategies.merging.server_step import TARGETS, ServerStep
 from strategies.robust import RobustSettings
 from workload.config import PERSONALIZATION_MODES, schema_default
 
@@ -223,9 +224,14 @@ class MergeSettings:
     @property
     def sparse_method(self) -> RobustMerge | None:
         """The RobustMerge the clients prune with on the sparse uplink (None: dense uplink)."""
-        if self.uplink == "sparse" and isinstance(self.method, RobustMerge):
-            return self.method
+        if self.uplink == "sparse" and self.method.prunes_on_client():
+            return client_pruning(self.method)
         return None
+
+    @property
+    def server_step(self) -> ServerStep:
+        """The round's server step (``server-lr`` towards the ``merge-target``'s merge)."""
+        return ServerStep(self.server_lr, self.merge_target)
 
     @property
     def method_form(self) -> str:

@@ -26,7 +26,7 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.supercore import log
 
-from strategies.merging.rounds import DeltaView, apply_server_step, global_change_norm
+from strategies.merging.rounds import DeltaView, global_change_norm
 from strategies.merging.streaming import RobustMergeFold, RoundFold
 from strategies.reply_admission import ReplyAdmission, content_order
 from strategies.reply_checks import AcceptedReply
@@ -167,7 +167,7 @@ class StreamedRound:
         self.stages.remember(state)
         began = time.perf_counter()
         new_global = folded.fold.finish()
-        apply_server_step(base, new_global, settings.server_lr, settings.merge_target)
+        settings.server_step.apply(base, new_global)
         report.merge_seconds = time.perf_counter() - began
         report.merged_update_norm = global_change_norm(base, new_global)
         state.deferred = partial(

@@ -13,7 +13,7 @@ from flwr.supercore import log
 
 from strategies.merging.decomposed import finish_from_sums
 from strategies.merging.errors import MergeInputError
-from strategies.merging.rounds import apply_server_step, global_change_norm
+from strategies.merging.rounds import global_change_norm
 from strategies.round_report import RoundState
 from strategies.strategy_settings import MergeSettings
 
@@ -42,7 +42,7 @@ def merge_secure_round(
     except MergeInputError as error:
         skip_secure_round(state, f"unusable sums: {error}")
         return None
-    apply_server_step(state.global_tensors, merged, settings.server_lr, settings.merge_target)
+    settings.server_step.apply(state.global_tensors, merged)
     report.merge_seconds = time.perf_counter() - started
     report.merged_update_norm = global_change_norm(state.global_tensors, merged)
     report.secure_status = "completed"

@@ -24,10 +24,24 @@ import torch
 
 from strategies.merging.errors import MergeInputError
 from strategies.merging.lora_keys import AdapterLayout, parse_layout
-from strategies.merging.method import check_form
+from strategies.merging.method import MergeMethod, check_form
 from strategies.merging.robustmerge import RobustMerge
 
 SCALE_SUFFIX = "::scale"
+
+
+def client_pruning(method: MergeMethod) -> RobustMerge:
+    """``method`` as the split pipeline runs it, for a method that declares
+    ``prunes_on_client()``: the split is RobustMerge's steps 1-2 | 3-4, so a method that
+    declares it and is not a RobustMerge is a programming error (TypeError naming it)."""
+    if not method.prunes_on_client():
+        raise ValueError(f"{method.describe()} does not prune on the client (dense uplink only)")
+    if not isinstance(method, RobustMerge):
+        raise TypeError(
+            f"{type(method).__name__} declares prunes_on_client() but the client/server split "
+            "(prune_adapter / merge_pruned) runs RobustMerge's steps only"
+        )
+    return method
 
 
 def scale_key(module_name: str) -> str:

@@ -111,6 +111,7 @@ from strategies.merging.lora_keys import parse_layout
 from strategies.merging.lowrank import low_rank_energy, truncate_product
 from strategies.merging.method import MergeMethod, PairMerge, task_coefficients
 from strategies.merging.robustmerge import RobustMerge
+from strategies.merging.server_step import ServerStep
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 """A LoRA pair as (B: d_out x r, A: r x d_in), in the order of the product B A."""
@@ -433,7 +434,7 @@ def merge_mixed_ranks(
     target = _target_rank(a_g, a_list, rank)
     p = normalised_weights(weights, len(a_list), a_g.device)
     left, right = mixed_rank_update_terms(method, a_g, b_g, a_list, b_list, p, sent=sent)
-    step_left = server_lr * left
+    step_left = ServerStep(server_lr).scale_update(left)
     pair = truncate_product(
         torch.cat([b_g, step_left], dim=1), torch.cat([a_g, right], dim=0), target
     )
@@ -486,11 +487,12 @@ def merge_zero_padded(
         b_sent, a_sent = slice_to_rank(b_g, a_g, r_t)
         b_step[:, :r_t] += share * (b_t - b_sent)
         a_step[:r_t] += share * (a_t - a_sent)
-    b_new += server_lr * b_step
-    a_new += server_lr * a_step
+    step = ServerStep(server_lr)
+    b_new = step.moved_by(b_new, b_step)
+    a_new = step.moved_by(a_new, a_step)
     sent = {r: slice_to_rank(b_g, a_g, r) for r in {a.shape[0] for a in a_list}}
     left, right = mixed_rank_update_terms(ExactMean(), a_g, b_g, a_list, b_list, p, sent=sent)
-    step_left = server_lr * left
+    step_left = ServerStep(server_lr).scale_update(left)
     gap = max(
         low_rank_energy(
             torch.cat([b_new, -b_g, -step_left], dim=1), torch.cat([a_new, a_g, right], dim=0)

@@ -6,7 +6,7 @@ What a round merges depends on the method:
 - factor-wise methods (paper-exact RobustMerge, fedavg, ties, dare) merge the factor deltas
   dA_t = A_t - A_G, dB_t = B_t - B_G (``target="delta"``) or the full adapters
   (``target="adapter"``), and the server step is G <- G + eta * merged (delta) or
-  G <- G + eta * (merged - G) (adapter);
+  G <- G + eta * (merged - G) (adapter) (the step for every path: ``server_step.ServerStep``);
 - product-space methods (svd, exact-mean, paper-equation RobustMerge) merge the clients' true
   weight updates U_t = B_t A_t - B_G A_G (times alpha/r, common to all): the new global's product
   is P = B_G A_G + eta * M, factored back to rank r by truncated SVD, computed from the stacked
@@ -47,9 +47,9 @@ from strategies.merging.ranks import (
     merge_mixed_ranks,
     mixed_rank_support,
 )
+from strategies.merging.server_step import TARGETS as TARGETS
+from strategies.merging.server_step import ServerStep
 from strategies.merging.validation import validate_adapters
-
-TARGETS: tuple[str, ...] = ("delta", "adapter")
 
 
 class DeltaView(Mapping[str, torch.Tensor]):
@@ -95,8 +95,7 @@ def merge_round(
     set for product-space methods. Mixed ranks with a method that cannot merge them, or with
     ``target="adapter"``, raise ``ranks.MixedRankError`` with the reason.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+    step = ServerStep(server_lr, target)
     ranks = client_ranks(base, clients, labels)
     if ranks is not None:
         return _merge_mixed(
@@ -107,23 +106,8 @@ def merge_round(
         return _merge_products(base, clients, method, weights, server_lr, target, device, labels)
     inputs = [DeltaView(c, base) for c in clients] if target == "delta" else list(clients)
     result = merge_lora_with_report(inputs, method, weights, device, labels=labels)
-    apply_server_step(base, result.tensors, server_lr, target)
+    step.apply(base, result.tensors)
     return MergeResult(tensors={key: result.tensors[key] for key in base}, report=result.report)
-
-
-def apply_server_step(
-    base: Mapping[str, torch.Tensor],
-    merged: dict[str, torch.Tensor],
-    server_lr: float,
-    target: str,
-) -> None:
-    """Turn ``merged`` (a merged delta, or a merged adapter for ``target="adapter"``) into the
-    new global in place, one key at a time: base + eta * delta, or base + eta * (merged - base)."""
-    for key, value in base.items():
-        update = merged[key]
-        if target == "adapter":
-            update.sub_(value)
-        merged[key] = update.mul_(server_lr).add_(value.to(update.dtype))
 
 
 def global_change_norm(
@@ -234,7 +218,7 @@ def _merge_products(
             x_left, x_right = method.product_terms(a_stack, b_stack, p)
             left = torch.cat([x_left, -b_global], dim=1)
             right = torch.cat([x_right, a_global], dim=0)
-        step_left = server_lr * left
+        step_left = ServerStep(server_lr).scale_update(left)
         pair = truncate_product(
             torch.cat([b_global, step_left], dim=1), torch.cat([a_global, right], dim=0), rank
         )
@@ -361,7 +345,8 @@ def _finish_products(
         stack = stack_tensors(clients, key, where)
         start = base[key].to(device=where, dtype=torch.float32)
         mean = method.merge_other(stack, p)
-        merged[key] = (start + server_lr * (mean - start)).to(device="cpu", dtype=torch.float32)
+        moved = ServerStep(server_lr).towards(start, mean)
+        merged[key] = moved.to(device="cpu", dtype=torch.float32)
     dropped, total, update_energy = energies
     if layout.modules:
         report.relative_error = (dropped / total) ** 0.5 if total > 0 else 0.0
