@@ -78,7 +78,7 @@ from benchmarks.per_example import (
     encode_flags,
     load_tracking_workload,
 )
-from benchmarks.quality import RESULTS_DIR, QualityConfig, run_federated
+from benchmarks.quality import RESULTS_DIR, Adapter, QualityConfig, run_federated
 from benchmarks.quality_v2 import write_json
 from benchmarks.quality_v2_report import compare
 from workload.tasks import TaskData
@@ -301,21 +301,39 @@ def screen_order(config: AdaptiveConfig) -> list[tuple[Setup, str]]:
     return order + [(setup, defence) for setup in setups for defence in others]
 
 
+def _run_and_save(
+    run: Run,
+    stage: str,
+    setup: Setup,
+    defence: str,
+    attack: str,
+    seed: int,
+    score: Callable[[Adapter], Mapping[str, Sequence[bool]]],
+    shards: Sequence[TaskData] | None = None,
+) -> None:
+    """One run of ``stage`` under its ``run_key``, skipped when the results already hold it:
+    ``federated``, then ``score``'s per-example flags of the final adapter, saved."""
+    key = run_key(stage, setup.name, defence, attack, seed)
+    if key in run.results["runs"]:
+        return
+    record = federated(run, setup, defence, attack, seed, shards)
+    assert run.work.last_adapter is not None
+    record |= _scored(run, score(run.work.last_adapter))
+    run.results["runs"][key] = record
+    run.save(key)
+
+
 def stage_screen(run: Run) -> None:
     """Every (share, defence, attack) of the screen, one seed (saved after each)."""
     config = run.config
-    seed = config.screen_seed
+
+    def screen_flags(adapter: Adapter) -> dict[str, list[bool]]:
+        test = {t: prefix(d, config.screen_examples) for t, d in run.work.test.items()}
+        return run.work.flags(adapter, test)
+
     for setup, defence in screen_order(config):
         for attack in config.screen_attacks:
-            key = run_key("screen", setup.name, defence, attack, seed)
-            if key in run.results["runs"]:
-                continue
-            record = federated(run, setup, defence, attack, seed)
-            assert run.work.last_adapter is not None
-            test = {t: prefix(d, config.screen_examples) for t, d in run.work.test.items()}
-            record |= _scored(run, run.work.flags(run.work.last_adapter, test))
-            run.results["runs"][key] = record
-            run.save(key)
+            _run_and_save(run, "screen", setup, defence, attack, config.screen_seed, screen_flags)
 
 
 def worst_attacks(results: Mapping[str, Any], share: str, defence: str, count: int) -> list[str]:
@@ -351,14 +369,7 @@ def stage_measure(run: Run) -> None:
     for setup in config.setups():
         for defence, attack in measure_plan(run, setup):
             for seed in config.measure_seeds:
-                key = run_key("measure", setup.name, defence, attack, seed)
-                if key in run.results["runs"]:
-                    continue
-                record = federated(run, setup, defence, attack, seed)
-                assert run.work.last_adapter is not None
-                record |= _scored(run, run.work.test_flags(run.work.last_adapter))
-                run.results["runs"][key] = record
-                run.save(key)
+                _run_and_save(run, "measure", setup, defence, attack, seed, run.work.test_flags)
 
 
 def skew_setup(config: AdaptiveConfig, seed: int) -> tuple[Setup, list[TaskData]]:
@@ -377,14 +388,7 @@ def stage_skew(run: Run) -> None:
     for seed in config.measure_seeds:
         setup, shards = skew_setup(config, seed)
         for defence in config.skew_defences():
-            key = run_key("skew", setup.name, defence, "none", seed)
-            if key in run.results["runs"]:
-                continue
-            record = federated(run, setup, defence, "none", seed, shards)
-            assert run.work.last_adapter is not None
-            record |= _scored(run, run.work.test_flags(run.work.last_adapter))
-            run.results["runs"][key] = record
-            run.save(key)
+            _run_and_save(run, "skew", setup, defence, "none", seed, run.work.test_flags, shards)
 
 
 STAGE_RUNS: dict[str, Callable[[Run], None]] = {

@@ -33,11 +33,9 @@ from typing import Any
 import torch
 
 from protocol import wire
-from workload.config import SHARED_A, Reader, schema_default
+from workload.config import LOCAL_FINETUNE, SHARED_A, Reader, schema_default
 from workload.kinds.base import LocalRound, Metrics, TaskKind
 from workload.model import LoraSettings
-
-LOCAL_FINETUNE = "local-finetune"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from strategies.combinations import (
 from strategies.merging import available_methods
 from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
-from strategies.merging.rounds import TARGETS as MERGE_TARGETS
+from strategies.merging.server_step import TARGETS as MERGE_TARGETS
 from strategies.robust import RobustSettings, available_defences
 from workload.config import SCHEMA, SHARED_A, ConfigError, Reader
 from workload.kinds import available_task_kinds
@@ -79,6 +79,11 @@ class ServerSettings:
     tracking_uri: str = ""
     personalization: str = "none"
 
+    @property
+    def mixes_ranks(self) -> bool:
+        """Whether run-config ``client-ranks`` gives the sites more than one LoRA rank."""
+        return len(set(self.client_ranks)) > 1
+
     def __post_init__(self) -> None:
         refusal = (
             combination_refusal(self.merge_method, self.merge_mode, self.merge_target, self.uplink)
@@ -90,7 +95,7 @@ class ServerSettings:
         )
         if refusal is not None:
             raise ConfigError(f"run config: {refusal}")
-        if len(set(self.client_ranks)) > 1 and not self.secure_aggregation:
+        if self.mixes_ranks and not self.secure_aggregation:
             mixed = mixed_rank_refusal(
                 self.merge_method,
                 self.merge_mode,
@@ -132,7 +137,7 @@ class ServerSettings:
             return None
         needs = [
             (
-                len(set(self.client_ranks)) > 1,
+                self.mixes_ranks,
                 "client-ranks mixes LoRA ranks, which shared-a does not support (the server "
                 "reads each site's B as the global's, at the global's rank)",
                 "one rank for every site",

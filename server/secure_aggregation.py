@@ -179,7 +179,7 @@ def check_secure_aggregation(settings: ServerSettings) -> SecAggPlusWorkflow | N
             "never sees under secure aggregation; set robust-clip = false",
         ),
         (
-            len(set(settings.client_ranks)) > 1,
+            settings.mixes_ranks,
             "client-ranks",
             f"is {','.join(map(str, settings.client_ranks))!r}: SecAgg+ sums every client's "
             "terms entry by entry, so every site must train the same rank (terms of different "

@@ -41,8 +41,9 @@ TRAIN_FACTORS: tuple[str, ...] = ("ab", "b")
 # site also scores a copy of the global fine-tuned for ``personalization-steps`` local steps on
 # its own training data (``client.personalization``); "shared-a" (FedSA-LoRA): sites send only
 # their LoRA A factors and keep their own B (``client.shared_a``).
+LOCAL_FINETUNE = "local-finetune"
 SHARED_A = "shared-a"
-PERSONALIZATION_MODES: tuple[str, ...] = ("none", "local-finetune", SHARED_A)
+PERSONALIZATION_MODES: tuple[str, ...] = ("none", LOCAL_FINETUNE, SHARED_A)
 
 
 class ConfigError(ValueError):
@@ -111,7 +112,7 @@ SCHEMA: Mapping[str, Setting] = {
     # Aggregation
     "merge-method": _c("robustmerge", "merge method (strategies.merging registry)"),
     "merge-mode": _c("paper-exact", "RobustMerge form (strategies.merging.robustmerge.MODES)"),
-    "merge-target": _c("delta", "what is merged (strategies.merging.rounds.TARGETS)"),
+    "merge-target": _c("delta", "what is merged (strategies.merging.server_step.TARGETS)"),
     "keep-ratio": _n(0.2, "fraction of entries kept by pruning", 0.0, 1.0, low_open=True),
     "scale-quantile": _n(0.2, "rank directions keeping their scale", 0.0, 1.0, high_open=True),
     "dare-drop-rate": _n(

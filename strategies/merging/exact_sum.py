@@ -27,6 +27,9 @@ BIN_BITS = 32
 BINS = 2
 MAX_TERMS = 2**20  # < 2^(53 - BIN_BITS): every bin's float64 sum stays exact
 LOWEST_EXPONENT = -1000  # float64's normal range ends at 2^-1022
+# The lowest bin kept (-31): the lowest whose unit 2^(b W) is at least 2^LOWEST_EXPONENT. A bin
+# below it is neither filled nor read, so every order drops what falls there alike
+LOWEST_BIN = -(-LOWEST_EXPONENT // BIN_BITS)  # ceil(LOWEST_EXPONENT / BIN_BITS)
 CHUNK_ENTRIES = 1 << 15  # 256 KiB of float64 per slice: a core's L2 cache holds its passes
 
 
@@ -110,11 +113,10 @@ class ExactSum:
         """Add each bin's slice of ``values`` (overwritten) to rows ``rows`` of the bins."""
         assert self._top is not None
         for index in range(BINS):
-            exponent = (self._top - index) * BIN_BITS
-            if exponent < LOWEST_EXPONENT:
+            if self._top - index < LOWEST_BIN:
                 break  # below anything a float32 term holds; every order drops it alike
             # values is the rest in units of the bin above (the term itself for the top bin)
-            values.mul_(math.ldexp(1.0, -exponent if index == 0 else BIN_BITS))
+            values.mul_(math.ldexp(1.0, -self._top * BIN_BITS if index == 0 else BIN_BITS))
             units = values.to(torch.int64)
             self._bins[index][rows] += units
             if index + 1 < BINS:
@@ -138,10 +140,10 @@ class ExactSum:
         total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         if self._top is not None:
             for index, units in enumerate(self._bins):
-                exponent = (self._top - index) * BIN_BITS
-                if exponent >= LOWEST_EXPONENT:
+                bin_number = self._top - index
+                if bin_number >= LOWEST_BIN:
                     # exact: each count is below 2^53 and the unit a power of two
-                    total += units.to(torch.float64) * math.ldexp(1.0, exponent)
+                    total += units.to(torch.float64) * math.ldexp(1.0, bin_number * BIN_BITS)
         return total.to(dtype)
 
 

@@ -47,7 +47,6 @@ from strategies.merging.ranks import (
     merge_mixed_ranks,
     mixed_rank_support,
 )
-from strategies.merging.server_step import TARGETS as TARGETS
 from strategies.merging.server_step import ServerStep
 from strategies.merging.validation import validate_adapters
 

@@ -98,9 +98,11 @@ def test_mixed_client_ranks_run_with_product_space_methods() -> None:
         {"merge-method": "robustmerge", "merge-mode": "paper-equation"},
     ):
         settings = ServerSettings.from_run_config({"client-ranks": "4,8,16", **overrides})
-        assert settings.client_ranks == (4, 8, 16)
+        assert settings.client_ranks == (4, 8, 16) and settings.mixes_ranks
     # One rank everywhere is no mixture: every method runs.
-    ServerSettings.from_run_config({"client-ranks": "4,4", "merge-method": "fedavg"})
+    for ranks in ("4,4", "8", ""):
+        same = ServerSettings.from_run_config({"client-ranks": ranks, "merge-method": "fedavg"})
+        assert not same.mixes_ranks
 
 
 def test_secure_aggregation_refuses_mixed_client_ranks() -> None:

@@ -69,3 +69,12 @@ def test_the_value_is_rounded_once_from_the_bins_whatever_raised_the_window() ->
     assert total(2.0**-30, 2.0**31, 2.0**-22) == want  # the window raised between bin -1 terms
     assert total(2.0**31, 2.0**-22, 2.0**-30) == want
     assert total(2.0**-22, 2.0**-30, 2.0**31) == want
+
+
+def test_bins_below_the_lowest_bin_are_dropped_whole() -> None:
+    # LOWEST_EXPONENT -1000: bin -31 (units 2^-992) is the lowest kept, bin -32 is not
+    assert exact_sum.LOWEST_BIN == -31
+    assert total(2.0**-960, 2.0**-990) == 2.0**-960 + 2.0**-990  # bins -30 and -31
+    assert total(2.0**-990, 2.0**-1000) == 2.0**-990  # the window's lower bin, -32, is dropped
+    assert total(2.0**-1000) == 0.0  # even its top bin, -32, is below the lowest kept
+    assert total(2.0**-1000, 1.0) == 1.0
