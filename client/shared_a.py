@@ -54,6 +54,8 @@ def start_with_own_b(
     global's B where the site has none (``own_b`` None)."""
     if own_b is None:
         return dict(start)
+    # What a restarted site's log shows: it went on from its own B, not the global's.
+    log(INFO, "shared-a: starting from this site's own B (%d tensors)", len(own_b))
     return {key: own_b.get(key, value) for key, value in start.items()}
 
 

@@ -114,7 +114,8 @@ def load_site_state(
     ``expected`` (key -> shape) is what the caller can use; with it, a file with other keys or
     shapes is refused, and the keys come in its order (without it, sorted). ``None`` when the
     file is missing (logged at INFO) or cannot be used (logged as a WARNING that names the file
-    and why); never raises.
+    and why); never raises. A successful load is logged at INFO too (the file, how many
+    tensors, the folder): a restarted site's log shows it went on with its own state.
     """
     path = site_state_path(folder, name)
     if not path.exists():
@@ -144,4 +145,13 @@ def load_site_state(
         return None
     # safetensors gives the keys in no fixed order: the caller's order, else sorted.
     order = list(expected) if expected is not None else sorted(tensors)
+    # One line an operator (and the deployment test) can read: a restarted site went on with
+    # the state it saved, not from the global's.
+    log(
+        INFO,
+        "site state %s: loaded %d saved tensors from folder %s; going on with this site's own",
+        path,
+        len(order),
+        path.parent,
+    )
     return {key: tensors[key] for key in order}

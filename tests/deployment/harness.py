@@ -475,6 +475,41 @@ class ProcessSet:
             f"--- {p.name} ({shlex.join(p.argv)})\n{p.tail(lines)}" for p in self.procs
         )
 
+    def stop(self, proc: Proc, grace: float = 10.0) -> None:
+        """End one started process, its process group and its descendants (e.g. a SuperNode a
+        test restarts): SIGTERM first (a SuperNode then deactivates itself at the SuperLink),
+        SIGKILL for whatever is left after `grace` seconds. Raises if anything survives."""
+        targets = {proc.popen.pid, *descendants(proc.popen.pid)}
+        for pid in list(targets):
+            targets.update(descendants(pid))
+
+        def send(sig: signal.Signals, pids: set[int]) -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, sig)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+        send(signal.SIGTERM, targets)
+        end = time.monotonic() + grace
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=max(0.1, end - time.monotonic()))
+        while time.monotonic() < end and any(_alive(pid) for pid in targets):
+            time.sleep(0.1)
+        send(signal.SIGKILL, {pid for pid in targets if _alive(pid)})
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while True:
+            for pid in targets - {proc.popen.pid}:
+                _reap(pid)
+            leftover = sorted(pid for pid in targets if _alive(pid))
+            if not leftover:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{proc.name}: processes {leftover} survived SIGKILL")
+            time.sleep(0.1)
+
     def _adopted(self) -> set[int]:
         """Orphans of this set's processes that this (subreaper) process adopted."""
         popen_pids = {proc.popen.pid for proc in self.procs}
@@ -614,6 +649,57 @@ class Federation:
             return self.cli(["flwr", "log", str(run_id), self.connection, "--show"])
         except AssertionError as err:
             return f"(flwr log failed: {err})"
+
+    def supernode(self, site: str) -> Proc:
+        """The SuperNode process of `site` now: the latest started under its name (or
+        `restart_supernode`'s `<site>-restart-<n>`)."""
+        mine = [
+            p for p in self.procs.procs if p.name == site or p.name.startswith(f"{site}-restart-")
+        ]
+        if not mine:
+            raise KeyError(f"no SuperNode was started for {site!r}")
+        return mine[-1]
+
+    def restart_supernode(self, site: str) -> Proc:
+        """Stop `site`'s SuperNode (SIGTERM, as an operator would) and start it again with the
+        same command: the same key, local port and node config. Returns the new process (log
+        `<site>-restart-<n>.log`) once the SuperLink has taken it back as its registered node
+        ID."""
+        old = self.supernode(site)
+        self.procs.stop(old)
+        # Flower 1.42's SuperNode does not deactivate itself on SIGTERM: the SuperLink refuses
+        # to activate its key again ("could not be activated", exit code 305) until it marks
+        # the node offline, once its heartbeats stop (up to 2 x 30 s). An operator waits too.
+        self.wait_node_status(site, "offline")
+        restarts = sum(p.name.startswith(f"{site}-restart-") for p in self.procs.procs)
+        new = self.procs.start(f"{site}-restart-{restarts + 1}", old.argv)
+        match = new.wait_for(r"SuperNode ID: (\d+)", self.deadline, "a node ID after the restart")
+        assert int(match.group(1)) == self.node_ids[site], (
+            f"{site} came back as node {match.group(1)}, but its key was registered as node "
+            f"{self.node_ids[site]}"
+        )
+        return new
+
+    def node_status(self, site: str) -> str:
+        """`site`'s node status at the SuperLink (`flwr supernode list`: "online", "offline",
+        ...; "" when not listed)."""
+        stdout = self.cli(["flwr", "supernode", "list", self.connection, "--format", "json"])
+        nodes = json.loads(stdout[stdout.index("{") :])["nodes"]
+        wanted = str(self.node_ids[site])
+        return next((str(n["status"]) for n in nodes if str(n["node-id"]) == wanted), "")
+
+    def wait_node_status(self, site: str, status: str) -> None:
+        """Poll `node_status` until `site`'s node has `status`, within the deadline."""
+        last = ""
+        while not self.deadline.expired():
+            last = self.node_status(site)
+            if last == status:
+                return
+            time.sleep(2.0)
+        raise DeadlineExceededError(
+            f"{site} (node {self.node_ids[site]}) not {status!r} within the deadline (last "
+            f"{last!r})\n{self.procs.logs()}"
+        )
 
     def replying_nodes(self) -> set[int]:
         """Node IDs the SuperLink accepted replies from, read from its log."""
