@@ -73,6 +73,8 @@ def build_merge_strategy(settings: ServerSettings) -> FedRobustMerge:
         uplink=settings.uplink,
         robust=settings.robust,
         personalization=settings.personalization,
+        buffer_replies=settings.buffer_replies,
+        spill_dir=settings.output_dir / "spill",
     )
 
 

@@ -20,7 +20,7 @@ from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
 from strategies.merging.server_step import TARGETS as MERGE_TARGETS
 from strategies.robust import RobustSettings, available_defences
-from workload.config import SCHEMA, SHARED_A, ConfigError, Reader
+from workload.config import SCHEMA, SHARED_A, ConfigError, Reader, schema_default
 from workload.kinds import available_task_kinds
 
 __all__ = ["ConfigError", "ServerSettings", "resolve_output_dir"]
@@ -73,6 +73,7 @@ class ServerSettings:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
     robust: RobustSettings = field(default_factory=RobustSettings)
+    buffer_replies: int = schema_default("buffer-replies", int)
     client_ranks: tuple[int, ...] = ()
     dare_drop_rate: float = 0.5
     tracking: str = "none"
@@ -206,6 +207,7 @@ class ServerSettings:
             unseen_tasks=reader.names("unseen-tasks"),
             max_update_norm=max_norm if max_norm > 0 else None,
             min_merge_replies=reader.integer("min-merge-replies"),
+            buffer_replies=reader.integer("buffer-replies"),
             keep_checkpoints=reader.integer("keep-checkpoints"),
             task=reader.choice("task", available_task_kinds()),
             server_eval_data=reader.string("server-eval-data"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from strategies.merging.streaming import round_fold
 from strategies.node_sampling import sample_connected
 from strategies.reply_admission import RecordKeys, ReplyAdmission
 from strategies.reply_checks import DEFAULT_MAX_NUM_EXAMPLES, AcceptedReply, state_dict_to_record
+from strategies.reply_spill import ReplySpill
 from strategies.robust import RobustSettings
 from strategies.robust_stages import RobustStages
 from strategies.round_metrics import evaluation_metrics, train_metrics
@@ -59,7 +61,8 @@ class FedRobustMerge(FedAvg):
         run config's (fraction-evaluate 0: no client-side evaluation unless asked for).
     merge_method, mode, keep_ratio, scale_quantile, fuse_weight, merge_options, merge_target,
     server_lr, weight_by_examples, device, min_merge_replies, max_update_norm, robust,
-    max_num_examples, diagnostics_modules, seed, uplink, personalization
+    max_num_examples, diagnostics_modules, seed, uplink, personalization, buffer_replies,
+    spill_dir
         The merge settings, checked and resolved into ``self.settings``; each is described in
         ``strategies.strategy_settings.MergeSettings.build``.
     """
@@ -95,6 +98,8 @@ class FedRobustMerge(FedAvg):
         uplink: str = Defaults.uplink,
         robust: RobustSettings | None = None,
         personalization: str = Defaults.personalization,
+        buffer_replies: int = Defaults.buffer_replies,
+        spill_dir: str | Path | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -127,6 +132,8 @@ class FedRobustMerge(FedAvg):
             uplink=uplink,
             robust=robust,
             personalization=personalization,
+            buffer_replies=buffer_replies,
+            spill_dir=spill_dir,
         )
         self.custom_train_metrics_aggr_fn = train_metrics_aggr_fn
         keys = RecordKeys(arrayrecord_key, configrecord_key, weighted_by_key)
@@ -253,16 +260,23 @@ class FedRobustMerge(FedAvg):
             folded = self.streaming.collect(state, replies, fold)
             if not isinstance(folded, list):
                 return self._result(state, self.streaming.finish(state, folded), folded.sources)
-            accepted = folded
-        else:
-            admitted = self.admission.admit_all(replies, state, state.report)
+            # A first round that ended before its pool filled: at most robust-pool replies.
+            return self._result(
+                state,
+                self._merge_buffered(state, folded),
+                [(reply.num_examples, reply.content) for reply in folded],
+            )
+        # Past ``buffer-replies`` accepted replies, each spills to disk as it arrives; the files
+        # go when the round closes, whatever happens (``reply_spill``).
+        label = f"round-{server_round}"
+        with ReplySpill(self.settings.buffer_replies, self.settings.spill_dir, label) as spill:
+            admitted = self.admission.admit_all(replies, state, state.report, spill=spill)
             accepted = self.stages.screen(
                 admitted, state.report, state.global_tensors, state.prescreen
             )
+            merged = self._merge_buffered(state, accepted)
         return self._result(
-            state,
-            self._merge_buffered(state, accepted),
-            [(reply.num_examples, reply.content) for reply in accepted],
+            state, merged, [(reply.num_examples, reply.content) for reply in accepted]
         )
 
     def _merge_buffered(

@@ -29,6 +29,7 @@ from strategies.reply_checks import (
     check_train_reply,
     reply_rank,
 )
+from strategies.reply_spill import ReplySpill
 from strategies.robust_replies import update_norm
 from strategies.round_report import RoundReport, RoundState
 from strategies.sparse_uplink import check_sparse_train_reply
@@ -150,27 +151,42 @@ class ReplyAdmission:
         report: RoundReport,
         *,
         wrapped: bool = False,
+        spill: ReplySpill | None = None,
     ) -> list[AcceptedReply]:
         """The replies of a buffered round that pass every check, in content order; a node
         that replied twice has both rejected. ``wrapped``: a DP wrapper will clip them against
-        the global, so only the global's rank is accepted."""
+        the global, so only the global's rank is accepted.
+
+        The replies are read one at a time and each accepted one is kept as ``spill`` keeps it
+        (past its bound: on disk), so the round never holds the stream's messages themselves.
+        A node's second reply takes its first back out of the round (and of ``report``)."""
         other_ranks_refused = self.settings.other_ranks_refused
         if wrapped and other_ranks_refused is None:
             other_ranks_refused = WRAPPED_RANKS_REFUSED
-        messages = list(replies)
-        senders = Counter(message.metadata.src_node_id for message in messages)
-        accepted: list[AcceptedReply] = []
-        for message in messages:
+        senders: Counter[int] = Counter()
+        accepted: dict[int, AcceptedReply] = {}
+        ranked: set[int] = set()  # nodes whose first known rank this round's reply set
+        for message in replies:
             node = message.metadata.src_node_id
+            senders[node] += 1
             if senders[node] > 1:
+                held = accepted.pop(node, None)
+                if held is not None:
+                    _release(report, held)
+                    if spill is not None:
+                        spill.discard(held)
+                if node in ranked:  # as if its first reply had never been checked
+                    self.node_ranks.pop(node, None)
                 report.reject(node, f"node sent {senders[node]} replies in one round")
                 continue
+            if node not in self.node_ranks:
+                ranked.add(node)
             reply = self.admit(message, state, report, other_ranks_refused)
             if reply is not None:
-                accepted.append(reply)
+                accepted[node] = spill.keep(reply) if spill is not None else reply
         # Arrival order varies run to run; a content order makes the float sums, and so a
         # resumed run, bit-identical to an uninterrupted one.
-        return sorted(accepted, key=content_order)
+        return sorted(accepted.values(), key=content_order)
 
     def _check_site_rank(self, reply: AcceptedReply) -> None:
         """A node trains one rank for the whole run: the first rank it replied with is its own,
@@ -203,4 +219,14 @@ class ReplyAdmission:
 def content_order(reply: AcceptedReply) -> tuple[str, int]:
     """A reply's place in the order rounds merge buffered replies in (by content, so a resumed
     run sums in the same order as an uninterrupted one)."""
-    return (reply.arrays.object_id, reply.num_examples)
+    return (reply.object_id, reply.num_examples)
+
+
+def _release(report: RoundReport, reply: AcceptedReply) -> None:
+    """Take an admitted reply back out of ``report`` (its node replied again)."""
+    node = reply.node_id
+    report.bytes_received -= reply.num_bytes
+    report.accepted_nodes.remove(node)
+    report.update_norms.pop(node, None)
+    report.site_ranks.pop(node, None)
+    report.site_truncation_errors.pop(node, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,12 +32,31 @@ class ReplyRejectedError(ValueError):
         self.privacy = privacy
 
 
+class TensorSource(Protocol):
+    """Where an accepted reply's tensors are read from instead of its wire ArrayRecord (a spill
+    file, ``strategies.reply_spill``), key by key."""
+
+    @property
+    def object_id(self) -> str:
+        """The wire ArrayRecord's ``object_id`` (the buffered round's merge order)."""
+        ...
+
+    def keys(self) -> list[str]:
+        """The wire ArrayRecord's keys, in its order."""
+        ...
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The array under ``key`` as ``decode_float32`` gives it."""
+        ...
+
+
 @dataclass(frozen=True)
 class AcceptedReply:
     """A reply that passed every check: its node, its arrays, its example count.
 
     The arrays stay in their wire form; ``tensor(key)`` decodes one at a time, so merging T
     replies holds about one module stacked over T in memory, not a decoded copy of every reply.
+    With a ``backing`` (a spilled reply) the tensors are read from there and ``arrays`` is empty.
     """
 
     node_id: int
@@ -48,17 +68,29 @@ class AcceptedReply:
     # the global it started from, so the site's update there is zero; and the global's key order.
     filled: Mapping[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
     filled_order: tuple[str, ...] = field(default=(), kw_only=True)
+    backing: TensorSource | None = field(default=None, kw_only=True)
 
     def tensor(self, key: str) -> torch.Tensor:
         """The array under ``key`` as a float32 CPU tensor (checked when the reply was accepted),
         or the global's tensor where the site kept its own."""
         if key in self.filled:
             return self.filled[key]
+        if self.backing is not None:
+            return self.backing.tensor(key)
         return decode_float32(self.arrays, key)
+
+    def array_keys(self) -> list[str]:
+        """The keys the reply sent, in its order."""
+        return self.backing.keys() if self.backing is not None else list(self.arrays.keys())
 
     def keys(self) -> list[str]:
         """Every key the merge reads: the reply's, with the filled-in ones in the global's order."""
-        return list(self.filled_order) if self.filled else list(self.arrays.keys())
+        return list(self.filled_order) if self.filled else self.array_keys()
+
+    @property
+    def object_id(self) -> str:
+        """The wire ArrayRecord's content digest (``ArrayRecord.object_id``)."""
+        return self.backing.object_id if self.backing is not None else self.arrays.object_id
 
 
 def reply_payload(
@@ -217,7 +249,7 @@ def reply_rank(reply: AcceptedReply) -> int | None:
     """An accepted reply's LoRA rank (rows of its first lora_A; checked against its declared
     ``lora-rank`` on acceptance), None without LoRA factors or for a sparse-uplink reply
     (whose wire keys are at the global's rank)."""
-    for key in reply.arrays:
+    for key in reply.array_keys():
         if ".lora_A." in key and is_lora_key(key) and not is_wire_key(key):
             return int(reply.tensor(key).shape[0])
     return None

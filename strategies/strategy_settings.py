@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.supercore import log
@@ -50,6 +51,7 @@ class Defaults:
     seed = schema_default("seed", int)
     uplink = schema_default("uplink", str)
     personalization = schema_default("personalization", str)
+    buffer_replies = schema_default("buffer-replies", int)
     fraction_train = schema_default("fraction-train", float)
     fraction_evaluate = schema_default("fraction-evaluate", float)
     min_train_nodes = schema_default("min-train-nodes", int)
@@ -79,6 +81,8 @@ class MergeSettings:
     robust: RobustSettings
     other_ranks_refused: str | None
     personalization: str = Defaults.personalization
+    buffer_replies: int = Defaults.buffer_replies
+    spill_dir: Path | None = None
 
     @classmethod
     def build(
@@ -102,6 +106,8 @@ class MergeSettings:
         uplink: str,
         robust: RobustSettings | None,
         personalization: str = Defaults.personalization,
+        buffer_replies: int = Defaults.buffer_replies,
+        spill_dir: str | Path | None = None,
     ) -> MergeSettings:
         """Check and resolve ``FedRobustMerge``'s merge arguments; ValueError names what is
         wrong.
@@ -157,6 +163,17 @@ class MergeSettings:
             ``personalization``; ``client.shared_a``); the server reads each missing B as the
             global's (a zero update), so B stays as the run started. "none", "local-finetune":
             the replies carry the whole adapter.
+        buffer_replies : int (default: 16, run-config ``buffer-replies``)
+            A buffered round (one that cannot fold its replies: docs/strategy.md, "What buffers,
+            and why") keeps this many accepted replies in memory and spills each further one to
+            a safetensors file (``strategies.reply_spill``), read back key by key; the merge is
+            the same bit for bit. 16: twice the first round's pool (8), so the rounds of a
+            small federation never touch the disk, while a round of 1,024 LLaMA-7B adapters
+            (160 MB each) holds 2.6 GB instead of 160 GB. Must be >= 1 (there is no "never
+            spill").
+        spill_dir : path, optional
+            Where spill folders are made (the app: ``output-dir``/spill); None: the system
+            temp folder. Each round's folder is removed when the round closes.
         """
         if merge_method not in available_methods():
             raise ValueError(
@@ -182,6 +199,13 @@ class MergeSettings:
         refusal = robust_refusal(robust, uplink)
         if refusal is not None:
             raise ValueError(refusal)
+        if isinstance(buffer_replies, bool) or not (
+            isinstance(buffer_replies, int) and buffer_replies >= 1
+        ):
+            raise ValueError(
+                f"buffer_replies (run config 'buffer-replies') must be an integer >= 1, "
+                f"got {buffer_replies!r}"
+            )
         if max_update_norm is not None and not max_update_norm > 0:
             raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
         accepted = accepted_hyperparameters(merge_method)
@@ -219,6 +243,8 @@ class MergeSettings:
                 merge_method, mode, merge_target, uplink, robust
             ),
             personalization=personalization,
+            buffer_replies=buffer_replies,
+            spill_dir=Path(spill_dir) if spill_dir is not None else None,
         )
 
     @property

@@ -36,10 +36,12 @@ STRATEGY_KEYS = {
     "seed": "seed",
     "uplink": "uplink",
     "personalization": "personalization",
+    "buffer_replies": "buffer-replies",
 }
 # Parameters with no run-config key of their own (Flower's record keys and hooks, the library's
 # own limits) or whose key is read into another form (merge-device "auto" -> None, max-update-
-# norm 0 -> None, the robust-* keys -> RobustSettings, dare-drop-rate -> merge_options).
+# norm 0 -> None, the robust-* keys -> RobustSettings, dare-drop-rate -> merge_options; the app
+# puts spill_dir under output-dir).
 NOT_SCHEMA_KEYS = {
     "self",
     "min_available_nodes",
@@ -54,6 +56,7 @@ NOT_SCHEMA_KEYS = {
     "max_num_examples",
     "diagnostics_modules",
     "robust",
+    "spill_dir",
 }
 ROBUST_KEYS = {
     "aggregation": "robust-aggregation",
@@ -117,12 +120,19 @@ def test_merge_round_has_no_server_step_of_its_own() -> None:
     assert inspect.signature(merge_round).parameters["server_lr"].default is inspect._empty
 
 
+def app_output_spill() -> object:
+    return ServerSettings.from_run_config(project_config()).output_dir / "spill"
+
+
 def test_the_library_and_the_app_build_the_same_federation() -> None:
     library = FedRobustMerge(device="cpu")
     app = build_merge_strategy(
         ServerSettings.from_run_config({**project_config(), "merge-device": "cpu"})
     )
     ours, theirs = dataclasses.asdict(library.settings), dataclasses.asdict(app.settings)
+    # where a buffered round spills: the system temp folder, the app's under its output-dir
+    assert ours.pop("spill_dir") is None
+    assert theirs.pop("spill_dir") == app_output_spill()
     assert ours.pop("method").describe() == theirs.pop("method").describe()
     assert ours == theirs
     assert library.settings.server_lr == 4.0  # the drift issue 24 found: it was 1.0 here
