@@ -12,10 +12,27 @@ from flwr.supercore import log
 from strategies.merging.rounds import global_change_norm, merge_round
 from strategies.reply_checks import AcceptedReply, reply_rank
 from strategies.reply_tensors import ReplyTensors
+from strategies.robust_stages import RobustStages
 from strategies.round_diagnostics import score_directions
 from strategies.round_report import RoundState
 from strategies.sparse_uplink import SparseReply, merge_sparse_replies
 from strategies.strategy_settings import MergeSettings
+
+
+def close_buffered(
+    settings: MergeSettings,
+    stages: RobustStages,
+    state: RoundState,
+    accepted: list[AcceptedReply],
+) -> dict[str, torch.Tensor] | None:
+    """The buffered round's end: the accepted (screened) replies rewritten and merged at once;
+    None when too few to merge (the round is skipped). Closes the round."""
+    state.closed = True
+    if not state.report.enough(len(accepted), settings.min_merge_replies):
+        return None
+    stages.remember(state)
+    rewritten = stages.rewrite(accepted, state.report, state.global_tensors)
+    return merge_buffered(settings, state, rewritten)
 
 
 def merge_buffered(

@@ -23,11 +23,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from protocol import wire
-from strategies.buffered_round import merge_buffered
+from strategies.buffered_round import close_buffered
 from strategies.merging.streaming import round_fold
 from strategies.node_sampling import sample_connected
 from strategies.reply_admission import RecordKeys, ReplyAdmission
-from strategies.reply_checks import DEFAULT_MAX_NUM_EXAMPLES, AcceptedReply, state_dict_to_record
+from strategies.reply_checks import DEFAULT_MAX_NUM_EXAMPLES, state_dict_to_record
 from strategies.reply_spill import ReplySpill
 from strategies.robust import RobustSettings
 from strategies.robust_stages import RobustStages
@@ -260,36 +260,19 @@ class FedRobustMerge(FedAvg):
             folded = self.streaming.collect(state, replies, fold)
             if not isinstance(folded, list):
                 return self._result(state, self.streaming.finish(state, folded), folded.sources)
-            # A first round that ended before its pool filled: at most robust-pool replies.
-            return self._result(
-                state,
-                self._merge_buffered(state, folded),
-                [(reply.num_examples, reply.content) for reply in folded],
-            )
-        # Past ``buffer-replies`` accepted replies, each spills to disk as it arrives; the files
-        # go when the round closes, whatever happens (``reply_spill``).
-        label = f"round-{server_round}"
-        with ReplySpill(self.settings.buffer_replies, self.settings.spill_dir, label) as spill:
-            admitted = self.admission.admit_all(replies, state, state.report, spill=spill)
-            accepted = self.stages.screen(
-                admitted, state.report, state.global_tensors, state.prescreen
-            )
-            merged = self._merge_buffered(state, accepted)
+            accepted = folded  # a first round that ended before its pool filled
+            merged = close_buffered(self.settings, self.stages, state, accepted)
+        else:
+            label = f"round-{server_round}"  # past buffer-replies, replies spill to disk
+            with ReplySpill(self.settings.buffer_replies, self.settings.spill_dir, label) as spill:
+                admitted = self.admission.admit_all(replies, state, state.report, spill=spill)
+                accepted = self.stages.screen(
+                    admitted, state.report, state.global_tensors, state.prescreen
+                )
+                merged = close_buffered(self.settings, self.stages, state, accepted)
         return self._result(
             state, merged, [(reply.num_examples, reply.content) for reply in accepted]
         )
-
-    def _merge_buffered(
-        self, state: RoundState, accepted: list[AcceptedReply]
-    ) -> dict[str, torch.Tensor] | None:
-        """The buffered round's end: the accepted (screened) replies rewritten and merged at
-        once; None when too few to merge (the round is skipped)."""
-        state.closed = True
-        if not state.report.enough(len(accepted), self.settings.min_merge_replies):
-            return None
-        self.stages.remember(state)
-        rewritten = self.stages.rewrite(accepted, state.report, state.global_tensors)
-        return merge_buffered(self.settings, state, rewritten)
 
     def aggregate_sums(
         self,

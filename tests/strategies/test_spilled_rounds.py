@@ -20,7 +20,7 @@ import pytest
 import torch
 from flwr.app import Message
 
-import strategies.fed_robustmerge as fed_robustmerge
+import strategies.buffered_round as buffered_round
 import strategies.reply_spill as reply_spill
 from server.config import ServerSettings
 from server.round_modes import MessageRounds
@@ -114,13 +114,13 @@ def test_the_spill_files_are_gone_after_the_round(
     spills: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[list[Path]] = []
-    merge = fed_robustmerge.merge_buffered
+    merge = buffered_round.merge_buffered
 
     def looking(*args: Any) -> Any:
         seen.append(sorted(tmp_path.rglob("*.safetensors")))
         return merge(*args)
 
-    monkeypatch.setattr(fed_robustmerge, "merge_buffered", looking)
+    monkeypatch.setattr(buffered_round, "merge_buffered", looking)
     run_round(BUFFERED["svd"], list(range(1, CLIENTS + 1)), bound=3, spill_dir=tmp_path / "spill")
     assert [path.name for path in seen[0]] == [Path(path).name for path in spills]
     assert len(seen[0]) == CLIENTS - 3
@@ -134,7 +134,7 @@ def test_the_spill_files_are_gone_when_the_merge_raises(
         assert all(Path(path).exists() for path in spills)
         raise RuntimeError("merge failed")
 
-    monkeypatch.setattr(fed_robustmerge, "merge_buffered", failing)
+    monkeypatch.setattr(buffered_round, "merge_buffered", failing)
     with pytest.raises(RuntimeError, match="merge failed"):
         run_round(BUFFERED["svd"], list(range(1, CLIENTS + 1)), bound=2, spill_dir=tmp_path)
     assert len(spills) == CLIENTS - 2
