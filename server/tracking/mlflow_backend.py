@@ -1,6 +1,7 @@
 """``tracking = "mlflow"``: one MLflow run per federation, written with ``MlflowClient``.
 
-Where: ``tracking-uri`` (an ``http://`` tracking server, a database URI); "" means a SQLite
+Where: ``tracking-uri`` (an ``http://`` tracking server, a database URI; ``artifact_location``
+says where each keeps the artifacts); "" means a SQLite
 file in the run folder, ``<output-dir>/mlflow.db``, with artifacts beside it in
 ``<output-dir>/mlartifacts/`` (MLflow 3 refuses its plain-folder store, so the local default is
 its own single-file database). The experiment is ``robustmerge-fl``; the run is named after the
@@ -58,6 +59,19 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def artifact_location(uri: str, run_dir: Path) -> str | None:
+    """Where a new experiment at ``uri`` keeps its artifacts: a tracking server decides itself
+    (None); a SQLite file keeps them beside it, in ``mlartifacts/`` (the default store: the run
+    folder); another database in the run folder of the run that creates the experiment. Never
+    MLflow's own default, ``./mlruns`` of the ServerApp's working directory (Flower's app
+    cache, which nobody looks in)."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR).resolve().as_uri()
+    return (run_dir / ARTIFACT_DIR).resolve().as_uri()
+
+
 class MlflowTracker:
     """One MLflow run at ``uri`` ("" = ``default_uri``); see the module docstring."""
 
@@ -66,8 +80,7 @@ class MlflowTracker:
     def __init__(self, run_dir: Path, uri: str = "") -> None:
         self.run_dir = run_dir
         self.uri = uri or default_uri(run_dir)
-        # A local default store keeps its artifacts in the run folder; a server decides itself.
-        self.artifact_location = None if uri else (run_dir / ARTIFACT_DIR).resolve().as_uri()
+        self.artifact_location = artifact_location(self.uri, run_dir)
         self._client: MlflowClient | None = None
         self.run_id: str | None = None
 

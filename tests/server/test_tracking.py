@@ -33,6 +33,7 @@ from server.round_modes import MessageRounds
 from server.run_loop import LoopSettings, run_federation
 from server.tracking import GuardedTracker, RunTracking, open_tracking
 from server.tracking.base import ClientRow, ParamValue
+from server.tracking.mlflow_backend import artifact_location
 from server.tracking.scalars import client_rows, round_scalars
 from server.tracking.tensorboard_backend import TENSORBOARD_DIR
 from strategies import FedRobustMerge
@@ -479,3 +480,22 @@ def test_mlflow_default_store_is_a_sqlite_file_in_the_run_folder_and_a_resume_co
         (2, "accepted"),
         (HOSTILE, "rejected"),
     ]
+
+
+def test_mlflow_with_a_sqlite_uri_keeps_its_artifacts_beside_the_database(tmp_path: Path) -> None:
+    import mlflow
+
+    store = tmp_path / "elsewhere" / "tracking.db"
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    run(tmp_path, open_tracking("mlflow", uri, tmp_path), rounds=1)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("robustmerge-fl")
+    (found,) = client.search_runs([experiment.experiment_id])
+    artifacts = Path(found.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(store.parent / "mlartifacts"), artifacts
+    assert (artifacts / "final-adapter" / "adapter_model.safetensors").exists()
+    assert artifact_location("http://127.0.0.1:5000", tmp_path) is None  # the server decides
+    assert artifact_location("postgresql://db/mlflow", tmp_path) == (
+        (tmp_path / "mlartifacts").resolve().as_uri()
+    )
