@@ -20,6 +20,7 @@ same shape.
 from __future__ import annotations
 
 import math
+from types import EllipsisType
 
 import torch
 
@@ -30,6 +31,8 @@ LOWEST_EXPONENT = -1000  # float64's normal range ends at 2^-1022
 # The lowest bin kept (-31): the lowest whose unit 2^(b W) is at least 2^LOWEST_EXPONENT. A bin
 # below it is neither filled nor read, so every order drops what falls there alike
 LOWEST_BIN = -(-LOWEST_EXPONENT // BIN_BITS)  # ceil(LOWEST_EXPONENT / BIN_BITS)
+# Which rows of the bins a piece of a term adds to (``...``: all of a scalar or empty term).
+Rows = slice | EllipsisType
 CHUNK_ENTRIES = 1 << 15  # 256 KiB of float64 per slice: a core's L2 cache holds its passes
 
 
@@ -65,7 +68,9 @@ class ExactSum:
         if peak is None:
             peak = 0.0
             for _, part, part_factor in pieces:
-                peak = max(peak, _peak(self._scaled(part, part_factor)))
+                part_peak = _peak(self._scaled(part, part_factor))
+                # max() would drop a NaN (every comparison with it is false): test it first
+                peak = part_peak if not math.isfinite(part_peak) else max(peak, part_peak)
                 if not math.isfinite(peak):
                     break
         if not math.isfinite(peak):
@@ -79,12 +84,13 @@ class ExactSum:
 
     def _pieces(
         self, term: torch.Tensor, factor: float | torch.Tensor | None
-    ) -> list[tuple[slice, torch.Tensor, float | torch.Tensor | None]]:
+    ) -> list[tuple[Rows, torch.Tensor, float | torch.Tensor | None]]:
         """The term (and its factor where it varies along the first dimension) in slices of
         whole rows of about ``CHUNK_ENTRIES`` entries, so that every pass over a slice runs in
-        the core's cache rather than streaming the whole tensor from memory once a pass."""
+        the core's cache rather than streaming the whole tensor from memory once a pass. A
+        scalar or empty term is one piece (``...``: a 0-dim tensor takes no slice)."""
         if term.dim() == 0 or term.numel() == 0:
-            return [(slice(None), term, factor)]
+            return [(..., term, factor)]
         rows = term.shape[0]
         step = max(1, CHUNK_ENTRIES // max(1, term.numel() // rows))
         row_factor = (
@@ -94,7 +100,7 @@ class ExactSum:
             and factor.shape[0] != 1
             else None
         )
-        pieces: list[tuple[slice, torch.Tensor, float | torch.Tensor | None]] = []
+        pieces: list[tuple[Rows, torch.Tensor, float | torch.Tensor | None]] = []
         for start in range(0, rows, step):
             span = slice(start, min(start + step, rows))
             part_factor = factor if row_factor is None else row_factor[span]
@@ -109,7 +115,7 @@ class ExactSum:
             values.mul_(factor)
         return values
 
-    def _split_into_bins(self, rows: slice, values: torch.Tensor) -> None:
+    def _split_into_bins(self, rows: Rows, values: torch.Tensor) -> None:
         """Add each bin's slice of ``values`` (overwritten) to rows ``rows`` of the bins."""
         assert self._top is not None
         for index in range(BINS):

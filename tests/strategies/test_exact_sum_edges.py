@@ -78,3 +78,99 @@ def test_bins_below_the_lowest_bin_are_dropped_whole() -> None:
     assert total(2.0**-990, 2.0**-1000) == 2.0**-990  # the window's lower bin, -32, is dropped
     assert total(2.0**-1000) == 0.0  # even its top bin, -32, is below the lowest kept
     assert total(2.0**-1000, 1.0) == 1.0
+
+
+# The edges below were found by the rerun after the explicit LOWEST_BIN guard (issue 29).
+
+FINITE_ONLY = r"^an exact sum takes finite values only$"
+
+
+def test_the_sum_keeps_its_device_and_an_empty_sums_value_is_on_it() -> None:
+    assert ExactSum((2,), "cpu").device == torch.device("cpu")
+    # the meta device needs no accelerator: a fresh sum's zeros are made on the sum's device
+    value = ExactSum((2,), "meta").value(torch.float32)
+    assert value.device.type == "meta" and value.shape == (2,) and value.dtype == torch.float32
+
+
+def test_a_float16_term_times_a_small_factor_keeps_its_bits() -> None:
+    # float16 takes the general path: the window must follow the product 2^-40, not the term 1
+    summed = ExactSum((1,))
+    summed.add(torch.tensor([1.0], dtype=torch.float16), factor=2.0**-40)
+    assert float(summed.value()[0]) == 2.0**-40
+
+
+def test_non_finite_float16_terms_are_refused_wherever_the_value_sits() -> None:
+    with pytest.raises(ValueError, match=FINITE_ONLY):
+        ExactSum((1,)).add(torch.tensor([float("inf")], dtype=torch.float16))
+    # a term longer than one slice (CHUNK_ENTRIES entries): the infinity is in the last slice
+    long = torch.ones(exact_sum.CHUNK_ENTRIES + 10, dtype=torch.float16)
+    long[-1] = float("-inf")
+    summed = ExactSum(long.shape)
+    with pytest.raises(ValueError, match=FINITE_ONLY):
+        summed.add(long)
+    assert summed.count == 0
+
+
+def test_a_factor_along_a_vector_scales_each_entry_on_its_own() -> None:
+    # the largest product is 2^-40, though the largest entry (1) and factor (1) are far larger
+    summed = ExactSum((2,))
+    summed.add(
+        torch.tensor([1.0, 2.0**-40]), factor=torch.tensor([2.0**-40, 1.0], dtype=torch.float64)
+    )
+    assert summed.value().tolist() == [2.0**-40, 2.0**-40]
+
+
+def test_the_window_follows_the_float64_product_even_for_a_float32_factor() -> None:
+    # 25 * float32(0.04) = 1 - 3 * 2^-27 in float64 (bin -1), though float32 rounds it to 1 (bin 0)
+    factor = torch.tensor([0.04], dtype=torch.float32)
+    product = 25.0 * float(factor[0])
+    assert product == 1.0 - 3 * 2.0**-27
+    summed = ExactSum((1, 1))
+    summed.add(torch.tensor([[25.0]]), factor=factor)
+    summed.add(torch.tensor([[2.0**-40]]))  # bin -2: inside the window only if its top is bin -1
+    assert float(summed.value()[0, 0]) == product + 2.0**-40
+
+
+def test_a_scalar_term_is_checked_before_it_is_split() -> None:
+    summed = ExactSum(())
+    summed.add(torch.tensor(0.0))
+    assert summed.count == 1 and float(summed.value()) == 0.0
+    with pytest.raises(ValueError, match=FINITE_ONLY):
+        summed.add(torch.tensor(float("nan")))
+
+
+def test_a_non_zero_scalar_term_is_summed() -> None:
+    # a model's scalar parameter: 0-dim terms take no row slice (an IndexError before)
+    summed = ExactSum(())
+    summed.add(torch.tensor(0.75))
+    summed.add(torch.tensor(2.5, dtype=torch.float16), factor=2.0)
+    assert summed.count == 2 and float(summed.value()) == 5.75
+
+
+@pytest.mark.parametrize(
+    ("term", "factor"),
+    [
+        # the general peak path: a float16 term, and a factor that is not one per column
+        (torch.tensor([1.0, float("nan")], dtype=torch.float16), None),
+        (torch.tensor([[1.0, float("nan")]]), torch.ones(1, 1, dtype=torch.float64)),
+    ],
+    ids=["float16", "per-row-factor"],
+)
+def test_a_nan_on_the_general_path_is_refused_not_dropped(
+    term: torch.Tensor, factor: torch.Tensor | None
+) -> None:
+    # max(0.0, nan) is 0.0 in Python: a NaN lost there used to be counted as a zero term
+    summed = ExactSum(term.shape)
+    with pytest.raises(ValueError, match=FINITE_ONLY):
+        summed.add(term, factor=factor)
+    assert summed.count == 0
+
+
+def test_a_nan_in_a_later_slice_of_a_float16_term_is_refused() -> None:
+    # it used to reach the bins as int64's minimum (about -9.2e18) in the NaN's place
+    long = torch.ones(exact_sum.CHUNK_ENTRIES + 10, dtype=torch.float16)
+    long[-1] = float("nan")
+    summed = ExactSum(long.shape)
+    with pytest.raises(ValueError, match=FINITE_ONLY):
+        summed.add(long)
+    assert summed.count == 0 and not summed.value().any()
