@@ -19,7 +19,7 @@ client, ``benchmarks.quality``): seen and unseen test accuracy after each of R r
   merges of mixed ranks, so this row runs outside it: each round every client starts from the
   leading r_t directions of the global (``sliced_adapter``, HetLoRA's rule), trains exactly as
   in the other rows (same data draws, seeds and local settings), and the server applies
-  ``strategies.merging.ranks.merge_zero_padded`` to every module (``zero_padded_round``),
+  ``strategies.merging.rank_rounds.merge_zero_padded`` to every module (``zero_padded_round``),
   weighted by num-examples like fedavg.
 
 Per row it also records what each site started from (its truncation error: the relative
@@ -60,7 +60,8 @@ from benchmarks.quality import (
 from strategies.combinations import mixed_rank_refusal
 from strategies.merging import parse_layout
 from strategies.merging.lowrank import low_rank_energy
-from strategies.merging.ranks import merge_zero_padded, slice_to_rank
+from strategies.merging.rank_rounds import merge_zero_padded
+from strategies.merging.ranks import slice_to_rank
 from strategies.robust import RobustSettings
 from workload.model import get_lora_state, initial_adapter, set_lora_state
 from workload.training import train_lora
@@ -179,7 +180,7 @@ def zero_padded_round(
     *,
     server_lr: float = 1.0,
 ) -> tuple[Adapter, float]:
-    """The new global after one zero-padding round (``ranks.merge_zero_padded`` per module, at
+    """The new global after one zero-padding round (``rank_rounds.merge_zero_padded`` per module, at
     the global's rank), and its relative gap from the exact mean of the clients' true updates
     over every module, sqrt(sum gap^2 / sum ||P||^2) (what the product-space methods would
     step to before their truncation). Non-LoRA keys stay as in ``base``."""
@@ -457,7 +458,7 @@ def markdown(results: Mapping[str, Any], command: str = "python -m benchmarks.ra
         f"{rounds} rounds; 1 seed. MiniLM-L6 + LoRA on query/value, alpha / r = 2 at every rank.",
         "- mixed ranks: client i trains rank (4, 8, 16)[i mod 3]; the global is held at 16.",
         "- zero-padding is not an app setting (the app refuses factor-wise merges of mixed "
-        "ranks); its row runs the same clients in-process with `ranks.merge_zero_padded`, "
+        "ranks); its row runs the same clients in-process with `rank_rounds.merge_zero_padded`, "
         "each client starting from the global's leading r_t directions (HetLoRA).",
         "",
         "Test accuracy (%), seen average / unseen average, after each round:",

@@ -8,8 +8,8 @@ keeps one rank for the whole run) and go into checkpoints.
 
 Mixed ranks (issue 16): a reply's ``lora-rank`` sets the shapes it must have, each site is taken
 to have started from the global truncated to its rank (``ranks.adapter_at_rank``, as the client
-computes it), and product-space methods merge them (``ranks.merge_mixed_ranks``); settings that
-cannot (``combinations.mixed_rank_refusal``) reject such replies with the reason.
+computes it), and product-space methods merge them (``rank_rounds.merge_mixed_ranks``);
+settings that cannot (``combinations.mixed_rank_refusal``) reject such replies with the reason.
 """
 
 from __future__ import annotations

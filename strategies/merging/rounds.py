@@ -14,9 +14,10 @@ What a round merges depends on the method:
   merge of the full adapters.
 
 Clients of different LoRA ranks (issue 16; ``strategies.merging.ranks``): when a client's
-factors have another rank than the global's, the round goes through ``ranks.merge_mixed_ranks``
-module by module (product-space methods only, ``target="delta"``), each client's update taken
-against what a site of its rank started from (``ranks.adapter_at_rank``, or ``sent``).
+factors have another rank than the global's, the round goes through
+``rank_rounds.merge_mixed_ranks`` module by module (product-space methods only,
+``target="delta"``), each client's update taken against what a site of its rank started from
+(``ranks.adapter_at_rank``, or ``sent``).
 
 Methods enter through ``MergeMethod.round_form()`` (the caller builds it), so every method here
 is size-invariant: T clients that trained identically move the global as far as one of them.
@@ -41,12 +42,8 @@ from strategies.merging.errors import MergeInputError
 from strategies.merging.lora_keys import AdapterLayout, parse_layout
 from strategies.merging.lowrank import low_rank_energy, truncate_product
 from strategies.merging.method import MergeMethod
-from strategies.merging.ranks import (
-    MixedRankError,
-    adapter_at_rank,
-    merge_mixed_ranks,
-    mixed_rank_support,
-)
+from strategies.merging.rank_rounds import merge_mixed_ranks
+from strategies.merging.ranks import MixedRankError, adapter_at_rank, mixed_rank_support
 from strategies.merging.server_step import ServerStep
 from strategies.merging.validation import validate_adapters
 
@@ -255,8 +252,8 @@ def _merge_mixed(
     labels: Sequence[int | str] | None,
     sent: Mapping[int, Mapping[str, torch.Tensor]] | None,
 ) -> MergeResult:
-    """A round whose clients trained different ranks: ``ranks.merge_mixed_ranks`` per module, the
-    new global at the global's rank; other keys as in ``_merge_products``."""
+    """A round whose clients trained different ranks: ``rank_rounds.merge_mixed_ranks`` per
+    module, the new global at the global's rank; other keys as in ``_merge_products``."""
     support = mixed_rank_support(method)
     if not support.mixed_ranks:
         raise MixedRankError(support.reason)

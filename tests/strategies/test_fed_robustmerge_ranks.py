@@ -1,5 +1,5 @@
 """FedRobustMerge with sites of different LoRA ranks (issue 16): which replies it accepts, what
-it merges (``ranks.merge_mixed_ranks`` on what each site started from), what it reports, and
+it merges (``rank_rounds.merge_mixed_ranks`` on what each site started from), what it reports, and
 which settings it refuses."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from protocol.wire import LORA_RANK
 from strategies import FedRobustMerge
 from strategies.combinations import mixed_rank_refusal
 from strategies.merging import create_method
-from strategies.merging.ranks import adapter_at_rank, merge_mixed_ranks
+from strategies.merging.rank_rounds import merge_mixed_ranks
+from strategies.merging.ranks import adapter_at_rank
 from strategies.robust import RobustSettings
 from tests.strategies.test_fed_robustmerge import as_tensors, reply, start_round
 

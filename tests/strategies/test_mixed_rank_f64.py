@@ -1,10 +1,11 @@
 """A mixed-rank strategy round against a float64 reading written here (issue 29).
 
-``test_fed_robustmerge_ranks.py`` takes its expected values from ``ranks.merge_mixed_ranks`` and
-``ranks.adapter_at_rank``, the functions the strategy calls. Here the expectation is formed from
-the definitions alone: a site of rank r started from S_r, the best rank-r approximation of the
-global's product B_G A_G (a float64 SVD); its update is B_t A_t - S_r; the new global's product
-is the best rank-R cut of B_G A_G + eta * sum_t p_t (B_t A_t - S_{r_t}), p_t by num-examples.
+``test_fed_robustmerge_ranks.py`` takes its expected values from
+``rank_rounds.merge_mixed_ranks`` and ``ranks.adapter_at_rank``, the functions the strategy
+calls. Here the expectation is formed from the definitions alone: a site of rank r started from
+S_r, the best rank-r approximation of the global's product B_G A_G (a float64 SVD); its update is
+B_t A_t - S_r; the new global's product is the best rank-R cut of
+B_G A_G + eta * sum_t p_t (B_t A_t - S_{r_t}), p_t by num-examples.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mixed LoRA ranks in whole adapters (issue 16): what a site starts from
 (``ranks.site_pair``, ``ranks.adapter_at_rank``) and ``rounds.merge_round``'s mixed-rank branch,
-which must equal ``ranks.merge_mixed_ranks`` module by module."""
+which must equal ``rank_rounds.merge_mixed_ranks`` module by module."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 
 from strategies.merging import create_method
 from strategies.merging.method import MergeMethod
+from strategies.merging.rank_rounds import merge_mixed_ranks
 from strategies.merging.ranks import (
     MixedRankError,
     adapter_at_rank,
     dead_directions,
-    merge_mixed_ranks,
     site_pair,
     slice_to_rank,
 )

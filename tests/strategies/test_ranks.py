@@ -16,14 +16,16 @@ from hypothesis import strategies as st
 
 from strategies.merging import MergeInputError, create_method
 from strategies.merging.method import MergeMethod
+from strategies.merging.rank_rounds import (
+    merge_mixed_ranks,
+    merge_zero_padded,
+    mixed_rank_update_terms,
+)
 from strategies.merging.ranks import (
     Factors,
     MixedRankError,
     dead_directions,
-    merge_mixed_ranks,
-    merge_zero_padded,
     mixed_rank_support,
-    mixed_rank_update_terms,
     slice_to_rank,
     truncate_matrix,
     truncate_to_rank,
