@@ -9,9 +9,7 @@ when the round closes, also when the merge fails; a bad bound is refused naming 
 
 from __future__ import annotations
 
-import gc
 import tempfile
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,11 @@ from flwr.app import Message
 import strategies.buffered_round as buffered_round
 import strategies.reply_spill as reply_spill
 from server.config import ServerSettings
-from server.round_modes import MessageRounds
 from strategies import FedRobustMerge
 from strategies.robust import RobustSettings
 from tests.server.test_config import project_config
 from tests.strategies.test_fed_robustmerge import as_tensors, make_global, reply, start_round
-from tests.strategies.test_streamed_memory import ADAPTER_BYTES, LazyGrid, global_adapter
+from tests.strategies.test_streamed_memory import ADAPTER_BYTES, global_adapter, measured_round
 from workload.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -194,17 +191,9 @@ def peaks(count: int, bound: int) -> tuple[int, int]:
         robust=RobustSettings(aggregation="none"),
         buffer_replies=bound,
     )
-    grid = LazyGrid(count, base)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        outcome = MessageRounds(strategy).train(grid, 1, base, timeout=600.0)  # type: ignore[arg-type]
-        grid.measure()
-    finally:
-        tracemalloc.stop()
+    grid = measured_round(strategy, count, base)
     report = strategy.round_report(1)
     assert not report.streamed and len(report.accepted_nodes) == count
-    assert outcome.merged is not None
     return grid.peak_tensors, grid.peak_heap
 
 

@@ -113,6 +113,15 @@ def peaks(count: int) -> tuple[int, int]:
         fraction_evaluate=0.0,
         robust=RobustSettings(aggregation="none"),
     )
+    grid = measured_round(strategy, count, base)
+    report = strategy.round_report(1)
+    assert report.streamed and len(report.accepted_nodes) == count
+    return grid.peak_tensors, grid.peak_heap
+
+
+def measured_round(strategy: FedRobustMerge, count: int, base: dict[str, torch.Tensor]) -> LazyGrid:
+    """Round 1 of ``strategy`` over ``count`` lazily built replies through the real loop's path,
+    with the grid's peaks measured at every pull (and once at the end); it must merge."""
     grid = LazyGrid(count, base)
     gc.collect()
     tracemalloc.start()
@@ -121,10 +130,8 @@ def peaks(count: int) -> tuple[int, int]:
         grid.measure()
     finally:
         tracemalloc.stop()
-    report = strategy.round_report(1)
-    assert report.streamed and len(report.accepted_nodes) == count
     assert outcome.merged is not None
-    return grid.peak_tensors, grid.peak_heap
+    return grid
 
 
 def test_a_streamed_round_of_128_holds_what_a_round_of_16_holds() -> None:
