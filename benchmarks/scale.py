@@ -26,6 +26,12 @@ in a fresh subprocess:
   differs).
 - ``flower-fedavg``: ``flwr.serverapp.strategy.FedAvg.aggregate_train`` on a list.
 
+``--modes`` also takes strategy configurations (``benchmarks.scale_modes``: default, fedavg, ties,
+dare, svd, exact-mean, paper-equation, krum, median, centered-clip; ``all`` for every mode): each
+runs round 1 (no screen history) and round 2 (history) over a lazy stream, streamed rounds folding
+and buffered ones keeping ``--buffer`` (buffer-replies, default 16) replies in memory and spilling
+the rest to a temporary folder; their rows go under the json's ``strategy-modes``.
+
 Measured per round: the growth of the kernel's RSS high-water mark (VmHWM, reset just before the
 replies exist, with the global adapter already built) over the RSS at that point, in MB and in
 adapters; so a list's own replies count, as they do on a server that holds them. The wall time of
@@ -51,6 +57,7 @@ Usage::
     python -m benchmarks.scale --layers 2          # full width, shallow: 10 MB replies
     python -m benchmarks.scale                     # LLaMA-7B r16, T = 16, 128, 1024 (long)
     python -m benchmarks.scale --simulation        # the Flower simulation stage only
+    python -m benchmarks.scale --layers 2 --modes all --clients 16 128   # every mode, 2 rounds
 """
 
 from __future__ import annotations
@@ -432,11 +439,14 @@ def probe_command(config: Config, cap: int) -> list[str]:
     return [sys.executable, "-m", "benchmarks.scale", "--probe", payload]
 
 
-def run_probe(config: Config, cap: int, timeout: float) -> dict[str, Any]:
-    """Measure ``config`` in a fresh subprocess (its own allocator and high-water mark)."""
+def run_probe(
+    config: Config, cap: int, timeout: float, command: list[str] | None = None
+) -> dict[str, Any]:
+    """Measure ``config`` in a fresh subprocess (its own allocator and high-water mark);
+    ``command``: another probe's command line (``scale_modes``), ``config`` naming it."""
     try:
         completed = subprocess.run(
-            probe_command(config, cap),
+            command or probe_command(config, cap),
             cwd=ROOT,
             env={**os.environ, **PROBE_ENV},
             capture_output=True,
@@ -461,7 +471,7 @@ def plan(args: argparse.Namespace, shape: Shape) -> list[Config]:
     """Every configuration of the synthetic stage, smallest T first."""
     configs = []
     for clients in sorted(args.clients):
-        for mode in args.modes:
+        for mode in (m for m in args.modes if m in MODES):
             configs.append(Config(mode, clients, shape, args.seed, args.threads))
         if clients == min(args.clients) and STREAM in args.modes:
             configs.append(Config(ROUND1, clients, shape, args.seed, args.threads))
@@ -644,6 +654,9 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         )
     lines += ["", "Peak RSS growth side by side (adapters):", "", *ratio_rows(results), ""]
     lines += ["## Reading", "", *reading(results), ""]
+    from benchmarks import scale_modes
+
+    lines += scale_modes.render(data)
     simulation = data.get("simulation")
     if simulation:
         lines += render_simulation(simulation)
@@ -916,7 +929,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--clients", type=int, nargs="+", help="T values (default 16 128 1024; --quick: 4 16)"
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=[*MODES, *strategy_modes(), "all"],
+        default=list(MODES),
+        help="stream/list/flower-fedavg rows, and/or strategy configurations (scale_modes."
+        "MODES: round 1 and round 2 each); 'all': every one",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        nargs="+",
+        choices=(1, 2),
+        default=[1, 2],
+        help="rounds of the strategy configurations (1: no screen history, 2: history)",
+    )
+    parser.add_argument(
+        "--buffer", type=int, default=16, help="buffer-replies of the strategy configurations"
+    )
     parser.add_argument("--cap-gib", type=float, default=8.0, help="memory cap per probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per probe")
@@ -940,11 +971,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-sim-dir", action="store_true")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if "all" in args.modes:
+        args.modes = [*MODES, *strategy_modes()]
     layers, hidden, clients = (2, 256, [4, 16]) if args.quick else (32, 4096, [16, 128, 1024])
     args.layers = args.layers or layers
     args.hidden = args.hidden or hidden
     args.clients = args.clients or clients
     return args
+
+
+def strategy_modes() -> list[str]:
+    """The strategy configurations' names (``scale_modes.MODES``)."""
+    from benchmarks import scale_modes
+
+    return list(scale_modes.MODES)
 
 
 def probe_main(payload: str) -> int:
@@ -977,6 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "threads": args.threads,
                 "noise-std": NOISE_STD,
                 "screen-history-replies": HISTORY_REPLIES,
+                "buffer-replies": args.buffer,
                 "allocator": "in-process" if args.in_process else PROBE_ENV,
             },
             "command": "python -m benchmarks.scale " + shlex.join(list(argv or sys.argv[1:])),
@@ -1001,6 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             data["results"][config.name] = result
             write_json(json_path, data)
             print(f"{config.name}: {_summary(result)}", flush=True)
+        from benchmarks import scale_modes
+
+        scale_modes.run(args, data, json_path, cap, shape)
     markdown = render_markdown(data)
     (args.output_dir / f"{stem}.md").write_text(markdown + "\n")
     write_plot(args.output_dir / f"{stem}.png", data)

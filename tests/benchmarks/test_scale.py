@@ -1,7 +1,8 @@
 """The scale benchmark (issue 15 part 4): its replies, its measurements, its files, its resume.
 
-Runs on tiny shapes (a few hundred KB per adapter) so the module stays under 20 s: two list
-rounds in fresh subprocesses, everything else in-process.
+Runs on tiny shapes (a few hundred KB per adapter) so the module stays under 45 s: two list
+rounds and two strategy-mode rounds (scale_modes: one buffered and spilling, one streamed) in
+fresh subprocesses, everything else in-process.
 Whether the stream's memory stays flat is the strategy's business and is not asserted here.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks import scale
+from benchmarks import scale, scale_modes
 from benchmarks.merge_speed import _status_kib
 from benchmarks.scale import (
     FLOWER,
@@ -274,3 +275,50 @@ def test_simulation_rounds_from_metrics_and_client_logs() -> None:
     assert row["seconds-per-client"] == pytest.approx(2.5)
     assert row["merge-seconds-per-client"] == pytest.approx(0.1)
     assert row["rest-per-client-seconds"] == pytest.approx((5.0 - 0.2 - 1.0) / 2)
+
+
+def test_strategy_modes_round_with_spill_and_stream(tmp_path: Path) -> None:
+    """``--modes svd fedavg``: a buffered round (svd, buffer-replies 2 of 5 replies: 3 spilled
+    to the probe's temporary folder) and a streamed one (fedavg, round 2), in a fresh
+    subprocess each; rows under "strategy-modes" with positive numbers, the table in the
+    markdown, the existing rows untouched, and a second run resumes (probes nothing)."""
+    argv = ["--quick", "--layers", "1", "--hidden", "64", "--clients", "5", "--threads", "1"]
+    argv += ["--modes", "svd", "fedavg", "--rounds", "2", "--buffer", "2"]
+    argv += ["--output-dir", str(tmp_path)]
+    assert scale.main(argv) == 0
+    data = json.loads((tmp_path / "scale-quick.json").read_text())
+    assert data["results"] == {}
+    assert data["settings"]["buffer-replies"] == 2
+    rows = data[scale_modes.RESULTS_KEY]
+    assert sorted(rows) == ["fedavg round 2 T=5", "svd round 2 T=5"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert (row["server-round"], row["screen-history"]) == (2, scale.HISTORY_REPLIES)
+        assert (row["replies-handed"], row["accepted"], row["rejected"]) == (5, 5, 0)
+        assert row["peak-rss-growth-mb"] >= 0
+        for field in ("round-seconds", "strategy-seconds", "stacked-module-mb"):
+            assert row[field] > 0
+    buffered, streamed = rows["svd round 2 T=5"], rows["fedavg round 2 T=5"]
+    assert (buffered["streamed"], buffered["spilled"]) == (False, 3)
+    assert (streamed["streamed"], streamed["spilled"]) == (True, 0)
+    assert streamed["fold-seconds"] > 0
+    markdown = (tmp_path / "scale-quick.md").read_text()
+    assert "## Every aggregation mode, round 1 and round 2" in markdown
+    assert "| svd | 5 | 2 |" in markdown and "| buffered | 3 |" in markdown
+    assert "| fedavg | 5 | 2 |" in markdown and "| streamed | 0 |" in markdown
+    assert "Not measured yet" in markdown and "svd round 1 T=5" in markdown
+    before = (tmp_path / "scale-quick.json").read_text()
+    assert scale.main(argv) == 0
+    again = json.loads((tmp_path / "scale-quick.json").read_text())
+    assert again[scale_modes.RESULTS_KEY] == json.loads(before)[scale_modes.RESULTS_KEY]
+
+
+def test_strategy_modes_cover_every_aggregation_path() -> None:
+    """Every configuration builds a FedRobustMerge; the grid is mode x T x round."""
+    for mode in scale_modes.MODES:
+        scale_modes.strategy_kwargs(mode, 16, None)
+    args = scale.parse_args(["--quick", "--modes", "all", "--clients", "4", "16"])
+    planned = scale_modes.plan(args, QUICK)
+    assert len(planned) == len(scale_modes.MODES) * 2 * 2
+    assert planned[0].name == "default round 2 T=4"
+    assert scale.plan(args, QUICK)[0].name == "stream T=4"
