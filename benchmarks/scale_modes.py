@@ -9,9 +9,9 @@ running sums as it arrives; buffered ones (svd, exact-mean, RobustMerge paper-eq
 robust aggregations krum, median and centered-clip) keep ``buffer-replies`` (default 16)
 replies in memory and spill the rest to a safetensors file each (``strategies.reply_spill``),
 here in a temporary folder of the probe's own. Which one a round did is read from its report
-(``RoundReport.streamed``); how many replies spilled from ReplySpill's log line (the report
-does not record it). A buffered round still stacks one module over all T replies at merge
-time: T x one module's bytes, the part of its peak that grows with T.
+(``RoundReport.streamed``), and so is how many replies spilled (``RoundReport.spilled``). A
+buffered round still stacks one module over all T replies at merge time: T x one module's
+bytes (times the method's own working copies), the part of its peak that grows with T.
 
 Round 1 has no screen history (the norm screen pools the round's own replies first); round 2
 is given the update norms of ``HISTORY_REPLIES`` earlier replies, as ``scale``'s stream is.
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -60,7 +58,6 @@ MODES: dict[str, dict[str, Any]] = {
 ROUNDS = (1, 2)
 RESULTS_KEY = "strategy-modes"
 DEFAULT_BUFFER = 16
-SPILL_LINE = re.compile(r"(\d+) replies past buffer-replies = (\d+) were spilled")
 
 
 @dataclass(frozen=True)
@@ -121,19 +118,6 @@ def skip_reason(config: ModeConfig, cap: int) -> str | None:
     return None
 
 
-class SpillLog(logging.Handler):
-    """Collects ReplySpill's "N replies past buffer-replies = B were spilled" log lines."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.spilled = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = SPILL_LINE.search(record.getMessage())
-        if match:
-            self.spilled += int(match[1])
-
-
 def open_strategy(
     config: ModeConfig,
     global_adapter: Mapping[str, torch.Tensor],
@@ -173,8 +157,6 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
     spill goes to a temporary folder removed afterwards. ``cap`` as ``scale.measure``'s."""
     torch.set_num_threads(config.threads)
     set_task_identity()
-    spill_log = SpillLog()
-    logging.getLogger("flwr").addHandler(spill_log)
     with tempfile.TemporaryDirectory(prefix="scale-spill-") as folder:
         spill_dir = Path(folder)
         # Warm-up: the same configuration on a tiny adapter, past its buffer so it spills too.
@@ -193,7 +175,6 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
             (scale.build_reply(tiny_global, n, 0) for n in range(1, tiny_clients + 1)),
         )
         del warm
-        spill_log.spilled = 0
 
         shape, seed, clients = config.shape, config.seed, config.clients
         global_adapter = scale.build_global(shape, seed)
@@ -220,7 +201,6 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
         peak = _status_kib("VmHWM") or 0
         if watchdog is not None:
             watchdog.stop()
-    logging.getLogger("flwr").removeHandler(spill_log)
     assert arrays is not None, "the round produced no new global"
     report = strategy.round_report(config.server_round)
     growth = max(peak - (baseline if reset else max(baseline, hwm_before)), 0) * 1024
@@ -242,7 +222,7 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
         ),
         "replies-handed": feed.handed,
         "streamed": report.streamed,
-        "spilled": spill_log.spilled,
+        "spilled": report.spilled,
         "accepted": len(report.accepted_nodes),
         "rejected": len(report.rejected),
         "merge-seconds": report.merge_seconds,

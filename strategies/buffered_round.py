@@ -13,7 +13,7 @@ from strategies.merging.rounds import global_change_norm, merge_round
 from strategies.reply_checks import AcceptedReply, reply_rank
 from strategies.reply_tensors import ReplyTensors
 from strategies.robust_stages import RobustStages
-from strategies.round_diagnostics import score_directions
+from strategies.round_diagnostics import DiagnosticsSample
 from strategies.round_report import RoundState
 from strategies.sparse_uplink import SparseReply, merge_sparse_replies
 from strategies.strategy_settings import MergeSettings
@@ -70,7 +70,12 @@ def merge_buffered(
     report.merged_update_norm = global_change_norm(base, new_global)
     if all(reply_rank(reply) == global_rank for reply in accepted):
         # The diagnostics compare factors with the global's: equal ranks only.
-        score_directions(accepted, base, new_global, weights, settings.diagnostics_modules, report)
+        sample = DiagnosticsSample(
+            list(base), settings.diagnostics_modules, settings.seed, report.server_round
+        )
+        for index, reply in enumerate(accepted):
+            sample.offer(reply, weights[index] if weights is not None else 1.0)
+        sample.score(base, new_global, weights is not None, report)
     log(
         INFO,
         "round %d: merged %d replies (%d rejected) in %.3fs, |update| = %.4g",

@@ -270,6 +270,7 @@ class FedRobustMerge(FedAvg):
                     admitted, state.report, state.global_tensors, state.prescreen
                 )
                 merged = close_buffered(self.settings, self.stages, state, accepted)
+                state.report.spilled = spill.written
         return self._result(
             state, merged, [(reply.num_examples, reply.content) for reply in accepted]
         )

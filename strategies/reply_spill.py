@@ -78,7 +78,7 @@ class ReplySpill:
         self.label = label
         self.in_memory = 0
         self.folder: Path | None = None
-        self.files: dict[int, SpillFile] = {}  # id() of the kept reply -> its file
+        self.files: dict[int, SpillFile] = {}  # node id of the kept reply -> its file
         self.written = 0
         self.made_parent = False  # ``parent`` made here (removed again when left empty)
 
@@ -115,12 +115,12 @@ class ReplySpill:
             content=metrics_only(reply.content),
             backing=source,
         )
-        self.files[id(kept)] = source
+        self.files[kept.node_id] = source
         return kept
 
     def discard(self, reply: AcceptedReply) -> None:
         """Forget a kept reply (its node was rejected after all): delete its file, if any."""
-        source = self.files.pop(id(reply), None)
+        source = self.files.pop(reply.node_id, None)
         if source is None:
             self.in_memory = max(0, self.in_memory - 1)
             return

@@ -55,6 +55,9 @@ class RoundReport:
     # division and server step.
     streamed: bool = False
     fold_seconds: float = 0.0
+    # Buffered rounds: accepted replies past buffer-replies written to disk as they arrived
+    # (``strategies.reply_spill``); 0 when the round held every reply in memory or streamed.
+    spilled: int = 0
     # Mixed ranks (issue 16): each accepted site's LoRA rank and the relative truncation error
     # of the global it started from, ||B_G A_G - B_k A_k||_F / ||B_G A_G||_F over every module
     # (0 at the global's rank).
@@ -98,6 +101,7 @@ class RoundReport:
             "merge-seconds": self.merge_seconds,
             "streamed": self.streamed,
             "fold-seconds": self.fold_seconds,
+            "spilled-replies": self.spilled,
             "bytes-received": self.bytes_received,
             "merged-update-norm": self.merged_update_norm,
             "relative-error": self.relative_error,

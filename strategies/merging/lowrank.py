@@ -43,11 +43,45 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> Pair
     )
 
 
-def low_rank_energy(left: torch.Tensor, right: torch.Tensor) -> float:
-    """||left @ right||_F^2 without forming the product: sum((L^T L) * (R R^T)), in float64.
+# Rows of ``left`` multiplied at once when the energy is taken from the product itself: at most
+# this many float64 entries of the product exist at a time (64 MiB).
+PRODUCT_BLOCK_ELEMENTS = 1 << 23
 
-    The sum cancels where the product is (nearly) zero and can come out a rounding error below
-    zero; an energy is never negative, so it is clamped at 0 (its square root stays real)."""
+
+def low_rank_energy(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left @ right||_F^2 (left d_out x K, right K x d_in), in float64, in memory that does
+    not grow with K beyond the inputs themselves.
+
+    While K (d_out + d_in) <= d_out d_in (K below about the smaller side) the two K x K Gram
+    matrices are the cheaper route and hold at most one dense module; past that (K = T * r
+    grows with the clients) they would grow as K^2 (2 GiB each at T = 1,024, r = 16), so the
+    product is formed block of rows by block and never whole. Both are exact up to rounding.
+    The Gram sum cancels where the product is (nearly) zero and can come out a rounding error
+    below zero; an energy is never negative, so it is clamped at 0 (its square root stays
+    real)."""
+    rows, inner = left.shape
+    cols = right.shape[1]
+    if inner * (rows + cols) <= rows * cols:
+        return energy_by_grams(left, right)
+    return energy_by_product(left, right)
+
+
+def energy_by_grams(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left @ right||_F^2 as sum((L^T L) * (R R^T)), clamped at 0: O(K^2 (d_out + d_in))."""
     left64 = left.to(torch.float64)
     right64 = right.to(torch.float64)
     return max(0.0, float(((left64.T @ left64) * (right64 @ right64.T)).sum()))
+
+
+def energy_by_product(
+    left: torch.Tensor, right: torch.Tensor, block_elements: int = PRODUCT_BLOCK_ELEMENTS
+) -> float:
+    """||left @ right||_F^2 summed over blocks of the product's rows, each block at most
+    ``block_elements`` float64 entries: O(d_out K d_in) time, O(K d_in) extra memory."""
+    right64 = right.to(torch.float64)
+    step = max(1, block_elements // max(1, right.shape[1]))
+    total = 0.0
+    for start in range(0, left.shape[0], step):
+        block = left[start : start + step].to(torch.float64) @ right64
+        total += float(block.square().sum())
+    return total

@@ -37,12 +37,13 @@ def trim_count(count: int, fraction: float | None) -> int:
 
 def trimmed_range(stack: torch.Tensor, trim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinate-wise (low, high): the (trim + 1)-th smallest and largest of ``stack``'s rows
-    (T x ...); ``trim`` must leave at least one value (2 trim < T)."""
+    (T x ...); ``trim`` must leave at least one value (2 trim < T). Both are copies: rows of
+    the sorted stack would keep all T rows alive for as long as a round holds its bounds."""
     count = stack.shape[0]
     if not 0 <= 2 * trim < count:
         raise ValueError(f"cannot trim {trim} of {count} values on each side")
     ordered = torch.sort(stack, dim=0).values
-    return ordered[trim], ordered[count - 1 - trim]
+    return ordered[trim].clone(), ordered[count - 1 - trim].clone()
 
 
 def clamp_to_range(delta: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,8 @@ def test_a_spilled_round_merges_what_the_in_memory_round_merges(
         for key in in_memory:
             assert torch.equal(spilled[key], in_memory[key]), (name, order, key)
         report, plain_report = strategy.round_report(1), plain.round_report(1)
+        assert (report.spilled, plain_report.spilled) == (CLIENTS - 2, 0)
+        assert report.to_json()["spilled-replies"] == CLIENTS - 2
         assert sorted(report.accepted_nodes) == sorted(plain_report.accepted_nodes)
         assert report.rejected.keys() == plain_report.rejected.keys()
     assert list(tmp_path.iterdir()) == []
