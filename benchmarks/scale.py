@@ -81,7 +81,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -352,6 +352,60 @@ def warm_up(config: Config) -> None:
     strategy.aggregate_train(2, replies if config.mode not in LIST_MODES else list(replies))
 
 
+Value = TypeVar("Value")
+
+
+@dataclass(frozen=True)
+class MeasuredCall(Generic[Value]):
+    """What ``measured_call`` saw of one call: its value, when it started and returned
+    (``time.perf_counter``), the peak RSS growth over the RSS just before it, and how that
+    growth was read."""
+
+    value: Value
+    started: float
+    returned: float
+    growth_bytes: int
+    rss_method: str
+
+
+def measured_call(
+    config: Config,
+    feed: ReplyFeed,
+    cap: int | None,
+    replies: Callable[[], Any],
+    call: Callable[[Any], Value],
+) -> MeasuredCall[Value]:
+    """``call(replies())`` with the peak RSS growth both cause (a list of replies built by
+    ``replies`` counts; the timing starts after it): the kernel's high-water mark reset (where
+    Linux allows) after a collection, a watchdog ending the process past ``cap`` bytes of
+    growth (None: no watchdog), the high-water mark read when ``call`` returns."""
+    gc.collect()
+    reset = _reset_peak_rss()
+    baseline = _status_kib("VmRSS") or 0
+    hwm_before = _status_kib("VmHWM") or 0
+    watchdog = Watchdog(config, feed, baseline, cap) if cap is not None else None
+    if watchdog is not None:
+        watchdog.start()
+    handed = replies()
+    started = time.perf_counter()
+    value = call(handed)
+    returned = time.perf_counter()
+    del handed
+    peak = _status_kib("VmHWM") or 0
+    if watchdog is not None:
+        watchdog.stop()
+    growth_kib = peak - (baseline if reset else max(baseline, hwm_before))
+    return MeasuredCall(
+        value,
+        started,
+        returned,
+        max(growth_kib, 0) * 1024,
+        "VmHWM reset before the replies exist, minus VmRSS then"
+        if reset
+        else "VmHWM after minus max(VmRSS, VmHWM) before (no reset: a lower bound)",
+    )
+
+
 def measure(config: Config, cap: int | None) -> dict[str, Any]:
     """Run one round of ``config`` in this process and return its measurements.
 
@@ -375,30 +429,19 @@ def measure(config: Config, cap: int | None) -> dict[str, Any]:
     strategy = open_round(config.mode, global_adapter, clients, server_round, history)
     feed = ReplyFeed(lambda node: build_reply(global_adapter, node, seed), range(1, clients + 1))
 
-    gc.collect()
-    reset = _reset_peak_rss()
-    baseline = _status_kib("VmRSS") or 0
-    hwm_before = _status_kib("VmHWM") or 0
-    watchdog = Watchdog(config, feed, baseline, cap) if cap is not None else None
-    if watchdog is not None:
-        watchdog.start()
-    if config.mode in LIST_MODES:
-        replies: Any = feed.build_all()
-    else:
-        replies = feed.stream()
-    started = time.perf_counter()
-    arrays, metrics = strategy.aggregate_train(server_round, replies)
-    returned = time.perf_counter()
-    peak = _status_kib("VmHWM") or 0
-    if watchdog is not None:
-        watchdog.stop()
-    del replies
+    call = measured_call(
+        config,
+        feed,
+        cap,
+        feed.build_all if config.mode in LIST_MODES else feed.stream,
+        lambda replies: strategy.aggregate_train(server_round, replies),
+    )
+    arrays, metrics = call.value
+    started, returned, growth = call.started, call.returned, call.growth_bytes
     assert arrays is not None, "the round produced no new global"
 
     # A list is whole when the call starts: its last reply is handed over at the call.
     last_handed = started if config.mode in LIST_MODES else feed.exhausted_at
-    growth_kib = peak - (baseline if reset else max(baseline, hwm_before))
-    growth = max(growth_kib, 0) * 1024
     inside = feed.build_seconds if config.mode not in LIST_MODES else 0.0
     result: dict[str, Any] = {
         **_identity(config),
@@ -415,11 +458,7 @@ def measure(config: Config, cap: int | None) -> dict[str, Any]:
             returned - last_handed if last_handed is not None else None
         ),
         "replies-handed": feed.handed,
-        "rss-method": (
-            "VmHWM reset before the replies exist, minus VmRSS then"
-            if reset
-            else "VmHWM after minus max(VmRSS, VmHWM) before (no reset: a lower bound)"
-        ),
+        "rss-method": call.rss_method,
     }
     if isinstance(strategy, FedRobustMerge):
         report = strategy.round_report(server_round)

@@ -22,12 +22,10 @@ rows already there are skipped (resume).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +36,6 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from benchmarks import scale
 from benchmarks.inprocess import FakeGrid, set_task_identity
-from benchmarks.merge_speed import _reset_peak_rss, _status_kib
 from strategies import FedRobustMerge
 from strategies.robust.registry import RobustSettings
 
@@ -184,26 +181,18 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
         feed = scale.ReplyFeed(
             lambda node: scale.build_reply(global_adapter, node, seed), range(1, clients + 1)
         )
-        gc.collect()
-        reset = _reset_peak_rss()
-        baseline = _status_kib("VmRSS") or 0
-        hwm_before = _status_kib("VmHWM") or 0
-        watchdog = (
-            scale.Watchdog(config.as_scale_config(), feed, baseline, cap)
-            if cap is not None
-            else None
+        call = scale.measured_call(
+            config.as_scale_config(),
+            feed,
+            cap,
+            feed.stream,
+            lambda replies: strategy.aggregate_train(config.server_round, replies),
         )
-        if watchdog is not None:
-            watchdog.start()
-        started = time.perf_counter()
-        arrays, _ = strategy.aggregate_train(config.server_round, feed.stream())
-        returned = time.perf_counter()
-        peak = _status_kib("VmHWM") or 0
-        if watchdog is not None:
-            watchdog.stop()
+    arrays, _ = call.value
+    started, returned = call.started, call.returned
     assert arrays is not None, "the round produced no new global"
     report = strategy.round_report(config.server_round)
-    growth = max(peak - (baseline if reset else max(baseline, hwm_before)), 0) * 1024
+    growth = call.growth_bytes
     return {
         "mode": config.mode,
         "clients": clients,
@@ -228,11 +217,7 @@ def measure(config: ModeConfig, cap: int | None) -> dict[str, Any]:
         "merge-seconds": report.merge_seconds,
         "fold-seconds": report.fold_seconds,
         "stacked-module-mb": clients * largest_module_bytes(shape) / scale.MB,
-        "rss-method": (
-            "VmHWM reset before the replies exist, minus VmRSS then"
-            if reset
-            else "VmHWM after minus max(VmRSS, VmHWM) before (no reset: a lower bound)"
-        ),
+        "rss-method": call.rss_method,
     }
 
 
