@@ -241,7 +241,13 @@ class MessageRounds:
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
         traffic = (bytes_by_node(messages, outgoing=True), bytes_by_node(replies, outgoing=False))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
-        return (dict(metrics) if metrics is not None else None), traffic
+        if metrics is None:
+            return None, traffic
+        client_eval: dict[str, Any] = dict(metrics)
+        sites = self._core.site_scores(server_round)
+        if sites:  # personalisation: each site's own scores beside the mean
+            client_eval["sites"] = {str(node): sites[node] for node in sorted(sites)}
+        return client_eval, traffic
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The core's merge settings and robust state."""

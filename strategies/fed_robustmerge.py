@@ -142,6 +142,7 @@ class FedRobustMerge(FedAvg):
         self.streaming = StreamedRound(self.settings, self.admission, self.stages)
         # The training round in progress (or the last one closed); see ``round_report``.
         self.round: RoundState | None = None
+        self.evaluated_sites: tuple[int, dict[int, dict[str, float]]] = (0, {})
 
     @property
     def current_global(self) -> dict[str, torch.Tensor] | None:
@@ -234,11 +235,20 @@ class FedRobustMerge(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted client metrics; malformed replies are logged and left out."""
+        """Example-weighted client metrics; malformed replies are logged and left out. Each
+        site's global and personalised scores are kept for ``site_scores``."""
+        sites: dict[int, dict[str, float]] = {}
         metrics = evaluation_metrics(
-            server_round, replies, self.weighted_by_key, self.settings.max_num_examples
+            server_round, replies, self.weighted_by_key, self.settings.max_num_examples, sites
         )
+        self.evaluated_sites = (server_round, sites)
         return MetricRecord(metrics) if metrics is not None else None
+
+    def site_scores(self, server_round: int) -> dict[int, dict[str, float]]:
+        """Round ``server_round``'s evaluation, by node: each site's global and personalised
+        scores (run-config ``personalization``); empty without personalisation or that round."""
+        scored_round, sites = self.evaluated_sites
+        return dict(sites) if scored_round == server_round else {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

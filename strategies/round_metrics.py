@@ -100,10 +100,15 @@ def weighted_metrics(
 
 
 def evaluation_metrics(
-    server_round: int, replies: Iterable[Message], weighted_by_key: str, max_num_examples: int
+    server_round: int,
+    replies: Iterable[Message],
+    weighted_by_key: str,
+    max_num_examples: int,
+    sites: dict[int, dict[str, float]] | None = None,
 ) -> dict[str, MetricValue] | None:
     """The evaluation replies' example-weighted metrics (None: no usable reply); a reply with
-    an error or a bad example count is logged and left out."""
+    an error or a bad example count is logged and left out. ``sites``, when given, receives each
+    usable reply's global and personalised scores by node (``personal_scores``)."""
     usable: list[tuple[int, RecordDict]] = []
     for message in replies:
         node = message.metadata.src_node_id
@@ -123,7 +128,11 @@ def evaluation_metrics(
             )
             continue
         usable.append((count, message.content))
-        log_personal_scores(server_round, f"node {node}", numeric_metrics(message.content))
+        numbers = numeric_metrics(message.content)
+        log_personal_scores(server_round, f"node {node}", numbers)
+        own = personal_scores(numbers)
+        if sites is not None and own:
+            sites[node] = own
     if not usable:
         return None
     metrics = weighted_metrics(usable)
@@ -138,6 +147,17 @@ def numeric_metrics(content: RecordDict) -> dict[str, float]:
         for record in content.metric_records.values()
         for key, value in record.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def personal_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """The global and personalised scores of one evaluate reply's metrics, as pairs both of
+    whose keys it has (empty without personalisation; ``wire.PERSONALIZED_SCORES``)."""
+    return {
+        name: scores[name]
+        for key, personal in wire.PERSONALIZED_SCORES
+        if key in scores and personal in scores
+        for name in (key, personal)
     }
 
 

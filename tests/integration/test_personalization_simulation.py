@@ -42,6 +42,7 @@ def test_shared_a_sites_keep_their_b_and_send_only_a(tmp_path: Path) -> None:
     # score is the global A with it, next to the global's (A with the zero B).
     evaluated = rounds[-1]["client-eval"]
     assert "personalized-accuracy" in evaluated and "eval-accuracy" in evaluated
+    _assert_sites_bracket_the_mean(evaluated)
     assert "global -> " in log and "personalised" in log, log[-4000:]
     assert "shared-a, own B" in log, log[-4000:]
 
@@ -58,3 +59,16 @@ def test_local_finetune_sites_report_their_personal_copy(tmp_path: Path) -> None
     evaluated = json.loads((out / "metrics.json").read_text())["rounds"][-1]["client-eval"]
     assert evaluated["personalized-steps"] == 2
     assert "personalized-accuracy" in evaluated
+    _assert_sites_bracket_the_mean(evaluated)
+
+
+def _assert_sites_bracket_the_mean(evaluated: dict[str, object]) -> None:
+    """Both sites' own scores are in metrics.json, and their example-weighted mean (the
+    round's personalised accuracy) lies between them."""
+    sites = evaluated["sites"]
+    assert isinstance(sites, dict) and len(sites) == 2, evaluated
+    personal = [scores["personalized-accuracy"] for scores in sites.values()]
+    assert all("eval-accuracy" in scores for scores in sites.values()), sites
+    mean = evaluated["personalized-accuracy"]
+    assert isinstance(mean, float)
+    assert min(personal) - 1e-9 <= mean <= max(personal) + 1e-9, (mean, sites)

@@ -497,3 +497,11 @@ def test_personalised_scores_are_logged_per_site_and_averaged(
     assert any("node 2: eval-accuracy 0.9000 global -> 0.8000 personalised" in m for m in lines)
     assert not any("node 3" in m for m in lines)  # no personal copy: nothing to compare
     assert any(m.startswith("round 3: mean over the sites: eval-accuracy") for m in lines)
+    # Each site's own pair is kept for metrics.json; a site without a personal copy is not.
+    assert strategy.site_scores(3) == {
+        1: {EVAL_ACCURACY: 0.5, PERSONALIZED_ACCURACY: 0.7},
+        2: {EVAL_ACCURACY: 0.9, PERSONALIZED_ACCURACY: 0.8},
+    }
+    assert strategy.site_scores(2) == {}  # another round's evaluation: nothing kept for it
+    strategy.aggregate_evaluate(4, [plain])
+    assert strategy.site_scores(4) == {} and strategy.site_scores(3) == {}
