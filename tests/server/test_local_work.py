@@ -51,3 +51,18 @@ def test_the_app_defaults_do_not_warn_and_four_local_epochs_do() -> None:
     assert run_config_warning({**config, "local-epochs": 4}) is not None
     assert run_config_warning({**config, "local-epochs": 4, "server-lr": 2.0}) is None
     assert run_config_warning({k: v for k, v in config.items() if k != "batch-size"}) is None
+
+
+def test_ties_warns_at_the_server_lr_that_collapsed_it() -> None:
+    """The regime map at 64 steps: TIES collapsed at server lr 2 (FedAvg's best there) and was
+    best at 0.5, so 2 warns for TIES and not for FedAvg; 0.5 warns for neither."""
+    assert server_lr_warning(2.0, 64) is None
+    message = server_lr_warning(2.0, 64, "ties")
+    assert message is not None and "ties needs 0.25x FedAvg's" in message
+    assert "about 0.5" in message
+    assert server_lr_warning(0.5, 64, "ties") is None
+    assert server_lr_warning(2.0, 64, "robustmerge") is None  # measured like FedAvg there
+    config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    long_ties = {**config, "local-epochs": 4, "server-lr": 2.0, "merge-method": "ties"}
+    assert run_config_warning(long_ties) is not None
+    assert run_config_warning({**long_ties, "merge-method": "fedavg"}) is None
