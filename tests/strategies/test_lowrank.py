@@ -71,8 +71,10 @@ def test_many_blocks_take_the_product_route(monkeypatch: pytest.MonkeyPatch) -> 
     assert taken == ["grams", "prod"]
 
 
-def test_product_blocks_bound_the_rows_multiplied_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With block_elements = 2 x d_in, the product is formed two rows at a time."""
+@pytest.fixture
+def squared_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shape of every tensor squared (``Tensor.square``, still computed) while a test runs:
+    the blocks of the product that ``energy_by_product`` forms."""
     shapes: list[tuple[int, ...]] = []
     real_square = torch.Tensor.square
 
@@ -81,10 +83,17 @@ def test_product_blocks_bound_the_rows_multiplied_at_once(monkeypatch: pytest.Mo
         return real_square(self)
 
     monkeypatch.setattr(torch.Tensor, "square", spy)
+    return shapes
+
+
+def test_product_blocks_bound_the_rows_multiplied_at_once(
+    squared_shapes: list[tuple[int, ...]],
+) -> None:
+    """With block_elements = 2 x d_in, the product is formed two rows at a time."""
     left = torch.arange(15.0).reshape(5, 3)
     right = torch.arange(12.0).reshape(3, 4)
     got = energy_by_product(left, right, block_elements=8)
-    assert shapes == [(2, 4), (2, 4), (1, 4)]
+    assert squared_shapes == [(2, 4), (2, 4), (1, 4)]
     assert got == pytest.approx(float((left.double() @ right.double()).square().sum()))
 
 
@@ -142,15 +151,7 @@ def test_each_b_column_has_its_largest_entry_positive(seed: int, rank: int) -> N
     [(4, 3, 1), (1, 2, 2), (1, 1, 1)],  # fewer elements than a row: one row at a time
 )
 def test_product_blocks_never_take_more_rows_than_fit(
-    cols: int, block: int, rows_at_once: int, monkeypatch: pytest.MonkeyPatch
+    cols: int, block: int, rows_at_once: int, squared_shapes: list[tuple[int, ...]]
 ) -> None:
-    shapes: list[tuple[int, ...]] = []
-    real_square = torch.Tensor.square
-
-    def spy(self: torch.Tensor) -> torch.Tensor:
-        shapes.append(tuple(self.shape))
-        return real_square(self)
-
-    monkeypatch.setattr(torch.Tensor, "square", spy)
     energy_by_product(torch.ones(4, 2), torch.ones(2, cols), block_elements=block)
-    assert shapes[0] == (rows_at_once, cols)
+    assert squared_shapes[0] == (rows_at_once, cols)
