@@ -286,19 +286,31 @@ def _scored(run: Run, flags: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
     }
 
 
-def screen_order(config: AdaptiveConfig) -> list[tuple[Setup, str]]:
-    """(share, defence) in the order the screen runs them, so that a partial screen already
-    answers which default holds: the measured defences first (the candidates before the current
-    default, which comes first in ``measure_defences``), at the smallest and the largest
-    federation (issue 28's bar: 1 of 4 and 25 % of 16) before the others; then the other
-    defences, at every share."""
-    measured = [d for d in reversed(config.measure_defences) if d in config.screen_defences]
-    others = [d for d in config.screen_defences if d not in config.measure_defences]
+def measured_first(config: AdaptiveConfig) -> list[str]:
+    """The measured defences in the order both stages run them: the candidates before the
+    current default (which comes first in ``measure_defences``)."""
+    return [d for d in reversed(config.measure_defences) if d in config.screen_defences]
+
+
+def setup_order(config: AdaptiveConfig) -> list[Setup]:
+    """The shares in the order both stages run them: the smallest and the largest federation
+    (issue 28's bar: 1 of 4 and 25 % of 16) before the others."""
     setups = config.setups()
     first = [setups[0], setups[-1]] if len(setups) > 1 else setups
-    rest = [setup for setup in setups if setup not in first]
+    return first + [setup for setup in setups if setup not in first]
+
+
+def screen_order(config: AdaptiveConfig) -> list[tuple[Setup, str]]:
+    """(share, defence) in the order the screen runs them, so that a partial screen already
+    answers which default holds: the measured defences first (``measured_first``), at the
+    shares of ``setup_order``, the smallest and the largest before the others; then the other
+    defences, at every share."""
+    measured = measured_first(config)
+    others = [d for d in config.screen_defences if d not in config.measure_defences]
+    setups = setup_order(config)
+    first, rest = setups[:2], setups[2:]
     order = [(s, d) for group in (first, rest) for s in group for d in measured]
-    return order + [(setup, defence) for setup in setups for defence in others]
+    return order + [(setup, defence) for setup in config.setups() for defence in others]
 
 
 def _run_and_save(
@@ -352,24 +364,38 @@ def worst_attacks(results: Mapping[str, Any], share: str, defence: str, count: i
     return sorted(drops, key=lambda a: (-drops[a], a))[:count]
 
 
-def measure_plan(run: Run, setup: Setup) -> list[tuple[str, str]]:
-    """(defence, attack) pairs the measure stage runs at ``setup``."""
+def measure_plan(run: Run, setup: Setup, defence: str) -> list[str]:
+    """The attacks the measure stage runs against ``defence`` at ``setup``: no attack,
+    ``measure_attacks`` and the screen's ``measure_worst``."""
     config = run.config
-    pairs = [("none", "none")]
-    for defence in config.measure_defences:
-        worst = worst_attacks(run.results, setup.name, defence, config.measure_worst)
-        for attack in dict.fromkeys([*config.measure_attacks, *worst, "none"]):
-            pairs.append((defence, attack))
-    return list(dict.fromkeys(pairs))
+    worst = worst_attacks(run.results, setup.name, defence, config.measure_worst)
+    return list(dict.fromkeys(["none", *config.measure_attacks, *worst]))
+
+
+def measure_order(run: Run) -> list[tuple[Setup, str, str]]:
+    """(share, defence, attack) in the order the measure stage runs them, so that a partial
+    measure already answers whether a candidate holds: defence by defence (``measured_first``:
+    the candidates first), each at the shares of ``setup_order``; the undefended no-attack run
+    of a share (what a defence's cost is measured against) right after the first defence's runs
+    there. A (share, defence) whose screen has no no-attack run yet is left out, logged."""
+    order: list[tuple[Setup, str, str]] = []
+    for defence in measured_first(run.config):
+        for setup in setup_order(run.config):
+            screened = run_key("screen", setup.name, defence, "none", run.config.screen_seed)
+            if screened not in run.results["runs"]:
+                run.log(f"measure: {defence} at {setup.name} left out until the screen has it")
+                continue
+            order += [(setup, defence, attack) for attack in measure_plan(run, setup, defence)]
+            if (setup, "none", "none") not in order:
+                order.append((setup, "none", "none"))
+    return order
 
 
 def stage_measure(run: Run) -> None:
     """The measured defences' runs, every seed, whole test subsets (saved after each)."""
-    config = run.config
-    for setup in config.setups():
-        for defence, attack in measure_plan(run, setup):
-            for seed in config.measure_seeds:
-                _run_and_save(run, "measure", setup, defence, attack, seed, run.work.test_flags)
+    for setup, defence, attack in measure_order(run):
+        for seed in run.config.measure_seeds:
+            _run_and_save(run, "measure", setup, defence, attack, seed, run.work.test_flags)
 
 
 def skew_setup(config: AdaptiveConfig, seed: int) -> tuple[Setup, list[TaskData]]:

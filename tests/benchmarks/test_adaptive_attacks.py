@@ -399,3 +399,33 @@ def test_the_screen_runs_the_measured_defences_at_every_share_before_the_others(
     assert sorted(order) == sorted(
         (s.name, d) for s in config.setups() for d in config.screen_defences
     )  # every (share, defence) once, none dropped
+
+
+def test_the_measure_stage_runs_the_candidates_first_and_waits_for_their_screen() -> None:
+    from benchmarks.adaptive_attacks_run import Run, measure_order, run_key
+
+    config = AdaptiveConfig()
+    small, large = config.setups()[0].name, config.setups()[-1].name
+    drops = {"none": 0.0, "sign-flip": 0.05, "alie": 0.01, "noise": 0.03}
+    runs = {
+        run_key("screen", share, "centered-clip", attack, config.screen_seed): {"seen": 0.7 - drop}
+        for share in (small, large)
+        for attack, drop in drops.items()
+    }
+    logs: list[str] = []
+    run = Run(config, None, {"runs": runs}, Path("unused"), logs.append)  # type: ignore[arg-type]
+    order = [(setup.name, defence, attack) for setup, defence, attack in measure_order(run)]
+    cc = [
+        "none",
+        *config.measure_attacks[1:],
+        "sign-flip",
+        "noise",
+    ]  # no attack, the named ones, then the screen's two worst
+    assert order == [
+        *[(small, "centered-clip", a) for a in cc],
+        (small, "none", "none"),
+        *[(large, "centered-clip", a) for a in cc],
+        (large, "none", "none"),
+    ]
+    left_out = {line for line in logs if "left out" in line}
+    assert len(left_out) == len(config.measure_defences) * len(config.shares) - 2
