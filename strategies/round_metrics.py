@@ -150,25 +150,28 @@ def numeric_metrics(content: RecordDict) -> dict[str, float]:
     }
 
 
-def personal_scores(scores: Mapping[str, float]) -> dict[str, float]:
-    """The global and personalised scores of one evaluate reply's metrics, as pairs both of
-    whose keys it has (empty without personalisation; ``wire.PERSONALIZED_SCORES``)."""
-    return {
-        name: scores[name]
+def personal_pairs(scores: Mapping[str, object]) -> list[tuple[str, str]]:
+    """The (global, personalised) score keys of ``wire.PERSONALIZED_SCORES`` that ``scores``
+    (an evaluate reply's metrics, or the sites' mean) holds both of; empty without
+    personalisation."""
+    return [
+        (key, personal)
         for key, personal in wire.PERSONALIZED_SCORES
         if key in scores and personal in scores
-        for name in (key, personal)
-    }
+    ]
+
+
+def personal_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """The global and personalised scores of one evaluate reply's metrics (``personal_pairs``)."""
+    return {name: scores[name] for pair in personal_pairs(scores) for name in pair}
 
 
 def log_personal_scores(server_round: int, who: str, scores: Mapping[str, object]) -> None:
-    """One line comparing ``who``'s personalised scores with the global's, when ``scores`` (an
-    evaluate reply's metrics, or the sites' example-weighted mean) has them (run-config
-    ``personalization``; issue 27)."""
+    """One line comparing ``who``'s personalised scores with the global's, when ``scores`` has
+    them (run-config ``personalization``; issue 27)."""
     pairs = [
         f"{key} {scores[key]:.4f} global -> {scores[personal]:.4f} personalised"
-        for key, personal in wire.PERSONALIZED_SCORES
-        if key in scores and personal in scores
+        for key, personal in personal_pairs(scores)
     ]
     if pairs:
         log(INFO, "round %d: %s: %s", server_round, who, ", ".join(pairs))
