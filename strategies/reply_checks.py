@@ -222,7 +222,7 @@ def check_train_reply(
         values = _decode(arrays, key)
         if values.dtype.name not in ACCEPTED_WIRE_DTYPES:
             raise ReplyRejectedError(
-                f"key {key!r}: dtype {values.dtype.name} (expected float16 or float32)"
+                f"key {key!r}: dtype {values.dtype.name} (expected float16, float32 or float64)"
             )
         if tuple(values.shape) != tuple(global_shapes[key]):
             at_rank = (
