@@ -179,7 +179,7 @@ def reply_digests(replies: Iterable[Message]) -> list[tuple[int, str | None]]:
     digests: list[tuple[int, str | None]] = []
     for message in replies:
         digest: str | None = None
-        if not message.has_error() and message.has_content():
+        if message.has_content():  # an error reply has none
             try:
                 tensors = {
                     f"{name}/{key}": value

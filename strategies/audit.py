@@ -254,7 +254,7 @@ def _follow_round(walk: _Walk, number: int, record: Mapping[str, Any]) -> None:
         status = reply.get("status") if isinstance(reply, dict) else None
         summary.accepted += status == "accepted"
         summary.rejected += status == "rejected"
-    summed = record.get("summed-nodes", [])
+    summed = record.get("summed-nodes")
     summary.summed += len(summed) if isinstance(summed, list) else 0
 
 
@@ -269,9 +269,9 @@ def _check_checkpoints(run_dir: Path, walk: _Walk) -> None:
     """Each kept checkpoint's tensors, its state.json and the log's round record agree;
     final/ holds the global the log ends with."""
     checkpoints = run_dir / "checkpoints"
-    folders = sorted(checkpoints.glob("round-[0-9]*")) if checkpoints.is_dir() else []
+    folders = sorted(checkpoints.glob("round-[0-9]*"))  # none when there is no folder
     for folder in folders:
-        server_round = int(folder.name[6:])
+        server_round = int(folder.name.removeprefix("round-"))
         digest = _adapter_digest(folder)
         try:
             state = json.loads((folder / "state.json").read_text())
