@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, Metadata
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common import MessageType
 
 
 def addressed(message: Message, message_id: str) -> Message:
@@ -25,6 +26,25 @@ def addressed(message: Message, message_id: str) -> Message:
             message_type=message.metadata.message_type,
         ),
     )
+
+
+def from_node(
+    node: int, content: RecordDict | Error, message_type: str = MessageType.TRAIN
+) -> Message:
+    """``content`` (or an ``Error``) as node ``node``'s reply to an instruction reaches the
+    server."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="instruction",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)  # type: ignore[call-overload]
 
 
 class AnsweredOnPull:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from typing import Any
 import flwr
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import ArrayRecord, Error, MetricRecord, RecordDict
 
 from server.audit_log import (
     SECURE_NOTE,
@@ -47,6 +45,7 @@ from strategies.audit import (
     verify_run,
 )
 from strategies.round_report import RoundReport
+from tests.messages import from_node
 
 CONFIG = {"num-server-rounds": 2, "merge-method": "robustmerge"}
 
@@ -130,30 +129,15 @@ def test_the_secure_round_record_names_only_who_was_summed() -> None:
     }
 
 
-def message(node: int, content: RecordDict | Error) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="i",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content, metadata=metadata)  # type: ignore[call-overload]
-
-
 def test_reply_digests_cover_every_array_record_and_mark_error_replies() -> None:
     tensors = adapter(1.0)
     content = RecordDict({"arrays": ArrayRecord(tensors), "extra": ArrayRecord(adapter(2.0))})
     content["metrics"] = MetricRecord({"num-examples": 3})
     only_metrics = RecordDict({"metrics": MetricRecord({"num-examples": 3})})
     replies = [
-        message(4, content),
-        message(5, Error(code=1, reason="boom")),
-        message(6, only_metrics),
+        from_node(4, content),
+        from_node(5, Error(code=1, reason="boom")),
+        from_node(6, only_metrics),
     ]
     expected = tensors_checksum(
         {f"arrays/{k}": v for k, v in tensors.items()}
@@ -554,7 +538,7 @@ def test_a_reply_whose_arrays_do_not_decode_has_no_digest() -> None:
     record = ArrayRecord(adapter(1.0))
     record["base_model.model.q.lora_A.weight"].data = b"\x00\x01"
     content = RecordDict({"arrays": record})
-    assert reply_digests([message(8, content)]) == [(8, None)]
+    assert reply_digests([from_node(8, content)]) == [(8, None)]
 
 
 def test_package_version_is_the_installed_one_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:

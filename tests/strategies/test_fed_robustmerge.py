@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import pytest
@@ -13,8 +12,6 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -29,6 +26,7 @@ from protocol.wire import (
 )
 from strategies import FedRobustMerge, merge_lora
 from strategies.merging import create_method
+from tests.messages import from_node
 
 A0 = "base_model.model.layer.0.query.lora_A.weight"
 B0 = "base_model.model.layer.0.query.lora_B.weight"
@@ -60,17 +58,6 @@ def reply(
     *,
     extra_metrics: dict[str, float] | None = None,
 ) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
     content = RecordDict()
     if tensors is not None:
         content[ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
@@ -78,12 +65,11 @@ def reply(
     if num_examples is not None:
         metrics[NUM_EXAMPLES] = num_examples
     content[METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
-    return Message(content, metadata=metadata)
+    return from_node(node, content)
 
 
 def error_reply(node: int) -> Message:
-    metadata = reply(node, None).metadata
-    return Message(Error(code=0, reason="out of memory"), metadata=metadata)
+    return from_node(node, Error(code=0, reason="out of memory"))
 
 
 class FakeGrid:

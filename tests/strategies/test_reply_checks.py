@@ -5,14 +5,12 @@ the checks were reached only through whole rounds, where a weakened check still 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from protocol import wire
 from protocol.sparse_codec import VALUES_SUFFIX
@@ -29,6 +27,7 @@ from strategies.reply_checks import (
     shapes_at_rank,
     state_dict_to_record,
 )
+from tests.messages import from_node
 
 A = "base_model.model.layer.0.query.lora_A.weight"
 B = "base_model.model.layer.0.query.lora_B.weight"
@@ -62,18 +61,7 @@ def reply(
     content["metrics"] = MetricRecord(
         dict(metrics) if metrics is not None else {wire.NUM_EXAMPLES: 32}  # type: ignore[arg-type]
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id="reply",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content, metadata=metadata)  # type: ignore[call-overload]
+    return from_node(node, content)
 
 
 def rejected(message: Message, **options: object) -> ReplyRejectedError:
@@ -97,7 +85,7 @@ def test_a_well_formed_reply_is_accepted_with_what_it_holds() -> None:
 
 
 def test_an_error_reply_says_what_the_client_reported() -> None:
-    error = Message(Error(code=0, reason="out of memory"), metadata=reply().metadata)
+    error = from_node(7, Error(code=0, reason="out of memory"))
     assert rejected(error).reason == "client reported an error: out of memory"
 
 
@@ -298,24 +286,34 @@ def test_state_dict_to_record_holds_contiguous_float32_cpu_copies() -> None:
     assert record[A].dtype == "float32"
 
 
-def test_an_accepted_reply_reads_a_spilled_backing() -> None:
-    class Backing:
-        object_id = "spilled-1"
+class Backing:
+    """A spilled reply's tensors: ``keys`` in order, each ``fill`` in its global shape."""
 
-        def keys(self) -> list[str]:
-            return [A, B]
+    def __init__(self, keys: list[str], fill: float = 3.0) -> None:
+        self.object_id = "spilled-1"
+        self.order = keys
+        self.fill = fill
 
-        def tensor(self, key: str) -> torch.Tensor:
-            return torch.full(GLOBAL[key], 3.0)
+    def keys(self) -> list[str]:
+        return self.order
 
-    accepted = AcceptedReply(
+    def tensor(self, key: str) -> torch.Tensor:
+        return torch.full(GLOBAL.get(key, (9,)), self.fill)
+
+
+def spilled(keys: list[str]) -> AcceptedReply:
+    return AcceptedReply(
         node_id=1,
         arrays=ArrayRecord(),
         num_examples=2,
         num_bytes=0,
         content=RecordDict(),
-        backing=Backing(),
+        backing=Backing(keys),
     )
+
+
+def test_an_accepted_reply_reads_a_spilled_backing() -> None:
+    accepted = spilled([A, B])
     assert accepted.object_id == "spilled-1"
     assert accepted.keys() == [A, B]
     assert torch.equal(accepted.tensor(A), torch.full((4, 6), 3.0))
@@ -331,24 +329,7 @@ def test_an_accepted_reply_reads_a_spilled_backing() -> None:
     ],
 )
 def test_reply_rank_reads_the_first_dense_lora_a(keys: list[str], rank: int | None) -> None:
-    class Backing:
-        object_id = "spilled-2"
-
-        def keys(self) -> list[str]:
-            return keys
-
-        def tensor(self, key: str) -> torch.Tensor:
-            return torch.zeros(GLOBAL.get(key, (9,)))
-
-    accepted = AcceptedReply(
-        node_id=1,
-        arrays=ArrayRecord(),
-        num_examples=2,
-        num_bytes=0,
-        content=RecordDict(),
-        backing=Backing(),
-    )
-    assert reply_rank(accepted) == rank
+    assert reply_rank(spilled(keys)) == rank
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -17,13 +17,8 @@ from strategies.merging.method import MergeMethod
 from strategies.merging.robustmerge import RobustMerge
 from strategies.merging.rounds import merge_round
 from strategies.merging.streaming import DareFold, RobustMergeFold, RoundFold, round_fold
+from tests.strategies.test_streaming import A0, A1, B0, B1, HEAD, SHAPES
 
-A0 = "base_model.model.layer.0.query.lora_A.weight"
-B0 = "base_model.model.layer.0.query.lora_B.weight"
-A1 = "base_model.model.layer.1.value.lora_A.weight"
-B1 = "base_model.model.layer.1.value.lora_B.weight"
-HEAD = "base_model.model.classifier.weight"
-SHAPES = {A0: (4, 12), B0: (10, 4), A1: (4, 6), B1: (8, 4), HEAD: (3, 5)}
 METHODS = ("fedavg", "robustmerge", "ties", "dare")
 
 Tensors = dict[str, torch.Tensor]
