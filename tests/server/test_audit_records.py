@@ -46,15 +46,7 @@ from strategies.audit import (
 )
 from strategies.round_report import RoundReport
 from tests.messages import from_node
-
-CONFIG = {"num-server-rounds": 2, "merge-method": "robustmerge"}
-
-
-def adapter(step: float) -> dict[str, torch.Tensor]:
-    return {
-        "base_model.model.q.lora_A.weight": torch.full((1, 4), step),
-        "base_model.model.q.lora_B.weight": torch.full((4, 1), -step),
-    }
+from tests.server.test_audit_log import ADAPTER_CONFIG, CONFIG, adapter, fault
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
@@ -426,9 +418,6 @@ def test_a_missing_log_and_a_bad_seq_are_named(tmp_path: Path) -> None:
     )
 
 
-ADAPTER_CONFIG = {"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q"]}
-
-
 def checkpointed_run(run_dir: Path, rounds: int = 2) -> CheckpointStore:
     """A log of ``rounds`` rounds and a checkpoint of each (keep all), no run-end, no final/."""
     store = CheckpointStore(run_dir, ADAPTER_CONFIG, keep=rounds)
@@ -437,12 +426,6 @@ def checkpointed_run(run_dir: Path, rounds: int = 2) -> CheckpointStore:
         audit.round(server_round, adapter(float(server_round)), {"replies": []})
         store.save(server_round, adapter(float(server_round)), {})
     return store
-
-
-def fault(run_dir: Path) -> AuditError:
-    with pytest.raises(AuditError) as caught:
-        verify_run(run_dir)
-    return caught.value
 
 
 def test_kept_checkpoints_are_each_checked_against_the_log(tmp_path: Path) -> None:
