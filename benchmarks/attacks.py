@@ -3,8 +3,8 @@
     python -m benchmarks.attacks [--quick] [--setups 1-of-4,2-of-8] [--out-dir benchmarks/results]
 
 For each setup (1 of 4 clients malicious; 2 of 8, every seen task split over two clients), each
-attack and each defence (run-config ``robust-aggregation``: none, norm (the default), krum,
-trimmed-mean, median), R federated rounds of the real client training and the real
+attack and each defence (run-config ``robust-aggregation``: none, norm (the default until
+"auto"), krum, trimmed-mean, median), R federated rounds of the real client training and the real
 ``FedRobustMerge`` run in-process (``benchmarks.quality.run_federated``), and the final seen and
 unseen test accuracy is recorded beside the same defence's no-attack run. Every finished run is
 saved at once (``attacks[-quick].json``), so an interrupted benchmark resumes where it stopped;

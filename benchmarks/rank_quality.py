@@ -139,7 +139,9 @@ def row_refusal(row: RankRow) -> str | None:
     module docstring), so it has none."""
     if row.method == ZERO_PADDING or len(set(row.ranks)) == 1:
         return None
-    return mixed_rank_refusal(row.method, row.mode, "delta", "dense", RobustSettings())
+    return mixed_rank_refusal(
+        row.method, row.mode, "delta", "dense", RobustSettings().resolve(mixes_ranks=True)
+    )
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -345,7 +347,7 @@ def run(
         if refusal is not None:
             raise SystemExit(f"row {row.key}: the app refuses these settings: {refusal}")
     results["zero-padding-in-app"] = mixed_rank_refusal(
-        "fedavg", "paper-exact", "delta", "dense", RobustSettings()
+        "fedavg", "paper-exact", "delta", "dense", RobustSettings().resolve(mixes_ranks=True)
     )
     todo = [row for row in rows if row.key not in results["rows"]]
     if not todo:

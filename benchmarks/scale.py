@@ -96,6 +96,7 @@ from benchmarks.merge_speed import (
     lora_key,
 )
 from strategies import FedRobustMerge
+from strategies.robust import RobustSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -326,7 +327,12 @@ def open_round(
     strategy's screen given ``history``); Flower's FedAvg needs no configure_train."""
     if mode == FLOWER:
         return FedAvg(min_train_nodes=clients, min_available_nodes=clients)
-    strategy = FedRobustMerge(device="cpu", min_train_nodes=clients, min_available_nodes=2)
+    strategy = FedRobustMerge(  # the streamed fold: the norm screen (what "auto" runs sparse)
+        device="cpu",
+        min_train_nodes=clients,
+        min_available_nodes=2,
+        robust=RobustSettings("norm"),
+    )
     if history:
         strategy.restore_robust_state({"norm-history": list(history)})
     grid = FakeGrid(list(range(1, clients + 1)))

@@ -40,14 +40,19 @@ from strategies import FedRobustMerge
 from strategies.robust.registry import RobustSettings
 
 # name -> FedRobustMerge keyword arguments ("robust": RobustSettings fields), JSON-able.
+# The merge methods' rows run the norm screen, the defence they were measured with before the
+# default became "auto" (centered clipping, a buffered round: the "default" and "centered-clip"
+# rows), so the folding methods' rows keep measuring the streamed fold.
+NORM = {"robust": {"aggregation": "norm"}}
 MODES: dict[str, dict[str, Any]] = {
     "default": {},
-    "fedavg": {"merge_method": "fedavg"},
-    "ties": {"merge_method": "ties"},
-    "dare": {"merge_method": "dare"},
-    "svd": {"merge_method": "svd"},
-    "exact-mean": {"merge_method": "exact-mean"},
-    "paper-equation": {"mode": "paper-equation"},
+    "norm": dict(NORM),
+    "fedavg": {"merge_method": "fedavg", **NORM},
+    "ties": {"merge_method": "ties", **NORM},
+    "dare": {"merge_method": "dare", **NORM},
+    "svd": {"merge_method": "svd", **NORM},
+    "exact-mean": {"merge_method": "exact-mean", **NORM},
+    "paper-equation": {"mode": "paper-equation", **NORM},
     "krum": {"robust": {"aggregation": "krum"}},
     "median": {"robust": {"aggregation": "median"}},
     "centered-clip": {"robust": {"aggregation": "centered-clip"}},

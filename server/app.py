@@ -18,6 +18,7 @@ from flwr.supercore import log
 from server.checkpoints import CheckpointStore
 from server.config import ConfigError, ServerSettings
 from server.local_work import run_config_warning
+from server.model_card import DEFENCE_KEY
 from server.privacy import wrap_with_privacy
 from server.round_modes import MessageRounds, RoundMode
 from server.run_loop import LoopSettings, run_federation
@@ -115,6 +116,7 @@ def run_summary(context: Context, settings: ServerSettings, core: FedRobustMerge
         "run-config": dict(context.run_config),
         "output-dir": str(settings.output_dir),
         "merge-device": core.settings.device,
+        DEFENCE_KEY: core.settings.robust.describe(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
         "machine": {

@@ -19,7 +19,7 @@ from strategies.merging import available_methods
 from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
 from strategies.merging.server_step import TARGETS as MERGE_TARGETS
-from strategies.robust import RobustSettings, available_defences
+from strategies.robust import AUTO, RobustSettings, available_defences
 from workload.config import SCHEMA, SHARED_A, ConfigError, Reader, schema_default
 from workload.kinds import available_task_kinds
 
@@ -86,6 +86,12 @@ class ServerSettings:
         return len(set(self.client_ranks)) > 1
 
     def __post_init__(self) -> None:
+        resolved = self.robust.resolve(
+            uplink=self.uplink,
+            mixes_ranks=self.mixes_ranks,
+            secure_aggregation=self.secure_aggregation,
+        )
+        object.__setattr__(self, "robust", resolved)  # frozen: "auto" chosen once, here
         refusal = (
             combination_refusal(self.merge_method, self.merge_mode, self.merge_target, self.uplink)
             or robust_refusal(self.robust, self.uplink)
@@ -222,7 +228,7 @@ class ServerSettings:
             secagg_clipping_range=reader.number("secagg-clipping-range"),
             secagg_quantization_range=reader.integer("secagg-quantization-range"),
             robust=RobustSettings(
-                aggregation=reader.choice("robust-aggregation", available_defences()),
+                aggregation=reader.choice("robust-aggregation", (AUTO, *available_defences())),
                 norm_factor=reader.number("robust-norm-factor"),
                 clip=reader.boolean("robust-clip"),
                 history=reader.integer("robust-history"),

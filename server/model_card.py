@@ -69,6 +69,8 @@ ROBUST_KEYS = (
     "robust-krum-select",
     "robust-trim-fraction",
 )
+# The run summary's line for the defence that ran (``robust-aggregation`` "auto" resolved).
+DEFENCE_KEY = "robust-defence"
 DATA_KEYS = ("seen-tasks", "unseen-tasks", "partitioner", "partition-alpha", "partition-classes")
 
 
@@ -120,7 +122,7 @@ def model_card(
         _rounds_section(rounds),
         _accuracy_section(history, seen_tasks, unseen_tasks),
         _privacy_section(config, rounds),
-        _robust_section(config, rounds),
+        _robust_section(config, rounds, summary.get(DEFENCE_KEY)),
         _audit_section(audit_head),
         _usage_section(),
     ]
@@ -290,7 +292,9 @@ def _privacy_section(config: _Settings, rounds: Sequence[Mapping[str, Any]]) -> 
     return "\n".join([*lines, "", *_settings_table(config, (*PRIVACY_KEYS, *secagg))])
 
 
-def _robust_section(config: _Settings, rounds: Sequence[Mapping[str, Any]]) -> str:
+def _robust_section(
+    config: _Settings, rounds: Sequence[Mapping[str, Any]], defence: str | None
+) -> str:
     rejected = sum(_rejected(entry) for entry in rounds)
     counts = dict.fromkeys(("screened", "clipped", "krum-dropped"), 0)
     for entry in rounds:
@@ -304,6 +308,8 @@ def _robust_section(config: _Settings, rounds: Sequence[Mapping[str, Any]]) -> s
         f"update-norm bound: {counts['screened']}); replies clipped to the bound: "
         f"{counts['clipped']}; left out by Krum: {counts['krum-dropped']}.",
     ]
+    if defence is not None:
+        lines += ["", f"The defence that ran: {defence}."]
     return "\n".join([*lines, "", *_settings_table(config, ROBUST_KEYS)])
 
 

@@ -146,10 +146,13 @@ def mixed_rank_refusal(
         )
     if robust.selects or robust.rewrites_coordinates or robust.clip:
         what = "robust-clip = true" if robust.clip else f"robust-aggregation {robust.aggregation!r}"
+        if robust.chosen_by_auto is not None and not robust.clip:
+            what += " (chosen by 'auto', which did not know the sites' ranks)"
         return (
             f"{what} compares or rewrites the clients' factors coordinate by coordinate, and "
             "factors of different ranks do not line up; use robust-aggregation 'norm' (the "
-            "screen works on each site's own update norm) or 'none', with robust-clip = false"
+            "screen works on each site's own update norm) or 'none', with robust-clip = false, "
+            "or give the sites' ranks in run-config client-ranks (then 'auto' picks 'norm')"
         )
     if dp != "none":
         return (

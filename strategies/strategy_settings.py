@@ -141,7 +141,8 @@ class MergeSettings:
             Fewer accepted replies than this skip the round; the global stays as it was.
         max_update_norm : float, optional
             Replies whose update (delta) Frobenius norm exceeds this are rejected.
-        robust : RobustSettings, optional (default: the norm screen, factor 10, reject)
+        robust : RobustSettings, optional (default: "auto", resolved here with ``uplink``:
+            centered clipping on the dense uplink, the norm screen alone on the sparse one)
             Byzantine-robust stages (``strategies.robust``): every option but "none" screens each
             update norm against ``norm_factor`` x the lower median of this round's norms and the
             last ``history`` accepted norms, rejecting (or, with ``clip``, clipping) outsized ones;
@@ -195,7 +196,7 @@ class MergeSettings:
         ) or personalization_refusal(personalization, merge_method, mode, uplink)
         if refusal is not None:
             raise ValueError(refusal)
-        robust = robust if robust is not None else RobustSettings()
+        robust = (robust if robust is not None else RobustSettings()).resolve(uplink=uplink)
         refusal = robust_refusal(robust, uplink)
         if refusal is not None:
             raise ValueError(refusal)

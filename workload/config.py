@@ -133,7 +133,7 @@ SCHEMA: Mapping[str, Setting] = {
     "round-timeout": _n(3600.0, "seconds to wait for replies", 0.0, low_open=True),
     "buffer-replies": _i(16, "buffered rounds: replies kept in memory, more spill to disk", low=1),
     # Robust aggregation
-    "robust-aggregation": _c("norm", "robust screen (strategies.robust registry)"),
+    "robust-aggregation": _c("auto", "robust defence (strategies.robust registry), or auto"),
     "robust-norm-factor": _n(10.0, "bound = factor x median update norm", 1.0),
     "robust-clip": _b(False, "clip outsized updates instead of rejecting them"),
     "robust-history": _i(64, "accepted update norms remembered", low=0),

@@ -28,6 +28,7 @@ from strategies.robust.coordinatewise import clamp_to_range, trim_count, trimmed
 from strategies.robust.krum import multikrum_select, pairwise_squared_distances
 from strategies.robust.norm_screen import NormBound, clip_scale, lower_median, norm_bound
 from strategies.robust.registry import (
+    AUTO,
     DEFAULT_HISTORY,
     DEFAULT_NORM_FACTOR,
     DEFAULT_POOL,
@@ -46,6 +47,7 @@ from strategies.robust.stage import (
 )
 
 __all__ = [
+    "AUTO",
     "DEFAULT_CENTER_RADIUS",
     "DEFAULT_HISTORY",
     "DEFAULT_NORM_FACTOR",

@@ -5,12 +5,17 @@ Each ``robust-aggregation`` value names a defence registered with
 ``strategies.robust.stage.register_defence``; the built-ins (``strategies.robust.defences``)
 are norm, none, krum, trimmed-mean, median and centered-clip. ``RobustSettings`` validates the
 name against the registry and answers what the round runs by asking the defence.
+
+The default, ``"auto"``, is not a defence but a choice made once at start-up
+(``RobustSettings.resolve``): centered clipping, which held every adaptive attack measured at
+1 hostile site of 4 (docs/failures.md), wherever a round can rewrite the clients' deltas, and
+the norm screen alone where it cannot (the sparse uplink, mixed ranks, secure aggregation).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from strategies.robust.defences import BUILTIN_DEFENCES, CoordinateClamp
 from strategies.robust.stage import Stage, available_defences, get_defence
@@ -18,6 +23,11 @@ from workload.config import schema_default
 
 # The built-in names (a defence registered later is accepted too: ``available_defences``).
 ROBUST_AGGREGATIONS = BUILTIN_DEFENCES
+# The default's value: resolved at start-up to AUTO_DEFENCE, or to AUTO_FALLBACK where a
+# coordinate rewrite cannot run (``RobustSettings.resolve``).
+AUTO = "auto"
+AUTO_DEFENCE = "centered-clip"
+AUTO_FALLBACK = "norm"
 
 # With the default reject, an outsized update leaves the round and the global moves as the good
 # clients alone move it. A clipped update (robust-clip) keeps at most factor x the reference norm;
@@ -54,6 +64,8 @@ class RobustSettings:
     krum_select: int = schema_default("robust-krum-select", int)
     trim_fraction: float = DEFAULT_TRIM_FRACTION
     pool: int = DEFAULT_POOL
+    # Set by ``resolve`` when the defence was chosen by "auto": why this one.
+    chosen_by_auto: str | None = None
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -62,7 +74,7 @@ class RobustSettings:
 
     def problem(self) -> str | None:
         """Why these settings are invalid (naming the run-config key), or None."""
-        known = available_defences()
+        known = (AUTO, *available_defences())
         if self.aggregation not in known:
             got = self.aggregation
             return f"robust-aggregation must be one of {', '.join(known)}; got {got!r}"
@@ -78,9 +90,40 @@ class RobustSettings:
             return f"robust-trim-fraction must be in [0, 0.5), got {self.trim_fraction}"
         return None
 
+    def resolve(
+        self,
+        *,
+        uplink: str = "dense",
+        mixes_ranks: bool = False,
+        secure_aggregation: bool = False,
+    ) -> RobustSettings:
+        """These settings with "auto" replaced by the defence it stands for here (others are
+        returned as they are): centered clipping where the round sees every client's dense
+        update at one rank, else the norm screen, with ``chosen_by_auto`` saying why."""
+        if self.aggregation != AUTO:
+            return self
+        blocker = None
+        if secure_aggregation:
+            blocker = "secure aggregation shows the server only the sum of the updates"
+        elif uplink != "dense":
+            blocker = f"uplink {uplink!r} sends deltas the clients already pruned"
+        elif mixes_ranks:
+            blocker = "client-ranks mixes LoRA ranks, whose factors do not line up"
+        if blocker is None:
+            why = "every client's dense update at one rank reaches the server"
+            return replace(self, aggregation=AUTO_DEFENCE, chosen_by_auto=why)
+        why = f"centered clipping cannot run here: {blocker}"
+        return replace(self, aggregation=AUTO_FALLBACK, chosen_by_auto=why)
+
     @property
     def defence(self) -> Stage:
-        """The registered defence ``aggregation`` names: what the round runs."""
+        """The registered defence ``aggregation`` names: what the round runs (ValueError for
+        an unresolved "auto": ``resolve`` first)."""
+        if self.aggregation == AUTO:
+            raise ValueError(
+                "robust-aggregation 'auto' is chosen at start-up: call RobustSettings.resolve "
+                "with the round's uplink, ranks and secure-aggregation setting first"
+            )
         return get_defence(self.aggregation)
 
     @property
@@ -116,8 +159,11 @@ class RobustSettings:
     def describe(self) -> str:
         """One line for the start-up summary: the screen, then the defence's own clause."""
         clause = self.defence.clause(self)
+        name = self.aggregation
+        if self.chosen_by_auto is not None:
+            name = f"{name} (chosen by 'auto': {self.chosen_by_auto})"
         if not self.screens:
-            return f"{self.aggregation} (no norm screen, {clause or 'no robust stage'})"
+            return f"{name} (no norm screen, {clause or 'no robust stage'})"
         action = "clip" if self.clip else "reject"
-        text = f"{self.aggregation}: norm screen {self.norm_factor:g} x median, {action}"
+        text = f"{name}: norm screen {self.norm_factor:g} x median, {action}"
         return f"{text}; {clause}" if clause else text

@@ -183,7 +183,7 @@ def _round_under_the_screen(scale_of_bound: float) -> list[int]:
     own = trained(base, 1)
     keys = list(base)
     norms = [aa.update_norm({k: h[k] - base[k] for k in keys}) for h in honest]
-    bound = aa.screen_bound(norms, [], 1, RobustSettings().norm_factor, streamed=False)
+    bound = aa.screen_bound(norms, [], 1, RobustSettings("norm").norm_factor, streamed=False)
     assert bound is not None
     own_delta = aa.flatten({k: own[k] - base[k] for k in keys}, keys)
     view = RoundView(torch.zeros(3, own_delta.numel()), own_delta, 4, 1, bound)
@@ -255,7 +255,7 @@ def test_adaptive_attacks_pass_the_screen_every_round(attack: str, defence: str)
 def test_attackers_predict_a_first_round_judged_by_its_pool(attack: str) -> None:
     """4 of 16: round 1 has more replies than the first-round pool (8), so the server judges
     it by the pool of the first 8 (honest) arrivals; the attackers' bound is the server's."""
-    settings = RobustSettings()
+    settings = RobustSettings("norm")
     hooks = _run_rounds(attack, settings, rounds=2, copies=8, hostile=4)
     assert hooks.rounds == 2 and hooks.hostile_rejected == 0
     pooled = aa.screen_bound([1.0] * 12, [], 4, settings.norm_factor, True, settings.pool)
@@ -266,13 +266,13 @@ def test_attackers_predict_a_first_round_judged_by_its_pool(attack: str) -> None
 def test_the_attackers_history_keeps_clipped_norms_at_the_bound(attack: str) -> None:
     """norm-clip-2: a x10 update is clipped to the bound, and the history (the attackers' copy
     too) keeps the bound, not its norm."""
-    settings = RobustSettings(norm_factor=2.0, clip=True)
+    settings = RobustSettings("norm", norm_factor=2.0, clip=True)
     hooks = _run_rounds(attack, settings)
     assert len(hooks.history) == 12
 
 
 def test_the_under_bound_attack_lands_just_under_the_bound() -> None:
-    settings = RobustSettings()
+    settings = RobustSettings("norm")
     setup = share_setup(("a", "b"), 2, 1)
     hooks = AttackHooks("under-bound-reversed", setup, settings)
     base = make_global(0)
@@ -285,14 +285,14 @@ def test_the_under_bound_attack_lands_just_under_the_bound() -> None:
 
 
 def test_a_hostile_node_before_the_honest_ones_is_an_error() -> None:
-    hooks = AttackHooks("alie", share_setup(("a", "b"), 2, 1), RobustSettings())
+    hooks = AttackHooks("alie", share_setup(("a", "b"), 2, 1), RobustSettings("norm"))
     base = make_global(0)
     with pytest.raises(RuntimeError, match="hostile nodes last"):
         hooks.reply_hook(4, base, trained(base, 4))
 
 
 def test_a_wrong_prediction_is_an_error() -> None:
-    hooks = _run_rounds("alie", RobustSettings(), rounds=1)
+    hooks = _run_rounds("alie", RobustSettings("norm"), rounds=1)
     hooks.predicted = 1.0
     with pytest.raises(RuntimeError, match="predicted"):
         hooks._check_prediction(2, 2.0)
@@ -303,15 +303,15 @@ def test_hostile_nodes_are_the_last_and_omniscient_ones_train_one_example() -> N
 
     setup = share_setup(("a", "b"), 4, 2)
     assert setup.name == "2-of-8"
-    hooks = AttackHooks("ipm-0.1", setup, RobustSettings())
+    hooks = AttackHooks("ipm-0.1", setup, RobustSettings("norm"))
     assert list(hooks.hostile_nodes) == [7, 8]
     data = TaskData("a", ["x", "y", "z"], [0, 1, 0], ["p", "q"])
     assert len(hooks.data_hook(8, data)) == 1
     assert hooks.data_hook(6, data) == data
-    own = AttackHooks("under-bound", setup, RobustSettings())
+    own = AttackHooks("under-bound", setup, RobustSettings("norm"))
     assert own.data_hook(8, data) == data
     with pytest.raises(ValueError, match="unknown attack"):
-        AttackHooks("nope", setup, RobustSettings())
+        AttackHooks("nope", setup, RobustSettings("norm"))
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -225,9 +225,11 @@ def build_strategy(mode: str, method: str) -> Strategy:
         "device": "cpu",
         "server_lr": SERVER_LR,
         "weight_by_examples": True,
+        # the norm screen the outputs were recorded with ("auto" would pick centered clipping)
+        "robust": RobustSettings("norm"),
     }
     if mode == "buffered":
-        settings["robust"] = RobustSettings(history=0)
+        settings["robust"] = RobustSettings("norm", history=0)
     elif mode == "secagg-sums":
         settings["weight_by_examples"] = False
     elif mode == "sparse":

@@ -22,9 +22,12 @@ from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.adapter_io.writing import write_adapter_dir
 from strategies.merging.ranks import adapter_at_rank
+from strategies.robust import RobustSettings
 from tests.server.test_run_loop import ROUND_TIMEOUT, ThreadGrid
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 from workload.model import LoraSettings, initial_adapter
+
+NORM_SCREEN = RobustSettings("norm")  # what "auto" picks when client-ranks mixes ranks
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -45,6 +48,7 @@ def test_three_ranks_run_end_to_end_and_every_rank_loads_in_peft(
     assert (lora.r, lora.alpha) == (8, 16)  # alpha / r = 2 at every rank
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)  # partition-id = node - 1
     strategy = FedRobustMerge(
+        robust=NORM_SCREEN,
         merge_method=method,
         mode=mode,
         device="cpu",
@@ -107,7 +111,12 @@ def _mixed_rank_run(
     lora = LoraSettings.for_global(run_config)
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)
     strategy = FedRobustMerge(
-        merge_method="svd", device="cpu", min_train_nodes=3, fraction_evaluate=0.0, server_lr=1.0
+        robust=NORM_SCREEN,
+        merge_method="svd",
+        device="cpu",
+        min_train_nodes=3,
+        fraction_evaluate=0.0,
+        server_lr=1.0,
     )
     config = adapter_config_for(str(model_dir), lora.r, lora.alpha, ["query", "value"])
     try:

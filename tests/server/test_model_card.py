@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 from client.app import train
 from server.checkpoints import STATE_FILE, CheckpointStore
-from server.model_card import CARD_FILE, DEFAULT_BASE_MODEL, model_card
+from server.model_card import CARD_FILE, DEFAULT_BASE_MODEL, DEFENCE_KEY, model_card
 from strategies.adapter_io.config import adapter_config_for
 from strategies.audit import verify_run
 from tests.server.test_run_loop import ThreadGrid, run
@@ -121,7 +121,11 @@ def test_the_card_has_the_hub_header_and_the_runs_facts(tmp_path: Path) -> None:
     assert "Secure aggregation: off." in body
     assert "Replies rejected over the rounds above: 1 (of them screened out" in body
     assert "replies clipped to the bound: 1" in body
-    assert "| `robust-aggregation` | norm |" in body
+    assert "| `robust-aggregation` | auto |" in body  # the schema default, as configured
+    assert "The defence that ran" not in body  # a summary without the resolved defence
+    described = {**summary(), DEFENCE_KEY: "centered-clip (chosen by 'auto': ...)"}
+    resolved = model_card(described, history(), audit_head=AUDIT_HEAD)
+    assert "The defence that ran: centered-clip (chosen by 'auto': ...)." in resolved
     assert AUDIT_HEAD in body
 
 

@@ -56,7 +56,11 @@ def test_robust_keys_are_read_and_reach_the_strategy() -> None:
     assert settings.robust == RobustSettings("krum", 4.0, True, 9, 2, 3, 0.1)
     strategy = build_merge_strategy(settings)
     assert strategy.settings.robust == settings.robust and strategy.stages.norm_history.maxlen == 9
-    assert ServerSettings.from_run_config({}).robust == RobustSettings()
+    assert ServerSettings.from_run_config({}).robust == RobustSettings().resolve()
+    assert ServerSettings.from_run_config({}).robust.aggregation == "centered-clip"
+    assert ServerSettings.from_run_config({"uplink": "sparse"}).robust.aggregation == "norm"
+    mixed = ServerSettings.from_run_config({"merge-method": "svd", "client-ranks": "4,8"})
+    assert mixed.robust == RobustSettings().resolve(mixes_ranks=True)
 
 
 @pytest.mark.parametrize(

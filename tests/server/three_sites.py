@@ -1,5 +1,5 @@
 """Three mock sites for real round loops in the server tests: each trains (``trained``) from the
-global it is sent; the hostile one scales its update x1000, so the default norm screen rejects
+global it is sent; the hostile one scales its update x1000, so the default's norm screen rejects
 it every round."""
 
 from __future__ import annotations

@@ -51,9 +51,35 @@ def test_clip_toward_hand_checked() -> None:
     assert clip_toward(delta, center, 1.0) is delta
 
 
-def test_settings_register_the_new_option_without_changing_the_default() -> None:
+def test_the_default_auto_is_centered_clipping_where_it_can_run_else_the_norm_screen() -> None:
+    """ "auto" (the default) resolves once: centered clipping on the dense uplink at one rank
+    without secure aggregation, the norm screen otherwise, saying why; other names stay."""
+    assert RobustSettings().aggregation == "auto"
+    with pytest.raises(ValueError, match="robust-aggregation 'auto' is chosen at start-up"):
+        _ = RobustSettings().screens
+    chosen = RobustSettings().resolve()
+    assert chosen.aggregation == "centered-clip"
+    assert chosen.chosen_by_auto == "every client's dense update at one rank reaches the server"
+    assert chosen.describe().startswith("centered-clip (chosen by 'auto': every client's dense")
+    blocked = {
+        "sparse": RobustSettings().resolve(uplink="sparse"),
+        "ranks": RobustSettings().resolve(mixes_ranks=True),
+        "secagg": RobustSettings().resolve(secure_aggregation=True),
+    }
+    assert {name: s.aggregation for name, s in blocked.items()} == dict.fromkeys(blocked, "norm")
+    assert blocked["sparse"].chosen_by_auto == (
+        "centered clipping cannot run here: uplink 'sparse' sends deltas the clients already pruned"
+    )
+    assert "mixes LoRA ranks" in str(blocked["ranks"].chosen_by_auto)
+    assert "only the sum of the updates" in str(blocked["secagg"].chosen_by_auto)
+    explicit = RobustSettings("krum")
+    assert explicit.resolve(uplink="sparse") is explicit
+    assert FedRobustMerge(device="cpu").settings.robust.aggregation == "centered-clip"
+    assert FedRobustMerge(device="cpu", uplink="sparse").settings.robust.aggregation == "norm"
+
+
+def test_settings_register_centered_clipping() -> None:
     assert "centered-clip" in ROBUST_AGGREGATIONS
-    assert RobustSettings().aggregation == "norm"
     settings = RobustSettings("centered-clip")
     assert settings.screens and settings.clips_to_center and settings.rewrites_coordinates
     assert not RobustSettings("median").clips_to_center
@@ -72,7 +98,17 @@ def test_refused_with_mixed_ranks() -> None:
         "svd", "paper-exact", "delta", "dense", RobustSettings("centered-clip")
     )
     assert refusal is not None and "centered-clip" in refusal
-    assert mixed_rank_refusal("svd", "paper-exact", "delta", "dense", RobustSettings()) is None
+    norm = RobustSettings("norm")
+    assert mixed_rank_refusal("svd", "paper-exact", "delta", "dense", norm) is None
+    chosen = mixed_rank_refusal("svd", "paper-exact", "delta", "dense", RobustSettings().resolve())
+    assert chosen is not None
+    assert chosen.startswith(
+        "robust-aggregation 'centered-clip' (chosen by 'auto', which did not know the sites' "
+        "ranks) compares or rewrites"
+    )
+    assert chosen.endswith(
+        "or give the sites' ranks in run-config client-ranks (then 'auto' picks 'norm')"
+    )
 
 
 def _merged(

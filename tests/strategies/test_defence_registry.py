@@ -141,7 +141,7 @@ def test_a_second_registration_of_a_name_is_refused(halve: str) -> None:
 
 
 def test_an_unknown_name_is_refused_with_the_registered_names(halve: str) -> None:
-    known = "norm, none, krum, trimmed-mean, median, centered-clip, test-halve"
+    known = "auto, norm, none, krum, trimmed-mean, median, centered-clip, test-halve"
     with pytest.raises(ValueError) as refused:
         RobustSettings("bulyan")
     assert str(refused.value) == f"robust-aggregation must be one of {known}; got 'bulyan'"

@@ -100,7 +100,9 @@ def test_the_keys_read_into_another_form_mean_the_library_defaults() -> None:
 def test_robust_settings_defaults_are_the_schemas(field: str, key: str) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(RobustSettings)}
     assert _same(defaults[field], key)
-    assert set(defaults) == set(ROBUST_KEYS)
+    # chosen_by_auto is no run-config key: ``resolve`` sets it, saying why "auto" chose a defence
+    assert set(defaults) == set(ROBUST_KEYS) | {"chosen_by_auto"}
+    assert defaults["chosen_by_auto"] is None
 
 
 def test_the_merge_methods_defaults_are_the_schemas() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from strategies import FedRobustMerge
 from strategies.merging.ranks import adapter_at_rank
+from strategies.robust import RobustSettings
 from tests.strategies import reference_spec as spec
 from tests.strategies.test_fed_robustmerge import as_tensors, start_round
 from tests.strategies.test_fed_robustmerge_ranks import (
@@ -23,6 +24,8 @@ from tests.strategies.test_fed_robustmerge_ranks import (
     make_global,
     site_reply,
 )
+
+NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
 
 F64 = torch.float64
 
@@ -47,7 +50,9 @@ def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_a_round_of_ranks_4_8_16_is_the_cut_of_the_float64_update(method: str) -> None:
     base = make_global()
     server_lr = 0.8
-    strategy = FedRobustMerge(merge_method=method, server_lr=server_lr, device="cpu")
+    strategy = FedRobustMerge(
+        robust=NORM_SCREEN, merge_method=method, server_lr=server_lr, device="cpu"
+    )
     start_round(strategy, base, nodes=3)
     ranks = {1: 4, 2: 8, 3: 16}
     examples = {1: 10, 2: 30, 3: 60}
@@ -131,6 +136,7 @@ def test_a_paper_equation_round_of_mixed_ranks_is_its_float64_reading() -> None:
     base = make_global()
     server_lr, fuse_weight, keep_ratio = 0.8, 2.0, 0.2
     strategy = FedRobustMerge(
+        robust=NORM_SCREEN,
         merge_method="robustmerge",
         mode="paper-equation",
         server_lr=server_lr,

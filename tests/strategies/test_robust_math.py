@@ -218,7 +218,7 @@ def test_clamped_values_stay_within_the_untrimmed_values(
 
 
 def test_robust_settings_are_checked() -> None:
-    assert RobustSettings().aggregation == "norm" and RobustSettings().screens
+    assert RobustSettings().aggregation == "auto" and RobustSettings().resolve().screens
     assert not RobustSettings("none").screens
     assert RobustSettings("krum").selects and not RobustSettings("krum").rewrites_coordinates
     assert RobustSettings("median").trim_fraction_or_median is None
@@ -232,7 +232,7 @@ def test_robust_settings_are_checked() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             RobustSettings(**bad)  # type: ignore[arg-type]
-    assert "reject" in RobustSettings().describe()
+    assert "reject" in RobustSettings("norm").describe()
     assert "multi-Krum" in RobustSettings("krum").describe()
     assert "clamp" in RobustSettings("trimmed-mean").describe()
 

@@ -145,7 +145,7 @@ def test_clip_mode_keeps_the_update_at_the_bound_for_every_method(method: str) -
     good = [trained(base, seed) for seed in (1, 2, 3)]
     bad = outsized(base, trained(base, 4))
     strategy = FedRobustMerge(
-        device="cpu", merge_method=method, robust=RobustSettings(clip=True), server_lr=1.0
+        device="cpu", merge_method=method, robust=RobustSettings("norm", clip=True), server_lr=1.0
     )
     begin(strategy, base, 1, 4)
     _, metrics = strategy.aggregate_train(1, [reply(i + 1, c) for i, c in enumerate([*good, bad])])
@@ -158,7 +158,7 @@ def test_clip_mode_keeps_the_update_at_the_bound_for_every_method(method: str) -
     )
     alone, _ = run_round(reference, base, good)
     clipped = FedRobustMerge(
-        device="cpu", merge_method=method, robust=RobustSettings(clip=True), server_lr=1.0
+        device="cpu", merge_method=method, robust=RobustSettings("norm", clip=True), server_lr=1.0
     )
     attacked, _ = run_round(clipped, base, [*good, bad])
     assert distance(attacked, base) <= 10.0 * distance(alone, base)
@@ -168,13 +168,13 @@ def test_clip_mode_at_t2_is_within_ten_times() -> None:
     base = make_global()
     good = [trained(base, 1)]
     bad = outsized(base, trained(base, 2))
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(clip=True), server_lr=1.0)
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings("norm", clip=True), server_lr=1.0)
     assert moved_ratio(strategy, base, good, [bad]) <= 10.0
 
 
 def test_history_is_bounded_and_restored_bit_identically() -> None:
     base = make_global()
-    settings = RobustSettings(history=5)
+    settings = RobustSettings("norm", history=5)
     first = FedRobustMerge(device="cpu", robust=settings, server_lr=1.0)
     global_tensors = base
     for server_round in (1, 2):
@@ -278,7 +278,7 @@ def test_sparse_uplink_replies_are_screened() -> None:
 
 
 def test_sparse_uplink_refuses_rewriting_options() -> None:
-    for robust in (RobustSettings(clip=True), RobustSettings("median")):
+    for robust in (RobustSettings("norm", clip=True), RobustSettings("median")):
         with pytest.raises(ValueError, match="uplink 'sparse'"):
             FedRobustMerge(device="cpu", uplink="sparse", robust=robust, server_lr=1.0)
     FedRobustMerge(device="cpu", uplink="sparse", robust=RobustSettings("krum"), server_lr=1.0)

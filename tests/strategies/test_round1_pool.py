@@ -31,6 +31,8 @@ from tests.strategies.test_streamed_memory import (
 from tests.strategies.test_streamed_rounds import replies_for
 from workload.config import SCHEMA
 
+NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
+
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 POOL_WORDS = "first 8 checked replies' pool"
@@ -48,7 +50,9 @@ def test_the_strategy_default_is_the_schema_default() -> None:
 
 def test_a_lazy_round_one_of_64_grows_memory_by_less_than_16_adapters() -> None:
     base = global_adapter()
-    strategy = FedRobustMerge(device="cpu", min_train_nodes=64, min_available_nodes=64)
+    strategy = FedRobustMerge(
+        robust=NORM_SCREEN, device="cpu", min_train_nodes=64, min_available_nodes=64
+    )
     start_round(strategy, base, nodes=64)
     gc.collect()
     tracemalloc.start()
@@ -82,14 +86,14 @@ def test_the_new_global_equals_the_list_fed_merge_of_the_accepted_replies(seed: 
     base = global_adapter()
     replies = [honest(base, node, boost=1000.0 if node == 20 else 1.0) for node in range(1, 65)]
     random.Random(seed).shuffle(replies)
-    strategy = FedRobustMerge(device="cpu", weight_by_examples=True)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", weight_by_examples=True)
     start_round(strategy, base, nodes=64)
     record, _ = strategy.aggregate_train(1, iter(replies))
     report = strategy.round_report(1)
     assert report.streamed and 20 in report.rejected and len(report.accepted_nodes) == 63
     accepted = [m for m in replies if m.metadata.src_node_id in set(report.accepted_nodes)]
     for order in range(2):
-        again = FedRobustMerge(device="cpu", weight_by_examples=True)
+        again = FedRobustMerge(robust=NORM_SCREEN, device="cpu", weight_by_examples=True)
         start_round(again, base, nodes=64)
         random.Random(100 + order).shuffle(accepted)
         other, _ = again.aggregate_train(1, list(accepted))
@@ -103,14 +107,14 @@ def test_an_outsized_reply_in_the_pool_and_one_after_it_are_rejected_naming_the_
     replies = [
         honest(base, node, boost=1000.0 if node in (3, 40) else 1.0) for node in range(1, 21)
     ]
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu")
     start_round(strategy, base, nodes=20)
     strategy.aggregate_train(1, iter(replies))
     report = strategy.round_report(1)
     assert report.streamed
     assert sorted(report.screened) == [3]  # node 40 is not in a round of 20
     replies.append(honest(base, 40, boost=1000.0))
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu")
     start_round(strategy, base, nodes=21)
     strategy.aggregate_train(1, iter(replies))
     report = strategy.round_report(1)
@@ -125,7 +129,7 @@ def test_an_outsized_reply_in_the_pool_and_one_after_it_are_rejected_naming_the_
 def test_fewer_replies_than_the_pool_are_a_buffered_round_as_before() -> None:
     base = global_adapter()
     replies = replies_for(base, 1, range(1, 6), boost={4: 1000.0})
-    strategy = FedRobustMerge(device="cpu", server_lr=0.7)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", server_lr=0.7)
     start_round(strategy, base, nodes=5)
     record, _ = strategy.aggregate_train(1, iter(replies))
     report = strategy.round_report(1)
@@ -148,7 +152,7 @@ def test_fewer_replies_than_the_pool_are_a_buffered_round_as_before() -> None:
 
 def test_the_audit_record_says_which_pool_judged() -> None:
     base = global_adapter()
-    strategy = FedRobustMerge(device="cpu")
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu")
     start_round(strategy, base, nodes=12)
     strategy.aggregate_train(1, iter([honest(base, node) for node in range(1, 13)]))
     first = strategy.round_report(1).to_json()["robust"]
@@ -157,7 +161,7 @@ def test_the_audit_record_says_which_pool_judged() -> None:
     strategy.aggregate_train(2, iter([honest(base, node) for node in range(1, 13)]))
     assert strategy.round_report(2).to_json()["robust"]["norm-pool"] == "earlier rounds'"
     start_round(strategy, base, nodes=3, server_round=3)
-    buffered = FedRobustMerge(device="cpu")
+    buffered = FedRobustMerge(robust=NORM_SCREEN, device="cpu")
     start_round(buffered, base, nodes=3)
     buffered.aggregate_train(1, [honest(base, node) for node in range(1, 4)])
     record = buffered.round_report(1).to_json()["robust"]

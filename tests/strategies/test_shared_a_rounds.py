@@ -42,7 +42,7 @@ def test_a_only_replies_merge_as_whole_replies_whose_b_is_the_global(
 ) -> None:
     base = make_global(3)
     clients = [trained(base, seed) for seed in (11, 12, 13)]
-    robust = RobustSettings(history=0 if not streamed else 64)
+    robust = RobustSettings("norm", history=0 if not streamed else 64)
     shared = FedRobustMerge(device="cpu", merge_method=method, robust=robust, server_lr=1.0)
     shared_a = FedRobustMerge(
         device="cpu",

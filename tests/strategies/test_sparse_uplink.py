@@ -31,6 +31,7 @@ from protocol.wire import (
 from strategies import FedRobustMerge
 from strategies.merging.decomposed import prune_adapter
 from strategies.merging.robustmerge import RobustMerge
+from strategies.robust import RobustSettings
 from strategies.sparse_uplink import check_sparse_train_reply
 from tests.strategies.test_fed_robustmerge import (
     A0,
@@ -350,7 +351,12 @@ def test_a_streamed_sparse_round_equals_the_streamed_dense_round_bit_for_bit(
     clients = [trained(base, seed) for seed in (21, 22, 23, 24, 25)]
     counts = [40, 100, 7, 64, 9]
     history = {"norm-history": [1.0, 1.2, 0.9]}
-    common = {"device": "cpu", "server_lr": 0.7, "weight_by_examples": weighted}
+    common = {
+        "device": "cpu",
+        "server_lr": 0.7,
+        "weight_by_examples": weighted,
+        "robust": RobustSettings("norm"),  # what "auto" picks on the sparse uplink, both sides
+    }
     dense = FedRobustMerge(**common)  # type: ignore[arg-type]
     sparse = FedRobustMerge(uplink="sparse", **common)  # type: ignore[arg-type]
     globals_ = []

@@ -24,6 +24,8 @@ from tests.strategies.test_fed_robustmerge import (
     trained,
 )
 
+NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
+
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
@@ -55,7 +57,7 @@ def warmed(strategy: FedRobustMerge, nodes: range, streams: bool = True) -> dict
 
 
 def test_round_two_streams_once_the_screen_has_a_history() -> None:
-    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 5))
     start_round(strategy, base, nodes=4, server_round=2)
     record, metrics = strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 5))))
@@ -81,7 +83,11 @@ def test_without_a_screen_the_first_round_streams_too() -> None:
 @pytest.mark.parametrize("method", ["robustmerge", "fedavg", "ties"])
 def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> None:
     strategy = FedRobustMerge(
-        device="cpu", merge_method=method, weight_by_examples=weighted, server_lr=0.7
+        robust=NORM_SCREEN,
+        device="cpu",
+        merge_method=method,
+        weight_by_examples=weighted,
+        server_lr=0.7,
     )
     base = warmed(strategy, range(1, 6))
     start_round(strategy, base, nodes=5, server_round=2)
@@ -103,7 +109,9 @@ def test_streamed_round_equals_the_batch_merge(method: str, weighted: bool) -> N
 def test_any_arrival_order_gives_the_same_global_and_history_bit_for_bit() -> None:
     results = []
     for seed in range(4):
-        strategy = FedRobustMerge(device="cpu", weight_by_examples=True, server_lr=1.0)
+        strategy = FedRobustMerge(
+            robust=NORM_SCREEN, device="cpu", weight_by_examples=True, server_lr=1.0
+        )
         base = warmed(strategy, range(1, 9))
         start_round(strategy, base, nodes=8, server_round=2)
         replies = replies_for(base, 2, range(1, 9))
@@ -147,7 +155,7 @@ class LiveReplies:
 def test_a_streamed_round_holds_one_reply_at_a_time_and_a_buffered_one_all() -> None:
     # A first-round pool larger than the round: round 1 buffers (tests/strategies/
     # test_round1_pool.py covers the default pool of 8).
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(pool=16), server_lr=1.0)
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings("norm", pool=16), server_lr=1.0)
     base = make_global()
     start_round(strategy, base, nodes=12)
     buffered = LiveReplies(base, 1, 12)
@@ -165,7 +173,7 @@ def test_a_streamed_round_holds_one_reply_at_a_time_and_a_buffered_one_all() -> 
 
 
 def test_the_screen_rejects_an_outsized_update_against_earlier_rounds_norms() -> None:
-    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 5))
     start_round(strategy, base, nodes=4, server_round=2)
     strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 5), boost={3: 1000.0})))
@@ -176,7 +184,7 @@ def test_the_screen_rejects_an_outsized_update_against_earlier_rounds_norms() ->
 
 
 def test_clip_mode_scales_an_outsized_update_to_the_bound_in_a_streamed_round() -> None:
-    strategy = FedRobustMerge(device="cpu", robust=RobustSettings(clip=True), server_lr=1.0)
+    strategy = FedRobustMerge(device="cpu", robust=RobustSettings("norm", clip=True), server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     replies = replies_for(base, 2, range(1, 4), boost={2: 50.0})
@@ -199,7 +207,7 @@ def test_clip_mode_scales_an_outsized_update_to_the_bound_in_a_streamed_round() 
 
 
 def test_a_second_reply_from_one_node_is_rejected_and_the_first_kept() -> None:
-    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     replies = replies_for(base, 2, range(1, 4))
@@ -217,7 +225,12 @@ def test_diagnostics_score_a_seeded_sample_of_eight_whatever_the_order(
     module in float64 at merge time, so at most 8 are scored, picked by node, not order."""
     picks = []
     for seed in range(2):
-        strategy = FedRobustMerge(device="cpu", server_lr=1.0, **options)  # type: ignore[arg-type]
+        strategy = FedRobustMerge(
+            device="cpu",
+            server_lr=1.0,
+            robust=NORM_SCREEN,
+            **options,  # type: ignore[arg-type]
+        )
         base = warmed(strategy, range(1, 13), streams=not options)
         start_round(strategy, base, nodes=12, server_round=2)
         replies = replies_for(base, 2, range(1, 13))
@@ -230,7 +243,7 @@ def test_diagnostics_score_a_seeded_sample_of_eight_whatever_the_order(
 
 
 def test_too_few_streamed_replies_skip_the_round() -> None:
-    strategy = FedRobustMerge(device="cpu", min_merge_replies=3, server_lr=1.0)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", min_merge_replies=3, server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     record, _ = strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 3))))
@@ -255,7 +268,7 @@ def test_stages_and_methods_that_need_every_reply_buffer(options: dict[str, obje
 def test_the_new_global_does_not_wait_for_the_diagnostics() -> None:
     """A streamed round returns the new global after the division and the server step; the
     direction diagnostics run once, when the report is first asked for."""
-    strategy = FedRobustMerge(device="cpu", server_lr=1.0)
+    strategy = FedRobustMerge(robust=NORM_SCREEN, device="cpu", server_lr=1.0)
     base = warmed(strategy, range(1, 4))
     start_round(strategy, base, nodes=3, server_round=2)
     strategy.aggregate_train(2, iter(replies_for(base, 2, range(1, 4))))
