@@ -146,33 +146,31 @@ def saved(tmp_path: Path, server_round: int = 2) -> tuple[CheckpointStore, Path]
     return checkpoints, checkpoints.save(server_round, adapter(server_round), {"h": [1]})
 
 
+def refusal(checkpoints: CheckpointStore, folder: Path, file: str | None) -> str:
+    """The reason of load(2)'s AdapterFileError, after checking it names ``folder`` and
+    ``file`` and reads as the error's whole message."""
+    with pytest.raises(AdapterFileError) as caught:
+        checkpoints.load(2)
+    assert (caught.value.folder, caught.value.file) == (folder, file)
+    where = f"adapter folder '{folder}'" + (f", {file}" if file is not None else "")
+    assert str(caught.value) == f"{where}: {caught.value.reason}"
+    return caught.value.reason
+
+
 def test_load_refuses_state_that_is_not_json(tmp_path: Path) -> None:
     """Unparsable state.json: AdapterFileError naming the folder, state.json, the parse error."""
     checkpoints, path = saved(tmp_path)
     (path / STATE_FILE).write_text("not json")
-    with pytest.raises(AdapterFileError) as caught:
-        checkpoints.load(2)
     reason = "unreadable checkpoint state (Expecting value: line 1 column 1 (char 0))"
-    assert (caught.value.folder, caught.value.file, caught.value.reason) == (
-        path,
-        STATE_FILE,
-        reason,
-    )
-    assert str(caught.value) == f"adapter folder '{path}', state.json: {reason}"
+    assert refusal(checkpoints, path, STATE_FILE) == reason
 
 
 def test_load_refuses_a_missing_state(tmp_path: Path) -> None:
     """No state.json: the OSError's text in the reason."""
     checkpoints, path = saved(tmp_path)
     (path / STATE_FILE).unlink()
-    with pytest.raises(AdapterFileError) as caught:
-        checkpoints.load(2)
     missing = f"[Errno 2] No such file or directory: '{path / STATE_FILE}'"
-    assert (caught.value.folder, caught.value.file, caught.value.reason) == (
-        path,
-        STATE_FILE,
-        f"unreadable checkpoint state ({missing})",
-    )
+    assert refusal(checkpoints, path, STATE_FILE) == f"unreadable checkpoint state ({missing})"
 
 
 @pytest.mark.parametrize("state", [[1, 2], {"server-round": 7}, "text", None])
@@ -184,15 +182,7 @@ def test_load_refuses_state_that_is_not_this_rounds_dict(tmp_path: Path, state: 
         written.update(state)
         state = written
     (path / STATE_FILE).write_text(json.dumps(state))
-    with pytest.raises(AdapterFileError) as caught:
-        checkpoints.load(2)
-    reason = "state does not describe round 2"
-    assert (caught.value.folder, caught.value.file, caught.value.reason) == (
-        path,
-        STATE_FILE,
-        reason,
-    )
-    assert str(caught.value) == f"adapter folder '{path}', state.json: {reason}"
+    assert refusal(checkpoints, path, STATE_FILE) == "state does not describe round 2"
 
 
 def test_load_refuses_a_checksum_mismatch(tmp_path: Path) -> None:
@@ -201,11 +191,7 @@ def test_load_refuses_a_checksum_mismatch(tmp_path: Path) -> None:
     written = json.loads((path / STATE_FILE).read_text())
     written["tensors-sha256"] = tensors_checksum(adapter(9))
     (path / STATE_FILE).write_text(json.dumps(written))
-    with pytest.raises(AdapterFileError) as caught:
-        checkpoints.load(2)
-    reason = "tensors do not match the checksum in state.json"
-    assert (caught.value.folder, caught.value.file, caught.value.reason) == (path, None, reason)
-    assert str(caught.value) == f"adapter folder '{path}': {reason}"
+    assert refusal(checkpoints, path, None) == "tensors do not match the checksum in state.json"
 
 
 def test_load_returns_the_checkpoint(tmp_path: Path) -> None:
