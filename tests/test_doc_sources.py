@@ -53,13 +53,6 @@ DERIVED = {
 FIGURES = [
     (
         "README.md",
-        "63.5 % to 12.2 %",
-        "benchmarks/results/attacks.md",
-        "| scaled-x1000 | 12.2 / 1.0 (-51.3)",
-    ),
-    ("README.md", "63.5 % to 12.2 %", "benchmarks/results/attacks.md", "| none | 63.5 / 67.7 |"),
-    (
-        "README.md",
         "12 adapters",
         "benchmarks/results/scale.md",
         "| 1024 | stream | 2 (history) | 120.9 | 12.1 |",
