@@ -24,12 +24,10 @@ from server.run_loop import LoopSettings, run_federation
 from strategies import FedRobustMerge
 from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
-from strategies.robust import RobustSettings
 from tests.server.test_run_loop import ThreadGrid
+from tests.strategies.test_fed_robustmerge_ranks import MIXED_RANK_SCREEN
 from tests.workload.tiny_llama import save_tiny_llama, write_echo_jsonl
 from workload.model import LoraSettings, initial_adapter, resolve_target_modules
-
-NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_torch_thread")
 
@@ -74,7 +72,7 @@ def test_causal_lm_sites_at_two_ranks_complete_a_round(tmp_path: Path) -> None:
     initial = initial_adapter(lora, seed=0)
     grid = ThreadGrid({1: train, 2: train}, run_config)  # partition-id = node - 1
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN,
+        robust=MIXED_RANK_SCREEN,
         merge_method="svd",
         device="cpu",
         min_train_nodes=2,

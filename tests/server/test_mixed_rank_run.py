@@ -22,12 +22,10 @@ from strategies.adapter_io.config import adapter_config_for
 from strategies.adapter_io.reading import read_adapter_dir
 from strategies.adapter_io.writing import write_adapter_dir
 from strategies.merging.ranks import adapter_at_rank
-from strategies.robust import RobustSettings
 from tests.server.test_run_loop import ROUND_TIMEOUT, ThreadGrid
+from tests.strategies.test_fed_robustmerge_ranks import MIXED_RANK_SCREEN
 from tests.workload.tiny_model import save_tiny_bert, tiny_run_config
 from workload.model import LoraSettings, initial_adapter
-
-NORM_SCREEN = RobustSettings("norm")  # what "auto" picks when client-ranks mixes ranks
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -48,7 +46,7 @@ def test_three_ranks_run_end_to_end_and_every_rank_loads_in_peft(
     assert (lora.r, lora.alpha) == (8, 16)  # alpha / r = 2 at every rank
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)  # partition-id = node - 1
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN,
+        robust=MIXED_RANK_SCREEN,
         merge_method=method,
         mode=mode,
         device="cpu",
@@ -111,7 +109,7 @@ def _mixed_rank_run(
     lora = LoraSettings.for_global(run_config)
     grid = ThreadGrid({1: train, 2: train, 3: train}, run_config)
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN,
+        robust=MIXED_RANK_SCREEN,
         merge_method="svd",
         device="cpu",
         min_train_nodes=3,

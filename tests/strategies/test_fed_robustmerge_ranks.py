@@ -16,7 +16,9 @@ from strategies.merging.ranks import adapter_at_rank
 from strategies.robust import RobustSettings
 from tests.strategies.test_fed_robustmerge import as_tensors, reply, start_round
 
-NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
+# What "auto" picks when client-ranks mixes ranks; a library strategy cannot know the sites'
+# ranks, so a mixed-rank federation built in code names it.
+MIXED_RANK_SCREEN = RobustSettings("norm")
 
 MODULES = ("base_model.model.layer.0.query", "base_model.model.layer.1.value")
 GLOBAL_RANK = 16
@@ -52,7 +54,7 @@ def site_reply(node: int, base: dict[str, torch.Tensor], rank: int, seed: int, *
 def test_a_round_of_ranks_4_8_16_is_merge_mixed_ranks(method: str, mode: str) -> None:
     base = make_global()
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN, merge_method=method, mode=mode, server_lr=0.8, device="cpu"
+        robust=MIXED_RANK_SCREEN, merge_method=method, mode=mode, server_lr=0.8, device="cpu"
     )
     start_round(strategy, base, nodes=3)
     ranks = {1: 4, 2: 8, 3: 16}
@@ -125,7 +127,7 @@ def test_wrong_declared_rank_or_shapes_are_rejected_with_a_reason() -> None:
 
 def test_a_factor_wise_method_rejects_other_ranks_with_the_reason() -> None:
     base = make_global()
-    strategy = FedRobustMerge(robust=NORM_SCREEN, merge_method="fedavg", device="cpu")
+    strategy = FedRobustMerge(robust=MIXED_RANK_SCREEN, merge_method="fedavg", device="cpu")
     start_round(strategy, base, nodes=2)
     _, low = site_reply(1, base, 8, seed=1)
     _, full = site_reply(2, base, 16, seed=2)
@@ -139,7 +141,7 @@ def test_a_factor_wise_method_rejects_other_ranks_with_the_reason() -> None:
 
 def test_the_norm_screen_measures_each_site_against_what_it_started_from() -> None:
     base = make_global()
-    strategy = FedRobustMerge(robust=NORM_SCREEN, merge_method="svd", device="cpu")
+    strategy = FedRobustMerge(robust=MIXED_RANK_SCREEN, merge_method="svd", device="cpu")
     start_round(strategy, base, nodes=3)
     messages = [
         site_reply(node, base, rank, seed=node)[1] for node, rank in [(1, 4), (2, 8), (3, 16)]
@@ -186,7 +188,7 @@ def test_mixed_rank_refusals_name_the_setting(settings: dict[str, object], needl
         "mode": "paper-exact",
         "merge_target": "delta",
         "uplink": "dense",
-        "robust": NORM_SCREEN,
+        "robust": MIXED_RANK_SCREEN,
         "dp": "none",
         **settings,
     }
@@ -196,13 +198,13 @@ def test_mixed_rank_refusals_name_the_setting(settings: dict[str, object], needl
 
 @pytest.mark.parametrize(("method", "mode"), PRODUCT_METHODS)
 def test_product_methods_with_the_norm_screen_take_mixed_ranks(method: str, mode: str) -> None:
-    assert mixed_rank_refusal(method, mode, "delta", "dense", NORM_SCREEN) is None
+    assert mixed_rank_refusal(method, mode, "delta", "dense", MIXED_RANK_SCREEN) is None
     assert mixed_rank_refusal(method, mode, "delta", "dense", RobustSettings("none")) is None
 
 
 def test_a_node_that_changes_its_rank_is_rejected_and_the_ranks_are_checkpointed() -> None:
     base = make_global()
-    strategy = FedRobustMerge(robust=NORM_SCREEN, merge_method="svd", device="cpu")
+    strategy = FedRobustMerge(robust=MIXED_RANK_SCREEN, merge_method="svd", device="cpu")
     start_round(strategy, base, nodes=2)
     strategy.aggregate_train(1, [site_reply(1, base, 4, 1)[1], site_reply(2, base, 16, 2)[1]])
     assert strategy.robust_state()["node-ranks"] == {"1": 4, "2": 16}
@@ -211,7 +213,7 @@ def test_a_node_that_changes_its_rank_is_rejected_and_the_ranks_are_checkpointed
     report = strategy.round_report(2)
     assert report.accepted_nodes == [2]
     assert "lora-rank 8, but this node trained rank 4 in earlier rounds" in report.rejected[1]
-    resumed = FedRobustMerge(robust=NORM_SCREEN, merge_method="svd", device="cpu")
+    resumed = FedRobustMerge(robust=MIXED_RANK_SCREEN, merge_method="svd", device="cpu")
     resumed.restore_robust_state(strategy.robust_state())
     assert resumed.admission.node_ranks == {1: 4, 2: 16}
 
@@ -220,7 +222,7 @@ def test_a_dp_wrapper_prescreen_takes_only_the_global_rank() -> None:
     """Flower's DP wrappers clip each update against the global's shapes, so the pre-screen
     they call rejects a reply of another rank, saying why."""
     base = make_global()
-    strategy = FedRobustMerge(robust=NORM_SCREEN, merge_method="svd", device="cpu")
+    strategy = FedRobustMerge(robust=MIXED_RANK_SCREEN, merge_method="svd", device="cpu")
     start_round(strategy, base, nodes=2)
     kept, rejected = strategy.screen_train_replies(
         1, [site_reply(1, base, 4, 1)[1], site_reply(2, base, 16, 2)[1]]

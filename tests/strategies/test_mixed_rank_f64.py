@@ -15,17 +15,15 @@ import torch
 
 from strategies import FedRobustMerge
 from strategies.merging.ranks import adapter_at_rank
-from strategies.robust import RobustSettings
 from tests.strategies import reference_spec as spec
 from tests.strategies.test_fed_robustmerge import as_tensors, start_round
 from tests.strategies.test_fed_robustmerge_ranks import (
     GLOBAL_RANK,
+    MIXED_RANK_SCREEN,
     MODULES,
     make_global,
     site_reply,
 )
-
-NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
 
 F64 = torch.float64
 
@@ -51,7 +49,7 @@ def test_a_round_of_ranks_4_8_16_is_the_cut_of_the_float64_update(method: str) -
     base = make_global()
     server_lr = 0.8
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN, merge_method=method, server_lr=server_lr, device="cpu"
+        robust=MIXED_RANK_SCREEN, merge_method=method, server_lr=server_lr, device="cpu"
     )
     start_round(strategy, base, nodes=3)
     ranks = {1: 4, 2: 8, 3: 16}
@@ -136,7 +134,7 @@ def test_a_paper_equation_round_of_mixed_ranks_is_its_float64_reading() -> None:
     base = make_global()
     server_lr, fuse_weight, keep_ratio = 0.8, 2.0, 0.2
     strategy = FedRobustMerge(
-        robust=NORM_SCREEN,
+        robust=MIXED_RANK_SCREEN,
         merge_method="robustmerge",
         mode="paper-equation",
         server_lr=server_lr,

@@ -28,10 +28,8 @@ from tests.strategies.test_streamed_memory import (
     global_adapter,
     live_tensor_bytes,
 )
-from tests.strategies.test_streamed_rounds import replies_for
+from tests.strategies.test_streamed_rounds import NORM_SCREEN, replies_for
 from workload.config import SCHEMA
-
-NORM_SCREEN = RobustSettings("norm")  # the streamed norm screen ("auto" picks centered clipping)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
