@@ -35,6 +35,10 @@ def test_two_client_simulation_writes_loadable_adapter_and_metrics(tmp_path: Pat
         assert 0.0 <= entry["server-eval"]["seen-accuracy"] <= 1.0
         assert "mcid-accuracy" in entry["server-eval"]
     assert (out / "accuracy.png").stat().st_size > 0
+    # the default "auto" defence, resolved: centered clipping on the dense uplink at one rank
+    defence = "centered-clip (chosen by 'auto': every client's dense update at one rank reaches"
+    assert metrics["run"]["robust-defence"].startswith(defence)
+    assert f"The defence that ran: {defence}" in (out / "final" / "README.md").read_text()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
     verified = audit_verify(out)
     assert verified.returncode == 0, verified.stderr
