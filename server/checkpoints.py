@@ -39,7 +39,12 @@ from strategies.adapter_io.writing import write_adapter_dir
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
+# state.json keys the store writes itself; a caller's state must not overwrite them.
+FORMAT_KEY = "format"
+ROUND_KEY = "server-round"
+CHECKSUM_KEY = "tensors-sha256"
 CARD_DIGEST_KEY = "model-card-sha256"
+RESERVED_STATE_KEYS = frozenset({FORMAT_KEY, ROUND_KEY, CHECKSUM_KEY, CARD_DIGEST_KEY})
 
 __all__ = ["CARD_FILE", "STATE_FILE", "Checkpoint", "CheckpointStore", "tensors_checksum"]
 
@@ -75,11 +80,17 @@ class CheckpointStore:
         card: str | None = None,
     ) -> Path:
         """Write the checkpoint of ``server_round`` atomically (with its model card ``card``,
-        the text of README.md, when given) and prune old ones."""
+        the text of README.md, when given) and prune old ones. ``state`` may not use the keys
+        the store writes itself (the format, the round, the checksums): a resume trusts them."""
+        clashing = sorted(set(state) & RESERVED_STATE_KEYS)
+        if clashing:
+            raise ValueError(
+                f"checkpoint state for round {server_round} uses the store's own keys {clashing}"
+            )
         payload = {
-            "format": STATE_FORMAT,
-            "server-round": server_round,
-            "tensors-sha256": tensors_checksum(tensors),
+            FORMAT_KEY: STATE_FORMAT,
+            ROUND_KEY: server_round,
+            CHECKSUM_KEY: tensors_checksum(tensors),
             **state,
         }
         extras: dict[str, str] = {}
@@ -139,11 +150,11 @@ class CheckpointStore:
             raise AdapterFileError(
                 path, STATE_FILE, f"unreadable checkpoint state ({error})"
             ) from None
-        if not isinstance(state, dict) or state.get("server-round") != server_round:
+        if not isinstance(state, dict) or state.get(ROUND_KEY) != server_round:
             raise AdapterFileError(
                 path, STATE_FILE, f"state does not describe round {server_round}"
             )
-        if tensors_checksum(folder.tensors) != state.get("tensors-sha256"):
+        if tensors_checksum(folder.tensors) != state.get(CHECKSUM_KEY):
             raise AdapterFileError(path, None, f"tensors do not match the checksum in {STATE_FILE}")
         _check_card(path, state.get(CARD_DIGEST_KEY))
         return Checkpoint(server_round, folder.tensors, state, path)

@@ -10,12 +10,15 @@ one), the m lowest scores kept, ties broken by position.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def pairwise_squared_distances(stack: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between the rows of ``stack`` (T x ...), float64, T x T."""
-    flat = stack.reshape(stack.shape[0], -1).to(torch.float64)
+    """Squared Euclidean distances between the rows of ``stack`` (T x ...), float64, T x T
+    (0 x 0 for a stack with no rows)."""
+    flat = stack.reshape(stack.shape[0], math.prod(stack.shape[1:])).to(torch.float64)
     distances = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
     return distances.square()
 

@@ -113,6 +113,20 @@ def test_saving_a_round_again_replaces_it(tmp_path: Path) -> None:
     assert checkpoints.rounds() == [2]
 
 
+@pytest.mark.parametrize("key", ["format", "server-round", "tensors-sha256", "model-card-sha256"])
+def test_save_refuses_state_that_would_overwrite_the_stores_keys(tmp_path: Path, key: str) -> None:
+    """A caller's state cannot replace the round, format or checksums a resume trusts; nothing is
+    written and the earlier checkpoint stays the latest."""
+    checkpoints = store(tmp_path)
+    checkpoints.save(1, adapter(1), {"history": []})
+    with pytest.raises(ValueError) as refused:
+        checkpoints.save(2, adapter(2), {"history": [], key: "forged"})
+    assert str(refused.value) == (
+        f"checkpoint state for round 2 uses the store's own keys ['{key}']"
+    )
+    assert checkpoints.rounds() == [1]
+
+
 # --- rounds()
 
 

@@ -88,6 +88,20 @@ def test_distances_of_a_float32_stack_keep_float64_precision() -> None:
     assert distances[0, 2].item() == 16777216.0**2 + 1.0
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (0, 5), (0,)])
+def test_distances_of_no_rows_are_an_empty_square(shape: tuple[int, ...]) -> None:
+    """A stack with no rows gives a 0 x 0 float64 matrix, whatever the rows' shape."""
+    distances = pairwise_squared_distances(torch.zeros(shape))
+    assert distances.shape == (0, 0)
+    assert distances.dtype == torch.float64
+
+
+def test_distances_of_one_dimensional_rows() -> None:
+    """A T-vector is T rows of one coordinate each."""
+    distances = pairwise_squared_distances(torch.tensor([1.0, 4.0, -2.0]))
+    assert distances.tolist() == [[0.0, 9.0, 9.0], [9.0, 0.0, 36.0], [9.0, 36.0, 0.0]]
+
+
 # --- multikrum_select
 
 
