@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 
 class FakeGrid:
@@ -33,11 +33,11 @@ def set_task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def train_reply(
-    node: int, arrays: ArrayRecord, num_examples: int = 512, **metrics: float
+def node_reply(
+    node: int, content: RecordDict | Error, message_type: str = MessageType.TRAIN
 ) -> Message:
-    """A train reply Message from ``node`` as the ClientApp sends it: ``arrays`` (the trained
-    LoRA tensors in wire form) and a MetricRecord with ``num-examples`` and any ``metrics``."""
+    """``content`` (or an ``Error``) as node ``node``'s reply to an instruction reaches the
+    server, with the metadata Flower's SuperLink would set."""
     metadata = Metadata(
         run_id=1,
         message_id=f"reply-{node}",
@@ -47,10 +47,17 @@ def train_reply(
         group_id="",
         created_at=time.time(),
         ttl=3600.0,
-        message_type=MessageType.TRAIN,
+        message_type=message_type,
     )
-    record = MetricRecord({"num-examples": num_examples, **metrics})
-    content = RecordDict({"arrays": arrays, "metrics": record})
     # Flower builds replies from metadata internally; its public overloads do not list that form.
     message: Message = Message(content, metadata=metadata)  # type: ignore[call-overload]
     return message
+
+
+def train_reply(
+    node: int, arrays: ArrayRecord, num_examples: int = 512, **metrics: float
+) -> Message:
+    """A train reply Message from ``node`` as the ClientApp sends it: ``arrays`` (the trained
+    LoRA tensors in wire form) and a MetricRecord with ``num-examples`` and any ``metrics``."""
+    record = MetricRecord({"num-examples": num_examples, **metrics})
+    return node_reply(node, RecordDict({"arrays": arrays, "metrics": record}))

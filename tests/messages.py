@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from flwr.app import Error, Message, Metadata, RecordDict
 from flwr.common import MessageType
 
+from benchmarks.inprocess import node_reply
+
 
 def addressed(message: Message, message_id: str) -> Message:
     """``message`` (an instruction a strategy built) as its destination node receives it: from
@@ -33,18 +35,7 @@ def from_node(
 ) -> Message:
     """``content`` (or an ``Error``) as node ``node``'s reply to an instruction reaches the
     server."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content, metadata=metadata)  # type: ignore[call-overload]
+    return node_reply(node, content, message_type)
 
 
 class AnsweredOnPull:
