@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +88,17 @@ def run_federation(
         store, settings.run_dir, settings.resume
     )
     tracking.started(summary.get("run-config", {}), start + 1)
-    if resumed is not None:
-        global_tensors = resumed
-        mode.restore(saved_strategy, history)
-    elif evaluate is not None:
-        history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
-        log_server_eval(0, history[-1]["server-eval"])
-        tracking.round_done(history[-1])
-        files.write(history)
-    audit = open_audit(settings.run_dir, summary, start, global_tensors)
-    round_grid = tracking.grid(grid)  # notes each client's train metrics when tracking is on
     try:
+        if resumed is not None:
+            global_tensors = resumed
+            mode.restore(saved_strategy, history)
+        elif evaluate is not None:
+            history.append({"server-round": 0, "server-eval": evaluate(global_tensors)})
+            log_server_eval(0, history[-1]["server-eval"])
+            tracking.round_done(history[-1])
+            files.write(history)
+        audit = open_audit(settings.run_dir, summary, start, global_tensors)
+        round_grid = tracking.grid(grid)  # notes each client's train metrics when tracking is on
         for server_round in range(start + 1, settings.num_rounds + 1):
             global_tensors = run_round(
                 round_grid, mode, settings, server_round, global_tensors, history, evaluate, audit
@@ -225,12 +225,16 @@ def resume_or_archive(
         log(INFO, "Resuming after round %d from %s", checkpoint.server_round, checkpoint.path)
         history = list(checkpoint.state.get("history", []))
         saved = checkpoint.state.get("strategy", {})
-        return (
-            checkpoint.server_round,
-            dict(checkpoint.tensors),
-            history,
-            dict(saved) if isinstance(saved, dict) else {},
-        )
+        if not isinstance(saved, dict):
+            log(
+                WARNING,
+                "%s holds no strategy state (%s): the strategy starts afresh (its screen history "
+                "and round settings are not restored)",
+                checkpoint.path,
+                type(saved).__name__,
+            )
+            saved = {}
+        return checkpoint.server_round, dict(checkpoint.tensors), history, dict(saved)
     if resume:
         log(INFO, "resume=true but no usable checkpoint in %s: starting over", store.checkpoint_dir)
     archived = archive_previous_run(run_dir)
