@@ -256,17 +256,20 @@ class FedRobustMerge(FedAvg):
         """Check each reply, merge the accepted ones, apply the server step; closes the round
         (its report: ``round_report``). The round streams (``streamed_round``) when the method
         has a fold and no stage needs every reply at once (multi-Krum, the coordinate-wise
-        clamps, a DP wrapper's pre-screen); otherwise it buffers (``buffered_round``)."""
+        clamps, centered clipping, a DP wrapper's pre-screen); otherwise it buffers. A buffered
+        round whose method has a fold (all but a DP wrapper's) folds its replies one at a time
+        once the defence has seen them all (``StreamedRound.fold_buffered``); the others are
+        merged at once (``buffered_round``)."""
         state = open_state(self.round, server_round)
         robust = self.settings.robust
         if state.prescreen is not None:
             state.report.rejected.update(state.prescreen.rejected)
         fold = None
-        if state.prescreen is None and not (robust.selects or robust.rewrites_coordinates):
+        if state.prescreen is None:
             fold = round_fold(
                 self.settings.method, list(state.global_tensors), self.settings.device
             )
-        if fold is not None:
+        if fold is not None and not (robust.selects or robust.rewrites_coordinates):
             folded = self.streaming.collect(state, replies, fold)
             if not isinstance(folded, list):
                 return self._result(state, self.streaming.finish(state, folded), folded.sources)
@@ -279,7 +282,10 @@ class FedRobustMerge(FedAvg):
                 accepted = self.stages.screen(
                     admitted, state.report, state.global_tensors, state.prescreen
                 )
-                merged = close_buffered(self.settings, self.stages, state, accepted)
+                if fold is not None:  # a defence needs every reply at once; the merge does not
+                    merged = self.streaming.fold_buffered(state, accepted, fold)
+                else:
+                    merged = close_buffered(self.settings, self.stages, state, accepted)
                 state.report.spilled = spill.written
         return self._result(
             state, merged, [(reply.num_examples, reply.content) for reply in accepted]

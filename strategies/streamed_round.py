@@ -107,11 +107,43 @@ class StreamedRound:
         report.accepted_nodes.sort()
         return folded
 
+    def fold_buffered(
+        self, state: RoundState, accepted: list[AcceptedReply], fold: RoundFold
+    ) -> dict[str, torch.Tensor] | None:
+        """A buffered round's end when its method folds: the screened replies rewritten by the
+        defence (centered clipping, the coordinate-wise clamp; all of them needed at once),
+        then folded one at a time, so the merge holds one reply's tensors instead of every
+        reply's copy of a module; the new global is what a streamed round of the same replies
+        gives, in any order. None when too few to merge. Closes the round."""
+        report = state.report
+        if not report.enough(len(accepted), self.settings.min_merge_replies):
+            state.closed = True
+            return None
+        rewritten = self.stages.rewrite(accepted, report, state.global_tensors)
+        sample = DiagnosticsSample(
+            list(state.global_tensors),
+            self.settings.diagnostics_modules,
+            self.settings.seed,
+            report.server_round,
+        )
+        folded = FoldedReplies(fold, sample)
+        for reply in rewritten:
+            self._fold_rewritten(state, reply, folded)
+        new_global = self.finish(state, folded)
+        state.closed_report()  # the direction scores now, as in every buffered round's metrics
+        return new_global
+
     def _fold(self, state: RoundState, reply: AcceptedReply, folded: FoldedReplies) -> None:
         """One accepted reply (clipped to the bound in clip mode) into the running sums."""
+        reply = self.stages.clipped(reply, state.report, state.global_tensors)
+        self._fold_rewritten(state, reply, folded)
+
+    def _fold_rewritten(
+        self, state: RoundState, reply: AcceptedReply, folded: FoldedReplies
+    ) -> None:
+        """One reply, as the stages left it (clipped, rewritten), into the running sums."""
         report = state.report
         base = state.global_tensors
-        reply = self.stages.clipped(reply, report, base)
         began = time.perf_counter()
         weight = float(reply.num_examples) if self.settings.weight_by_examples else 1.0
         fold = folded.fold
@@ -175,9 +207,10 @@ class StreamedRound:
         )
         log(
             INFO,
-            "round %d: streamed %d replies into the merge (%d rejected); %.3fs from the last "
+            "round %d: %s %d replies into the merge (%d rejected); %.3fs from the last "
             "reply to the new global, |update| = %.4g",
             report.server_round,
+            "streamed" if report.streamed else "folded the buffered",
             folded.fold.count,
             len(report.rejected),
             report.merge_seconds,

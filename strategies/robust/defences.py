@@ -140,8 +140,9 @@ class CenteredClip(Stage):
         for key in deltas.keys:
             stack = deltas.stack(key)
             center[key] = coordinate_median(stack)
-            offsets = (stack - center[key]).to(torch.float64)
-            squared += offsets.reshape(count, -1).square().sum(dim=1)
+            for row in range(count):  # one row's offset at a time, not T of them in float64
+                offset = (stack[row] - center[key]).to(torch.float64)
+                squared[row] += offset.square().sum()
         scales = center_scales(squared.sqrt().tolist(), DEFAULT_CENTER_RADIUS)
         rewrites = tuple(
             None if scale == 1.0 else Rewrite(scale=scale, center=center) for scale in scales

@@ -112,11 +112,14 @@ def test_refused_with_mixed_ranks() -> None:
 
 
 def _merged(
-    replies: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor], aggregation: str
+    replies: list[dict[str, torch.Tensor]],
+    base: dict[str, torch.Tensor],
+    aggregation: str,
+    method: str = "fedavg",
 ) -> dict[str, torch.Tensor]:
     strategy = FedRobustMerge(
         device="cpu",
-        merge_method="fedavg",
+        merge_method=method,
         min_train_nodes=1,
         min_available_nodes=1,
         robust=RobustSettings(aggregation),
@@ -183,3 +186,42 @@ def test_two_or_fewer_replies_are_unchanged() -> None:
     want = _merged(replies, base, "norm")
     for key in base:
         torch.testing.assert_close(got[key], want[key])
+
+
+def _pulled_in(
+    replies: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """Each reply after centered clipping, read plainly key by key in float32 (the center per
+    key, the squared offsets summed per reply in float64, key after key)."""
+    center: dict[str, torch.Tensor] = {}
+    squared = [0.0] * len(replies)
+    for key in base:
+        stack = torch.stack([r[key] - base[key] for r in replies])
+        center[key] = coordinate_median(stack)
+        for row in range(len(replies)):
+            squared[row] += float((stack[row] - center[key]).to(torch.float64).square().sum())
+    scales = center_scales([value**0.5 for value in squared], DEFAULT_CENTER_RADIUS)
+    return [
+        {k: base[k] + clip_toward(r[k] - base[k], center[k], scale) for k in base}
+        for r, scale in zip(replies, scales, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "robustmerge", "ties"])
+def test_a_centered_clip_round_is_the_streamed_fold_of_its_pulled_in_replies(
+    method: str,
+) -> None:
+    """The buffered round folds the rewritten replies into the streamed round's exact sums: its
+    new global is, bit for bit, a streamed round's (no defence) over the pulled-in replies, and
+    the same for any arrival order."""
+    base = make_global(0)
+    honest = [trained(base, seed) for seed in (2, 3, 4, 5)]
+    own = trained(base, 1)
+    hostile = {k: base[k] - 9.0 * (own[k] - base[k]) for k in base}
+    replies = [*honest, hostile]
+    got = _merged(replies, base, "centered-clip", method)
+    want = _merged(_pulled_in(replies, base), base, "none", method)
+    backwards = _merged(replies[::-1], base, "centered-clip", method)
+    for key in base:
+        assert torch.equal(got[key], want[key]), key
+        assert torch.equal(backwards[key], got[key]), key
