@@ -256,10 +256,10 @@ class FedRobustMerge(FedAvg):
         """Check each reply, merge the accepted ones, apply the server step; closes the round
         (its report: ``round_report``). The round streams (``streamed_round``) when the method
         has a fold and no stage needs every reply at once (multi-Krum, the coordinate-wise
-        clamps, centered clipping, a DP wrapper's pre-screen); otherwise it buffers. A buffered
-        round whose method has a fold (all but a DP wrapper's) folds its replies one at a time
-        once the defence has seen them all (``StreamedRound.fold_buffered``); the others are
-        merged at once (``buffered_round``)."""
+        clamps, centered clipping, a DP wrapper's pre-screen); otherwise it buffers. Outside a DP
+        wrapper's round, a buffered round whose method has a fold folds its replies one at a
+        time once the defence has seen them all (``StreamedRound.fold_buffered``); the others
+        (svd, exact-mean, paper-equation, ...) are merged at once (``buffered_round``)."""
         state = open_state(self.round, server_round)
         robust = self.settings.robust
         if state.prescreen is not None:
