@@ -177,6 +177,44 @@ def test_the_trimmed_range_does_not_keep_the_stack_alive() -> None:
         assert bound.untyped_storage().nbytes() == bound.numel() * bound.element_size()
 
 
+STACK = [[1.0, -5.0], [2.0, 0.0], [3.0, 1.0], [1e3, 2.0], [-4.0, 8.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_trimmed_range_in_every_float_dtype(dtype: torch.dtype) -> None:
+    """Half precisions take the sorting path (NumPy has no bfloat16), single and double the
+    selecting one: the same order statistics, in the stack's dtype."""
+    low, high = trimmed_range(torch.tensor(STACK, dtype=dtype), 1)
+    assert low.dtype == high.dtype == dtype
+    assert low.tolist() == [1.0, 0.0] and high.tolist() == [3.0, 2.0]
+
+
+def test_trimmed_range_of_a_stack_autograd_tracks() -> None:
+    """A stack that requires grad is sorted (NumPy cannot read it): the same values."""
+    stack = torch.tensor(STACK, requires_grad=True)
+    low, high = trimmed_range(stack, 2)
+    assert low.tolist() == [2.0, 1.0] and high.tolist() == [2.0, 1.0]
+
+
+def test_a_cpu_single_precision_stack_is_selected_not_sorted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The float32 / float64 CPU path is NumPy's partition at the two positions (one copy of the
+    stack; sorting makes the sorted values and their int64 positions); half precision is not."""
+    calls: list[tuple[tuple[int, ...], list[int]]] = []
+    partition = np.partition
+
+    def spy(array: np.ndarray, kth: list[int], axis: int) -> np.ndarray:
+        calls.append((array.shape, list(kth)))
+        return partition(array, kth, axis=axis)
+
+    monkeypatch.setattr(np, "partition", spy)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        trimmed_range(torch.tensor(STACK, dtype=dtype), 1)
+    trimmed_range(torch.tensor(STACK), 2)
+    assert calls == [((5, 2), [1, 3]), ((5, 2), [1, 3]), ((5, 2), [2])]
+
+
 @SETTINGS
 @given(st.integers(min_value=0, max_value=2**31 - 1), st.integers(min_value=1, max_value=9))
 def test_median_clamp_then_mean_is_flowers_median(seed: int, count: int) -> None:
