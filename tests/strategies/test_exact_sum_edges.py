@@ -174,3 +174,20 @@ def test_a_nan_in_a_later_slice_of_a_float16_term_is_refused() -> None:
     with pytest.raises(ValueError, match=FINITE_ONLY):
         summed.add(long)
     assert summed.count == 0 and not summed.value().any()
+
+
+def test_the_window_follows_the_largest_slice_not_the_last_of_a_bfloat16_term() -> None:
+    """A bfloat16 term takes the general peak path, slice by slice: the window is set by the
+    largest magnitude of any slice. Here the first row holds 2^40 and every other entry 2^-40:
+    the window is bins 0 and 1 (units 1 and 2^32), so 2^40 is kept whole and 2^-40, more than
+    64 bits below, is dropped; a window set from the last slice alone (bins -3 and -2) would
+    count 2^40 in units of 2^-64, past int64."""
+    rows = 2 * exact_sum.CHUNK_ENTRIES // 256  # two slices of 256-entry rows
+    term = torch.full((rows, 256), 2.0**-40, dtype=torch.bfloat16)
+    term[0, 0] = 2.0**40
+    summed = ExactSum(term.shape)
+    summed.add(term)
+    summed.add(term)
+    expected = torch.zeros(term.shape, dtype=torch.float64)
+    expected[0, 0] = 2.0**41
+    assert torch.equal(summed.value(), expected)
