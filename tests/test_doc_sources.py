@@ -133,6 +133,18 @@ FIGURES = [
         "| scaled-x1000 | 8.6 / 5.2 (-56.0)",
     ),
     ("docs/failures.md", "2,441 MiB", "benchmarks/results/strategy_memory_cpu.md", "| 2441 |"),
+    (
+        "README.md",
+        "66.0 % to 18.0 % (-48.0 [-54.0, -43.5], 3 seeds)",
+        "benchmarks/results/attacks-adaptive.md",
+        "| 1-of-4 | norm | under-bound-reversed | norm/none | 3 | 18.0 (-48.0 [-54.0, -43.5])",
+    ),
+    (
+        "README.md",
+        "33 adapters of peak memory at 16 replies, 44",
+        "benchmarks/results/scale.md",
+        "| default | 128 | 1 | 444.1 | 44.4 |",
+    ),
 ]
 
 
