@@ -84,13 +84,7 @@ class StreamedRound:
             report.norm_pool = pool_label(streamed=True, pool_size=None)
             report.norm_bound = self.stages.history_bound()
         report.streamed = True
-        sample = DiagnosticsSample(
-            list(state.global_tensors),
-            self.settings.diagnostics_modules,
-            self.settings.seed,
-            report.server_round,
-        )
-        folded = FoldedReplies(fold, sample)
+        folded = self._folded(state, fold)
         while pool:
             self._fold(state, pool.pop(), folded)
         for message in stream:
@@ -120,18 +114,22 @@ class StreamedRound:
             state.closed = True
             return None
         rewritten = self.stages.rewrite(accepted, report, state.global_tensors)
-        sample = DiagnosticsSample(
-            list(state.global_tensors),
-            self.settings.diagnostics_modules,
-            self.settings.seed,
-            report.server_round,
-        )
-        folded = FoldedReplies(fold, sample)
+        folded = self._folded(state, fold)
         for reply in rewritten:
             self._fold_rewritten(state, reply, folded)
         new_global = self.finish(state, folded)
         state.closed_report()  # the direction scores now, as in every buffered round's metrics
         return new_global
+
+    def _folded(self, state: RoundState, fold: RoundFold) -> FoldedReplies:
+        """An empty fold of ``state``'s round with its diagnostics' seeded sample."""
+        sample = DiagnosticsSample(
+            list(state.global_tensors),
+            self.settings.diagnostics_modules,
+            self.settings.seed,
+            state.report.server_round,
+        )
+        return FoldedReplies(fold, sample)
 
     def _fold(self, state: RoundState, reply: AcceptedReply, folded: FoldedReplies) -> None:
         """One accepted reply (clipped to the bound in clip mode) into the running sums."""
