@@ -19,7 +19,7 @@ from strategies.merging import available_methods
 from strategies.merging.registry import method_class
 from strategies.merging.robustmerge import MODES
 from strategies.merging.server_step import TARGETS as MERGE_TARGETS
-from strategies.robust import AUTO, RobustSettings, available_defences
+from strategies.robust import RobustSettings, aggregation_choices
 from workload.config import SCHEMA, SHARED_A, ConfigError, Reader, schema_default
 from workload.kinds import available_task_kinds
 
@@ -228,7 +228,7 @@ class ServerSettings:
             secagg_clipping_range=reader.number("secagg-clipping-range"),
             secagg_quantization_range=reader.integer("secagg-quantization-range"),
             robust=RobustSettings(
-                aggregation=reader.choice("robust-aggregation", (AUTO, *available_defences())),
+                aggregation=reader.choice("robust-aggregation", aggregation_choices()),
                 norm_factor=reader.number("robust-norm-factor"),
                 clip=reader.boolean("robust-clip"),
                 history=reader.integer("robust-history"),

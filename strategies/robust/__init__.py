@@ -34,6 +34,7 @@ from strategies.robust.registry import (
     DEFAULT_POOL,
     ROBUST_AGGREGATIONS,
     RobustSettings,
+    aggregation_choices,
 )
 from strategies.robust.round_pool import pool_label
 from strategies.robust.stage import (
@@ -59,6 +60,7 @@ __all__ = [
     "Rewrites",
     "RobustSettings",
     "Stage",
+    "aggregation_choices",
     "available_defences",
     "center_scales",
     "clamp_to_range",

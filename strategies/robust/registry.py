@@ -29,6 +29,12 @@ AUTO = "auto"
 AUTO_DEFENCE = "centered-clip"
 AUTO_FALLBACK = "norm"
 
+
+def aggregation_choices() -> tuple[str, ...]:
+    """What ``robust-aggregation`` accepts: "auto", then every registered defence."""
+    return (AUTO, *available_defences())
+
+
 # With the default reject, an outsized update leaves the round and the global moves as the good
 # clients alone move it. A clipped update (robust-clip) keeps at most factor x the reference norm;
 # averaged with T - 1 good updates whose norms are about the reference and whose directions
@@ -74,7 +80,7 @@ class RobustSettings:
 
     def problem(self) -> str | None:
         """Why these settings are invalid (naming the run-config key), or None."""
-        known = (AUTO, *available_defences())
+        known = aggregation_choices()
         if self.aggregation not in known:
             got = self.aggregation
             return f"robust-aggregation must be one of {', '.join(known)}; got {got!r}"
