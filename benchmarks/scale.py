@@ -29,8 +29,9 @@ in a fresh subprocess:
 ``--modes`` also takes strategy configurations (``benchmarks.scale_modes``: default, fedavg, ties,
 dare, svd, exact-mean, paper-equation, krum, median, centered-clip; ``all`` for every mode): each
 runs round 1 (no screen history) and round 2 (history) over a lazy stream, streamed rounds folding
-and buffered ones keeping ``--buffer`` (buffer-replies, default 16) replies in memory and spilling
-the rest to a temporary folder; their rows go under the json's ``strategy-modes``.
+and buffered ones keeping ``--buffer`` (buffer-replies, default the run config's) replies in
+memory and spilling the rest to a temporary folder; their rows go under the json's
+``strategy-modes``.
 
 Measured per round: the growth of the kernel's RSS high-water mark (VmHWM, reset just before the
 replies exist, with the global adapter already built) over the RSS at that point, in MB and in
@@ -97,6 +98,7 @@ from benchmarks.merge_speed import (
 )
 from strategies import FedRobustMerge
 from strategies.robust import RobustSettings
+from strategies.strategy_settings import Defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -991,7 +993,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="rounds of the strategy configurations (1: no screen history, 2: history)",
     )
     parser.add_argument(
-        "--buffer", type=int, default=16, help="buffer-replies of the strategy configurations"
+        "--buffer",
+        type=int,
+        default=Defaults.buffer_replies,
+        help="buffer-replies of the strategy configurations",
     )
     parser.add_argument("--cap-gib", type=float, default=8.0, help="memory cap per probe")
     parser.add_argument("--seed", type=int, default=0)

@@ -6,12 +6,13 @@ fresh subprocess.
 A configuration is a name and the FedRobustMerge keyword arguments it stands for (``MODES``).
 Streamed configurations (fedavg, RobustMerge paper-exact, ties, dare) fold each reply into
 running sums as it arrives; buffered ones (svd, exact-mean, RobustMerge paper-equation, the
-robust aggregations krum, median and centered-clip) keep ``buffer-replies`` (default 16)
-replies in memory and spill the rest to a safetensors file each (``strategies.reply_spill``),
-here in a temporary folder of the probe's own. Which one a round did is read from its report
-(``RoundReport.streamed``), and so is how many replies spilled (``RoundReport.spilled``). A
-buffered round still stacks one module over all T replies at merge time: T x one module's
-bytes (times the method's own working copies), the part of its peak that grows with T.
+robust aggregations krum, median and centered-clip) keep ``buffer-replies`` (the run config's
+default) replies in memory and spill the rest to a safetensors file each
+(``strategies.reply_spill``), here in a temporary folder of the probe's own. Which one a round
+did is read from its report (``RoundReport.streamed``), and so is how many replies spilled
+(``RoundReport.spilled``). A buffered round of a product-space method still stacks one module
+over all T replies at merge time: T x one module's bytes (times the method's own working
+copies), the part of its peak that grows with T.
 
 Round 1 has no screen history (the norm screen pools the round's own replies first); round 2
 is given the update norms of ``HISTORY_REPLIES`` earlier replies, as ``scale``'s stream is.
@@ -38,6 +39,7 @@ from benchmarks import scale
 from benchmarks.inprocess import FakeGrid, set_task_identity
 from strategies import FedRobustMerge
 from strategies.robust.registry import RobustSettings
+from strategies.strategy_settings import Defaults
 
 # name -> FedRobustMerge keyword arguments ("robust": RobustSettings fields), JSON-able.
 # The merge methods' rows run the norm screen, the defence they were measured with before the
@@ -59,7 +61,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 ROUNDS = (1, 2)
 RESULTS_KEY = "strategy-modes"
-DEFAULT_BUFFER = 16
+DEFAULT_BUFFER = Defaults.buffer_replies
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,11 @@ def merge_buffered(
     if all(reply_rank(reply) == global_rank for reply in accepted):
         # The diagnostics compare factors with the global's: equal ranks only.
         sample = DiagnosticsSample(
-            list(base), settings.diagnostics_modules, settings.seed, report.server_round
+            list(base),
+            settings.diagnostics_modules,
+            settings.seed,
+            report.server_round,
+            by_reference=True,  # scored now, while the round still holds its replies
         )
         for index, reply in enumerate(accepted):
             sample.offer(reply, weights[index] if weights is not None else 1.0)

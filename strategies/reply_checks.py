@@ -6,6 +6,7 @@ ends the ServerApp; a federation of untrusted sites needs each reply judged on i
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from protocol import wire
 from protocol.sparse_codec import is_wire_key
 from strategies.merging import is_lora_key
+from strategies.robust import Rows
 
 ACCEPTED_WIRE_DTYPES = frozenset({"float16", "float32", "float64"})
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000_000
@@ -49,6 +52,10 @@ class TensorSource(Protocol):
         """The array under ``key`` as ``decode_float32`` gives it."""
         ...
 
+    def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
+        """``tensor(key)[rows]``, reading only those rows where the source can."""
+        ...
+
 
 @dataclass(frozen=True)
 class AcceptedReply:
@@ -78,6 +85,16 @@ class AcceptedReply:
         if self.backing is not None:
             return self.backing.tensor(key)
         return decode_float32(self.arrays, key)
+
+    def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
+        """``tensor(key)[rows]`` (rows of the first dimension), decoding only those rows: a
+        defence's stage reads every reply's key in pieces of rows (``strategies.robust``).
+        Subclasses that override ``tensor`` override this too."""
+        if key in self.filled:
+            return self.filled[key][rows]
+        if self.backing is not None:
+            return self.backing.tensor_rows(key, rows)
+        return decode_float32_rows(self.arrays, key, rows)
 
     def array_keys(self) -> list[str]:
         """The keys the reply sent, in its order."""
@@ -258,6 +275,33 @@ def reply_rank(reply: AcceptedReply) -> int | None:
 def decode_float32(arrays: ArrayRecord, key: str) -> torch.Tensor:
     """One array of a record as a float32 CPU tensor."""
     return torch.from_numpy(np.asarray(arrays[key].numpy(), dtype=np.float32).copy())
+
+
+def decode_float32_rows(arrays: ArrayRecord, key: str, rows: Rows) -> torch.Tensor:
+    """Rows ``rows`` of one array of a record as a float32 CPU tensor, equal to
+    ``decode_float32(arrays, key)[rows]``. A C-ordered array in NumPy's format 1.0 / 2.0 (what
+    Flower writes) is read in place from the wire bytes, so only those rows are copied; anything
+    else is decoded whole first."""
+    array = arrays[key]
+    if rows is ... or array.stype != SType.NUMPY:
+        return decode_float32(arrays, key)[rows]
+    data = array.data
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            return decode_float32(arrays, key)[rows]
+    except ValueError:
+        return decode_float32(arrays, key)[rows]
+    if fortran or dtype.hasobject or not shape:
+        return decode_float32(arrays, key)[rows]
+    count = math.prod(shape)
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    return torch.from_numpy(np.array(values[rows], dtype=np.float32))
 
 
 def _decode(arrays: ArrayRecord, key: str) -> np.ndarray:

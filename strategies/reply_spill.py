@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from strategies.reply_checks import AcceptedReply, decode_float32
+from strategies.robust import Rows
 from strategies.round_metrics import metrics_only
 
 # The spill folders' name prefix (one folder a round).
@@ -59,6 +60,17 @@ class SpillFile:
         with safe_open(str(self.path), framework="pt") as handle:
             tensor: torch.Tensor = handle.get_tensor(key)
         return tensor
+
+    def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
+        """Rows ``rows`` of ``tensor(key)``, only those read from the file (``get_slice``)."""
+        if key not in self.names:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as handle:
+            if rows is ...:
+                whole: torch.Tensor = handle.get_tensor(key)
+                return whole
+            part: torch.Tensor = handle.get_slice(key)[rows]
+        return part
 
 
 class ReplySpill:

@@ -10,13 +10,20 @@ answer in ``Rewrites``, which ``apply_rewrites`` turns into rewritten replies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
 from strategies.reply_checks import AcceptedReply
-from strategies.robust import Rewrites, clamp_to_range, clip_toward
+from strategies.robust import (
+    STACK_BYTES,
+    Rewrites,
+    Rows,
+    clamp_to_range,
+    clip_toward,
+    row_pieces,
+)
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -77,6 +84,10 @@ class RewrittenReply(AcceptedReply):
             delta = clamp_to_range(delta, self.low[key], self.high[key])
         return self.base[key] + delta
 
+    def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
+        """``tensor(key)[rows]``."""
+        return self.tensor(key)[rows]
+
 
 @dataclass(frozen=True)
 class ReplyDeltas:
@@ -85,6 +96,7 @@ class ReplyDeltas:
 
     replies: Sequence[AcceptedReply]
     base: Tensors
+    budget: int = STACK_BYTES  # bytes of one piece's stack (``row_pieces``)
 
     @property
     def count(self) -> int:
@@ -96,9 +108,13 @@ class ReplyDeltas:
         """The global adapter's keys, in its order."""
         return tuple(self.base)
 
-    def stack(self, key: str) -> torch.Tensor:
-        """Every reply's update of ``key``, stacked (count x the tensor's shape)."""
-        return torch.stack([reply.tensor(key) - self.base[key] for reply in self.replies])
+    def stacks(self, key: str) -> Iterator[torch.Tensor]:
+        """Every reply's update of ``key``, stacked (count x the tensor's shape), in pieces of
+        whole rows (``row_pieces``: each piece's stack within ``STACK_BYTES``), each reply
+        reading only the piece's rows."""
+        base = self.base[key]
+        for rows in row_pieces(base.shape, self.count, self.budget):
+            yield torch.stack([reply.tensor_rows(key, rows) - base[rows] for reply in self.replies])
 
 
 def apply_rewrites(

@@ -45,6 +45,7 @@ from strategies.merging.lora_keys import is_lora_key, parse_layout
 from strategies.merging.pruning import prune_by_magnitude, scale_floor_position
 from strategies.merging.robustmerge import RobustMerge
 from strategies.reply_checks import AcceptedReply, ReplyRejectedError, reply_payload
+from strategies.robust import Rows
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class SparseReply(AcceptedReply):
     def tensor(self, key: str) -> torch.Tensor:
         """Global + pruned delta, float32."""
         return self.base[key] + self.delta(key)
+
+    def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
+        """``tensor(key)[rows]``."""
+        return self.tensor(key)[rows]
 
 
 class SparseDeltaView(Mapping[str, torch.Tensor]):

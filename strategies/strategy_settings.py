@@ -164,14 +164,15 @@ class MergeSettings:
             ``personalization``; ``client.shared_a``); the server reads each missing B as the
             global's (a zero update), so B stays as the run started. "none", "local-finetune":
             the replies carry the whole adapter.
-        buffer_replies : int (default: 16, run-config ``buffer-replies``)
+        buffer_replies : int (run-config ``buffer-replies``)
             A buffered round (one that cannot fold its replies: docs/strategy.md, "What buffers,
-            and why") keeps this many accepted replies in memory and spills each further one to
-            a safetensors file (``strategies.reply_spill``), read back key by key; the merge is
-            the same bit for bit. 16: twice the first round's pool (8), so the rounds of a
-            small federation never touch the disk, while a round of 1,024 LLaMA-7B adapters
-            (160 MB each) holds 2.6 GB instead of 160 GB. Must be >= 1 (there is no "never
-            spill").
+            and why"; the default centered clipping among them) keeps this many accepted
+            replies in memory and spills each further one to a safetensors file
+            (``strategies.reply_spill``), read back key by key; the merge is the same bit for
+            bit. The default 4 keeps the default round's peak near 10 adapters at any number of
+            clients (issue 25's bar: < 16), where 16 in memory alone were 16 adapters; a round
+            of 1,024 LLaMA-7B adapters (160 MB each) holds 0.6 GB of replies instead of 160 GB.
+            Must be >= 1 (there is no "never spill").
         spill_dir : path, optional
             Where spill folders are made (the app: ``output-dir``/spill); None: the system
             temp folder. Each round's folder is removed when the round closes.

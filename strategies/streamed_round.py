@@ -114,20 +114,24 @@ class StreamedRound:
             state.closed = True
             return None
         rewritten = self.stages.rewrite(accepted, report, state.global_tensors)
-        folded = self._folded(state, fold)
+        folded = self._folded(state, fold, by_reference=True)  # scored below, replies held
         for reply in rewritten:
             self._fold_rewritten(state, reply, folded)
         new_global = self.finish(state, folded)
         state.closed_report()  # the direction scores now, as in every buffered round's metrics
         return new_global
 
-    def _folded(self, state: RoundState, fold: RoundFold) -> FoldedReplies:
-        """An empty fold of ``state``'s round with its diagnostics' seeded sample."""
+    def _folded(
+        self, state: RoundState, fold: RoundFold, *, by_reference: bool = False
+    ) -> FoldedReplies:
+        """An empty fold of ``state``'s round with its diagnostics' seeded sample (holding the
+        sampled replies themselves, ``by_reference``, when they outlive the scoring)."""
         sample = DiagnosticsSample(
             list(state.global_tensors),
             self.settings.diagnostics_modules,
             self.settings.seed,
             state.report.server_round,
+            by_reference=by_reference,
         )
         return FoldedReplies(fold, sample)
 

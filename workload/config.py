@@ -131,7 +131,7 @@ SCHEMA: Mapping[str, Setting] = {
     "min-merge-replies": _i(1, "fewer usable replies skip the round", low=1),
     "max-update-norm": _n(0.0, "0 = no bound; > 0 rejects larger update norms", 0.0),
     "round-timeout": _n(3600.0, "seconds to wait for replies", 0.0, low_open=True),
-    "buffer-replies": _i(16, "buffered rounds: replies kept in memory, more spill to disk", low=1),
+    "buffer-replies": _i(4, "buffered rounds: replies kept in memory, more spill to disk", low=1),
     # Robust aggregation
     "robust-aggregation": _c("auto", "robust defence (strategies.robust registry), or auto"),
     "robust-norm-factor": _n(10.0, "bound = factor x median update norm", 1.0),

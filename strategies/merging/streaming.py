@@ -61,7 +61,9 @@ class RoundFold(Protocol):
         ...
 
     def finish(self) -> dict[str, torch.Tensor]:
-        """The merged tensors (float32, CPU, the layout's key order); needs >= 1 client."""
+        """The merged tensors (float32, CPU, the layout's key order); needs >= 1 client. Once:
+        the running sums are released as they are read (the fold's memory is then free for
+        what follows the merge), and the fold takes no more clients."""
         ...
 
 
@@ -119,8 +121,9 @@ class _Sums:
         unit = isinstance(factor, float) and factor == 1.0
         self.sums[key].add(term, None if unit else factor)
 
-    def value(self, key: str) -> torch.Tensor:
-        return self.sums[key].value()
+    def take(self, key: str) -> torch.Tensor:
+        """The sum under ``key`` (float64), releasing its bins."""
+        return self.sums.pop(key).value()
 
 
 class _Fold:
@@ -130,11 +133,26 @@ class _Fold:
         self.keys = list(layout_keys)
         self.device = torch.device(device)
         self.weights = _Weights()
+        self.finished = False
 
     @property
     def count(self) -> int:
         """Clients folded in so far."""
         return self.weights.count
+
+    def _accept(self, weight: float) -> None:
+        """Count one more client of weight ``weight`` (RuntimeError once finished)."""
+        if self.finished:
+            raise RuntimeError("this fold has finished; it takes no more clients")
+        self.weights.add(weight)
+
+    def _close(self) -> float:
+        """Mark the fold finished; the clients' total weight (ValueError without any)."""
+        if self.finished:
+            raise RuntimeError("this fold has already finished (its sums were released)")
+        total = self.weights.total()
+        self.finished = True
+        return total
 
 
 class MeanFold(_Fold):
@@ -145,13 +163,13 @@ class MeanFold(_Fold):
         self.sums = _Sums(device)
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        self.weights.add(weight)
+        self._accept(weight)
         for key in self.keys:
             self.sums.add(key, tensors[key], weight)
 
     def finish(self) -> dict[str, torch.Tensor]:
-        total = self.weights.total()
-        return {key: _result(self.sums.value(key) / total) for key in self.keys}
+        total = self._close()
+        return {key: _result(self.sums.take(key) / total) for key in self.keys}
 
 
 class RobustMergeFold(_Fold):
@@ -175,7 +193,7 @@ class RobustMergeFold(_Fold):
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
         """Steps 1-2 on this client's tensors alone (module by module), then fold them in."""
-        self.weights.add(weight)
+        self._accept(weight)
         for module in self.layout.modules:
             a = tensors[module.a_key].to(device=self.device, dtype=torch.float32)
             b = tensors[module.b_key].to(device=self.device, dtype=torch.float32)
@@ -194,7 +212,7 @@ class RobustMergeFold(_Fold):
     ) -> None:
         """Fold in a client that pruned and scaled its own delta (sparse uplink): ``pruned`` its
         pruned tensors, ``scales`` its s~ per module name."""
-        self.weights.add(weight)
+        self._accept(weight)
         for module in self.layout.modules:
             a = pruned[module.a_key].to(device=self.device, dtype=torch.float32)
             b = pruned[module.b_key].to(device=self.device, dtype=torch.float32)
@@ -233,17 +251,17 @@ class RobustMergeFold(_Fold):
             self.sums.add(key, tensors[key], weight)
 
     def finish(self) -> dict[str, torch.Tensor]:
-        total = self.weights.total()
+        total = self._close()
         count = self.weights.count
         merged: dict[str, torch.Tensor] = {}
         for module in self.layout.modules:
-            a = self.sums.value(module.a_key) * (self.fuse_weight / total)
-            b = self.sums.value(module.b_key) * (self.fuse_weight * count / total)
-            b = b / self.scale_sums.value(module.name)
+            a = self.sums.take(module.a_key) * (self.fuse_weight / total)
+            b = self.sums.take(module.b_key) * (self.fuse_weight * count / total)
+            b = b / self.scale_sums.take(module.name)
             merged[module.a_key] = _result(a.reshape(self.shapes[module.a_key]))
             merged[module.b_key] = _result(b.reshape(self.shapes[module.b_key]))
         for key in self.layout.other_keys:
-            merged[key] = _result(self.sums.value(key) / total)
+            merged[key] = _result(self.sums.take(key) / total)
         return {key: merged[key] for key in self.keys}
 
 
@@ -263,7 +281,7 @@ class TiesFold(_Fold):
         self.votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        self.weights.add(weight)
+        self._accept(weight)
         for key in self.keys:
             value = tensors[key].to(device=self.device, dtype=torch.float32)
             if key not in self.lora_keys:
@@ -279,15 +297,15 @@ class TiesFold(_Fold):
             self.votes[key] = (up + (kept > 0).int(), down + (kept < 0).int())
 
     def finish(self) -> dict[str, torch.Tensor]:
-        total = self.weights.total()
+        total = self._close()
         scale = self.fuse_weight * self.weights.count / total
         merged: dict[str, torch.Tensor] = {}
         for key in self.keys:
             if key not in self.lora_keys:
-                merged[key] = _result(self.others.value(key) / total)
+                merged[key] = _result(self.others.take(key) / total)
                 continue
-            positive, negative = self.positive.value(key), self.negative.value(key)
-            up, down = self.votes[key]
+            positive, negative = self.positive.take(key), self.negative.take(key)
+            up, down = self.votes.pop(key)
             elected = torch.sign(positive + negative)
             chosen = torch.where(elected > 0, positive, torch.where(elected < 0, negative, 0.0))
             voters = torch.where(elected > 0, up, torch.where(elected < 0, down, 0))
@@ -314,7 +332,7 @@ class DareFold(_Fold):
         self.sums = _Sums(device)
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        self.weights.add(weight)
+        self._accept(weight)
         for key, seed in self.seeds.items():
             # merge_pair digests the same float32 bytes and draws its mask over the same number
             # of entries in the same order, whatever shape it views the factor in
@@ -325,9 +343,9 @@ class DareFold(_Fold):
             self.sums.add(key, tensors[key], weight)
 
     def finish(self) -> dict[str, torch.Tensor]:
-        total = self.weights.total()
-        merged = {key: self.sums.value(key) * (self.fuse_weight / total) for key in self.seeds}
-        merged |= {key: self.sums.value(key) / total for key in self.layout.other_keys}
+        total = self._close()
+        merged = {key: self.sums.take(key) * (self.fuse_weight / total) for key in self.seeds}
+        merged |= {key: self.sums.take(key) / total for key in self.layout.other_keys}
         return {key: _result(merged[key]) for key in self.keys}
 
 

@@ -38,13 +38,16 @@ from strategies.robust.registry import (
 )
 from strategies.robust.round_pool import pool_label
 from strategies.robust.stage import (
+    STACK_BYTES,
     Deltas,
     Rewrite,
     Rewrites,
+    Rows,
     Stage,
     available_defences,
     get_defence,
     register_defence,
+    row_pieces,
 )
 
 __all__ = [
@@ -54,11 +57,13 @@ __all__ = [
     "DEFAULT_NORM_FACTOR",
     "DEFAULT_POOL",
     "ROBUST_AGGREGATIONS",
+    "STACK_BYTES",
     "Deltas",
     "NormBound",
     "Rewrite",
     "Rewrites",
     "RobustSettings",
+    "Rows",
     "Stage",
     "aggregation_choices",
     "available_defences",
@@ -74,6 +79,7 @@ __all__ = [
     "pairwise_squared_distances",
     "pool_label",
     "register_defence",
+    "row_pieces",
     "trim_count",
     "trimmed_range",
 ]

@@ -53,7 +53,8 @@ def trimmed_range(stack: torch.Tensor, trim: int) -> tuple[torch.Tensor, torch.T
     selectable = stack.device.type == "cpu" and stack.dtype in (torch.float32, torch.float64)
     if selectable and not stack.requires_grad:
         ordered = np.partition(stack.numpy(), sorted({low, high}), axis=0)
-        return torch.from_numpy(ordered[low].copy()), torch.from_numpy(ordered[high].copy())
+        # np.array: a copy, and an ndarray even where a 1-D stack (0-dim keys) gives scalars
+        return torch.from_numpy(np.array(ordered[low])), torch.from_numpy(np.array(ordered[high]))
     ordered_stack = torch.sort(stack, dim=0).values
     return ordered_stack[low].clone(), ordered_stack[high].clone()
 

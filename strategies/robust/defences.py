@@ -26,6 +26,7 @@ from strategies.robust.stage import (
     Rewrites,
     Stage,
     available_defences,
+    joined,
     register_defence,
 )
 
@@ -59,7 +60,8 @@ class MultiKrum(Stage):
             return list(range(count))
         distances = torch.zeros(count, count, dtype=torch.float64)
         for key in deltas.keys:
-            distances += pairwise_squared_distances(deltas.stack(key))
+            for piece in deltas.stacks(key):
+                distances += pairwise_squared_distances(piece)
         malicious = settings.krum_malicious
         wanted = settings.krum_select if settings.krum_select > 0 else count - malicious
         return multikrum_select(distances, malicious, wanted)
@@ -97,10 +99,14 @@ class CoordinateClamp(Stage):
         high: dict[str, torch.Tensor] = {}
         moved = total = 0
         for key in deltas.keys:
-            stack = deltas.stack(key)
-            low[key], high[key] = trimmed_range(stack, trim)
-            moved += int(((stack < low[key]) | (stack > high[key])).sum())
-            total += stack.numel()
+            lows, highs = [], []
+            for piece in deltas.stacks(key):
+                piece_low, piece_high = trimmed_range(piece, trim)
+                moved += int(((piece < piece_low) | (piece > piece_high)).sum())
+                total += piece.numel()
+                lows.append(piece_low)
+                highs.append(piece_high)
+            low[key], high[key] = joined(lows), joined(highs)
         clamp = Rewrite(low=low, high=high)
         return Rewrites((clamp,) * count, moved / total if total else 0.0)
 
@@ -138,11 +144,14 @@ class CenteredClip(Stage):
         center: dict[str, torch.Tensor] = {}
         squared = torch.zeros(count, dtype=torch.float64)
         for key in deltas.keys:
-            stack = deltas.stack(key)
-            center[key] = coordinate_median(stack)
-            for row in range(count):  # one row's offset at a time, not T of them in float64
-                offset = (stack[row] - center[key]).to(torch.float64)
-                squared[row] += offset.square().sum()
+            parts = []
+            for piece in deltas.stacks(key):
+                piece_center = coordinate_median(piece)
+                for row in range(count):  # one reply's offset at a time, not T in float64
+                    offset = (piece[row] - piece_center).to(torch.float64)
+                    squared[row] += offset.square().sum()
+                parts.append(piece_center)
+            center[key] = joined(parts)
         scales = center_scales(squared.sqrt().tolist(), DEFAULT_CENTER_RADIUS)
         rewrites = tuple(
             None if scale == 1.0 else Rewrite(scale=scale, center=center) for scale in scales

@@ -12,13 +12,15 @@ round (``strategies.robust_stages``) runs the parts it declares, never asking fo
   it.
 
 A stage sees the round's deltas (``Deltas``: one key's deltas stacked over the replies at a
-time) and answers in positions and ``Rewrite``s, so this package stays pure tensor math.
+time, in pieces of whole rows bounded in bytes, ``row_pieces``) and answers in positions and
+``Rewrite``s, so this package stays pure tensor math.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 import torch
@@ -27,6 +29,33 @@ if TYPE_CHECKING:
     from strategies.robust.registry import RobustSettings
 
 Tensors = Mapping[str, torch.Tensor]
+# Which rows of a key a piece holds (``...``: all of it, a 0-dim key included).
+Rows = slice | EllipsisType
+# A piece of one key stacked over the replies holds at most this many float32 bytes (at least
+# one row of the key per reply): the stage's working set stays flat in the number of replies
+# instead of growing by one key per reply (issue 25: 1.0 MB a reply at 2 LLaMA-7B layers).
+STACK_BYTES = 4 << 20
+
+
+def row_pieces(shape: Sequence[int], count: int, budget: int = STACK_BYTES) -> list[Rows]:
+    """Pieces of whole rows (the first dimension) of a tensor of ``shape`` such that ``count``
+    float32 copies of one piece fit in ``budget`` bytes, at least one row a piece, in row
+    order; ``[...]`` (all of it) when one piece will do or the tensor has no rows."""
+    if not shape or shape[0] == 0:
+        return [...]
+    row_bytes = 4 * count * int(torch.Size(shape[1:]).numel())
+    rows_per_piece = max(1, budget // max(1, row_bytes))
+    if rows_per_piece >= shape[0]:
+        return [...]
+    return [
+        slice(start, min(start + rows_per_piece, shape[0]))
+        for start in range(0, shape[0], rows_per_piece)
+    ]
+
+
+def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-piece results of one key (each over a piece's rows) as one tensor of the key."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 class Deltas(Protocol):
@@ -42,8 +71,10 @@ class Deltas(Protocol):
         """The global adapter's keys, in its order."""
         ...
 
-    def stack(self, key: str) -> torch.Tensor:
-        """Every reply's delta of ``key``, stacked (count x the tensor's shape), float32."""
+    def stacks(self, key: str) -> Iterator[torch.Tensor]:
+        """Every reply's delta of ``key``, stacked (count x the tensor's shape), float32, in
+        pieces of whole rows of the key (count x rows x ...), in row order (``row_pieces``);
+        one piece when it is small."""
         ...
 
 

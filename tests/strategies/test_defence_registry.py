@@ -48,7 +48,11 @@ class _DropLargest(Stage):
     selects = True
 
     def select(self, deltas: Deltas, settings: RobustSettings) -> list[int]:
-        squared = sum(deltas.stack(key).flatten(1).square().sum(dim=1) for key in deltas.keys)
+        squared = sum(
+            piece.flatten(1).square().sum(dim=1)
+            for key in deltas.keys
+            for piece in deltas.stacks(key)
+        )
         assert isinstance(squared, torch.Tensor)
         largest = int(squared.argmax())
         return [position for position in range(deltas.count) if position != largest]

@@ -6,6 +6,7 @@ CoordinateClamp.rewrite and CenteredClip.rewrite (docs/development.md, "Mutation
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from strategies.robust.centered_clip import DEFAULT_CENTER_RADIUS, center_scales
 from strategies.robust.defences import CenteredClip, MultiKrum
 from strategies.robust.krum import multikrum_select, pairwise_squared_distances
 from strategies.robust.registry import RobustSettings
-from strategies.robust.stage import Rewrite, Rewrites, get_defence
+from strategies.robust.stage import Rewrite, Rewrites, get_defence, row_pieces
 
 SETTINGS = settings(
     max_examples=60,
@@ -30,11 +31,17 @@ SETTINGS = settings(
 class Stacked:
     """A round's deltas as a stage reads them: one float32 stack (count x ...) per key."""
 
-    def __init__(self, stacks: dict[str, torch.Tensor], count: int | None = None) -> None:
+    def __init__(
+        self,
+        stacks: dict[str, torch.Tensor],
+        count: int | None = None,
+        piece_rows: int | None = None,
+    ) -> None:
         self._stacks = {key: value.to(torch.float32) for key, value in stacks.items()}
         if count is None:
             count = int(next(iter(self._stacks.values())).shape[0])
         self._count = count
+        self._piece_rows = piece_rows  # None: each key's stack in one piece
 
     @property
     def count(self) -> int:
@@ -44,8 +51,12 @@ class Stacked:
     def keys(self) -> tuple[str, ...]:
         return tuple(self._stacks)
 
-    def stack(self, key: str) -> torch.Tensor:
-        return self._stacks[key]
+    def stacks(self, key: str) -> Iterator[torch.Tensor]:
+        stack = self._stacks[key]
+        if self._piece_rows is None or stack.dim() < 2:
+            yield stack
+            return
+        yield from stack.split(self._piece_rows, dim=1)
 
 
 def rows(values: list[list[float]]) -> torch.Tensor:
@@ -411,3 +422,75 @@ def reference_scales_even(stacks: dict[str, torch.Tensor]) -> list[float]:
         for row in range(count):
             squared[row] += float((offsets[row] * offsets[row]).sum())
     return center_scales([math.sqrt(value) for value in squared], DEFAULT_CENTER_RADIUS)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    count=st.integers(min_value=3, max_value=7),
+    rows=st.integers(min_value=1, max_value=6),
+    piece_rows=st.integers(min_value=1, max_value=4),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_every_stage_answers_alike_whether_a_key_comes_whole_or_in_pieces(
+    count: int, rows: int, piece_rows: int, seed: int
+) -> None:
+    """The round reads each key in pieces of rows (bounded memory at any T); every defence's
+    answer is the whole key's: clamp bounds and the moved share bit for bit, the center bit for
+    bit, the picks and the clipping scales (float64 sums regrouped by piece) to rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    stacks = {
+        "m": torch.randn(count, rows, 3, generator=generator),
+        "v": torch.randn(count, rows, generator=generator) * 4,
+        "s": torch.randn(count, generator=generator),  # a 0-dim key: one piece
+    }
+    settings_ = RobustSettings("median")
+    whole, pieces = Stacked(stacks), Stacked(stacks, piece_rows=piece_rows)
+    for name in ("median", "trimmed-mean"):
+        stage = get_defence(name)
+        left, right = stage.rewrite(whole, settings_), stage.rewrite(pieces, settings_)
+        assert left.clamped_fraction == right.clamped_fraction
+        for one, other in zip(left.per_reply, right.per_reply, strict=True):
+            assert (one is None) == (other is None)
+            if one is not None and other is not None:
+                assert one.low is not None and other.low is not None
+                assert one.high is not None and other.high is not None
+                for key in stacks:
+                    assert torch.equal(one.low[key], other.low[key])
+                    assert torch.equal(one.high[key], other.high[key])
+    clip_whole = CenteredClip().rewrite(whole, settings_)
+    clip_pieces = CenteredClip().rewrite(pieces, settings_)
+    for one, other in zip(clip_whole.per_reply, clip_pieces.per_reply, strict=True):
+        assert (one is None) == (other is None) or math.isclose(
+            (one or other).scale,
+            1.0,
+            rel_tol=1e-12,  # type: ignore[union-attr]
+        )
+        if one is not None and other is not None:
+            assert one.scale == pytest.approx(other.scale, rel=1e-12)
+            assert one.center is not None and other.center is not None
+            for key in stacks:
+                assert torch.equal(one.center[key], other.center[key])
+    krum = RobustSettings("krum", krum_malicious=1)
+    assert MultiKrum().select(whole, krum) == MultiKrum().select(pieces, krum)
+
+
+def test_row_pieces_bound_a_stack_and_cover_every_row_once() -> None:
+    # 10 rows of 4 float32 per reply = 16 bytes a reply a row; 8 replies: 128 bytes a row
+    assert row_pieces((10, 4), 8, budget=10 * 128) == [...]
+    assert row_pieces((10, 4), 8, budget=3 * 128) == [
+        slice(0, 3),
+        slice(3, 6),
+        slice(6, 9),
+        slice(9, 10),
+    ]
+    assert row_pieces((10, 4), 8, budget=3 * 128 - 1) == [
+        slice(0, 2),
+        slice(2, 4),
+        slice(4, 6),
+        slice(6, 8),
+        slice(8, 10),
+    ]
+    assert row_pieces((10, 4), 8, budget=1) == [slice(r, r + 1) for r in range(10)]  # >= one row
+    assert row_pieces((), 8, budget=1) == [...]  # a 0-dim key
+    assert row_pieces((0, 4), 8, budget=1) == [...]
+    assert row_pieces((5,), 1000, budget=4000) == [slice(r, r + 1) for r in range(5)]

@@ -282,3 +282,13 @@ def test_zero_norms_do_not_set_the_reference() -> None:
     assert norm_bound([0.1, 0.1], [0.0, 0.0], 10.0) == NormBound(0.1, 1.0, 2)
     bound = norm_bound([0.0, 0.0, 0.0, 2.0], [1.0], 10.0)  # free riders cannot pull it down
     assert bound is not None and bound.reference == 1.0 and bound.pool == 2
+
+
+def test_trimmed_range_of_one_value_per_client_is_a_pair_of_scalars() -> None:
+    """A 0-dim key stacks to one value per client; the partition then yields NumPy scalars,
+    which must come back as 0-dim tensors (this raised a TypeError before)."""
+    stack = torch.tensor([3.0, 1.0, 2.0, 7.0, -1.0])
+    low, high = trimmed_range(stack, 1)
+    assert low.shape == high.shape == torch.Size([])
+    assert (float(low), float(high)) == (1.0, 3.0)
+    assert [float(v) for v in trimmed_range(stack.double(), 2)] == [2.0, 2.0]

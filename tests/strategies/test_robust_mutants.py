@@ -5,6 +5,7 @@ exactly 1, a zero bound met by a zero norm, the exact refusal messages."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -70,9 +71,9 @@ class _Stacked:
     def keys(self) -> tuple[str, ...]:
         return ("w",)
 
-    def stack(self, key: str) -> torch.Tensor:
+    def stacks(self, key: str) -> Iterator[torch.Tensor]:
         assert key == "w"
-        return self._stack
+        yield self._stack
 
 
 def test_centered_clip_stage_pulls_the_lone_outlier_onto_the_agreeing_majority() -> None:

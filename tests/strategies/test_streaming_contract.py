@@ -220,3 +220,31 @@ def test_a_fold_on_the_gpu_sums_there_and_gives_the_cpu_folds_bits(name: str) ->
     merged = gpu.finish()
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in merged.values())
     assert same(merged, folded(method, replies, [1.0, 2.0, 0.5]))
+
+
+def _held_sums(fold: RoundFold) -> int:
+    """How many running sums (and TIES vote pairs) ``fold`` still holds."""
+    holders = [h for h in vars(fold).values() if hasattr(h, "sums")]
+    votes = getattr(fold, "votes", {})
+    return sum(len(holder.sums) for holder in holders) + len(votes)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_finish_releases_the_sums_and_ends_the_fold(name: str) -> None:
+    """A round's fold state is several adapters of exact sums; ``finish`` frees them as it
+    reads them (what follows the merge, the direction diagnostics, runs without them), and a
+    finished fold refuses more clients and a second finish instead of merging from nothing."""
+    method = create_method(name).round_form()
+    fold = round_fold(method, list(SHAPES))
+    assert fold is not None
+    fold.add(delta(22), 1.0)
+    fold.add(delta(23), 2.0)
+    assert _held_sums(fold) > 0
+    merged = fold.finish()
+    assert same(merged, folded(method, [delta(22), delta(23)], [1.0, 2.0]))
+    assert _held_sums(fold) == 0
+    with pytest.raises(RuntimeError, match="already finished"):
+        fold.finish()
+    with pytest.raises(RuntimeError, match="takes no more clients"):
+        fold.add(delta(24), 1.0)
+    assert fold.count == 2
