@@ -5,6 +5,7 @@ lazy rewrites, and stacked over a round's replies."""
 from __future__ import annotations
 
 import importlib
+import io
 import pkgutil
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.constant import SType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import strategies
+import strategies.reply_checks as reply_checks
 from strategies.reply_checks import AcceptedReply, decode_float32, decode_float32_rows
 from strategies.reply_spill import ReplySpill
 from strategies.robust_replies import ReplyDeltas, RewrittenReply
@@ -107,3 +110,61 @@ def test_round_stacks_in_pieces_equal_the_whole_stack(tmp_path: Path) -> None:
         (scalar,) = deltas.stacks("s")
         assert torch.equal(scalar, whole["s"])
         assert len(list(ReplyDeltas(replies, base).stacks("w"))) == 1  # the default: one piece
+
+
+def _npy(values: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, values, version=version)
+    return stream.getvalue()
+
+
+def _raw_record(values: np.ndarray, data: bytes) -> ArrayRecord:
+    array = Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+    return ArrayRecord({"w": array})
+
+
+@pytest.fixture
+def whole_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every whole-array decode ``decode_float32_rows`` falls back to, by key."""
+    calls: list[str] = []
+
+    def counted(arrays: ArrayRecord, key: str) -> torch.Tensor:
+        calls.append(key)
+        return decode_float32(arrays, key)
+
+    monkeypatch.setattr(reply_checks, "decode_float32", counted)
+    return calls
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_a_c_ordered_array_is_read_in_place_not_decoded_whole(
+    whole_decodes: list[str], version: tuple[int, int]
+) -> None:
+    """The formats Flower writes (NumPy 1.0; 2.0 for long headers) are read from the wire bytes,
+    only the asked rows copied; trailing bytes after the array are not read as values."""
+    values = np.arange(24, dtype="<f4").reshape(6, 4) / 7
+    for data in (_npy(values, version), _npy(values, version) + b"\0" * 16):
+        got = decode_float32_rows(_raw_record(values, data), "w", slice(1, 4))
+        assert torch.equal(got, torch.from_numpy(values[1:4].copy()))
+    assert whole_decodes == []
+
+
+def test_what_cannot_be_read_in_place_is_decoded_whole(whole_decodes: list[str]) -> None:
+    """All rows, a Fortran-ordered array, a header of format 3.0 and bytes that are not NumPy's
+    format fall back to the whole decode (sliced), with the same values."""
+    values = np.arange(12, dtype="<f4").reshape(4, 3) / 3
+    fortran = np.asfortranarray(values)
+    cases = [
+        (_raw_record(values, _npy(values)), ...),
+        (_raw_record(fortran, _npy(fortran)), slice(1, 3)),
+        (_raw_record(values, _npy(values, (3, 0))), slice(0, 2)),
+    ]
+    for arrays, rows in cases:
+        assert torch.equal(
+            decode_float32_rows(arrays, "w", rows), decode_float32(arrays, "w")[rows]
+        )
+    assert whole_decodes == ["w", "w", "w"]
+    garbage = _raw_record(values, b"not an npy header at all")
+    with pytest.raises(ValueError):
+        decode_float32_rows(garbage, "w", slice(0, 1))  # the whole decode's own refusal
+    assert whole_decodes == ["w"] * 4

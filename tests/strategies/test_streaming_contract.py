@@ -243,8 +243,10 @@ def test_finish_releases_the_sums_and_ends_the_fold(name: str) -> None:
     merged = fold.finish()
     assert same(merged, folded(method, [delta(22), delta(23)], [1.0, 2.0]))
     assert _held_sums(fold) == 0
-    with pytest.raises(RuntimeError, match="already finished"):
+    with pytest.raises(
+        RuntimeError, match=r"^this fold has already finished \(its sums were released\)$"
+    ):
         fold.finish()
-    with pytest.raises(RuntimeError, match="takes no more clients"):
+    with pytest.raises(RuntimeError, match=r"^this fold has finished; it takes no more clients$"):
         fold.add(delta(24), 1.0)
     assert fold.count == 2
