@@ -141,9 +141,15 @@ FIGURES = [
     ),
     (
         "README.md",
-        "33 adapters of peak memory at 16 replies, 44",
+        "9.5 adapters of peak memory at 16 replies,",
         "benchmarks/results/scale.md",
-        "| default | 128 | 1 | 444.1 | 44.4 |",
+        "| default | 16 | 1 | 95.2 | 9.5 |",
+    ),
+    (
+        "README.md",
+        "10.1 at 128)",
+        "benchmarks/results/scale.md",
+        "| default | 128 | 1 | 100.7 | 10.1 |",
     ),
 ]
 
