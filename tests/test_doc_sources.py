@@ -151,6 +151,12 @@ FIGURES = [
         "benchmarks/results/scale.md",
         "| default | 128 | 1 | 100.7 | 10.1 |",
     ),
+    (
+        "README.md",
+        "shared-a +7.0 [+4.6, +9.7] points after round 1",
+        "benchmarks/results/personalization.md",
+        "| 1 | shared-a (FedSA-LoRA, fedavg A) | 2 | 0.701 | +0.070 [+0.046, +0.097] | win |",
+    ),
 ]
 
 
