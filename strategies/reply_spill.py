@@ -63,12 +63,11 @@ class SpillFile:
 
     def tensor_rows(self, key: str, rows: Rows) -> torch.Tensor:
         """Rows ``rows`` of ``tensor(key)``, only those read from the file (``get_slice``)."""
+        if rows is ...:
+            return self.tensor(key)
         if key not in self.names:
             raise KeyError(key)
         with safe_open(str(self.path), framework="pt") as handle:
-            if rows is ...:
-                whole: torch.Tensor = handle.get_tensor(key)
-                return whole
             part: torch.Tensor = handle.get_slice(key)[rows]
         return part
 

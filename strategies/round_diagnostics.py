@@ -64,15 +64,14 @@ def score_directions(
     gap = exact = 0.0
     for m in picked:
         a_stack, b_stack = _factor_stacks(accepted, m)
+        merged, reference = _factors_2d(new_global, m), _factors_2d(base, m)
         for index, reply in enumerate(accepted):
             score = direction_score(
-                client=(a_stack[index], b_stack[index]),
-                merged=_factors_2d(new_global, m),
-                reference=_factors_2d(base, m),
+                client=(a_stack[index], b_stack[index]), merged=merged, reference=reference
             )
             if score is not None:
                 scores[reply.node_id].append(score)
-        module_gap = factorwise_gap(_factors_2d(base, m), a_stack, b_stack, p)
+        module_gap = factorwise_gap(reference, a_stack, b_stack, p)
         del a_stack, b_stack
         gap += module_gap.gap
         exact += module_gap.exact
